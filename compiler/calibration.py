@@ -1,0 +1,485 @@
+"""Calibration data and the activation collector.
+
+``CalibrationSet`` holds N samples per model input, stacked on axis 0, read
+once and shared by every pass. Sources:
+
+* ``.npy``: one array for a single-input model;
+* ``.npz``: one array per input name;
+* a folder of images (``.png``/``.jpg``/``.npy``) with a declared size,
+  layout and mean/std (:class:`ImagePreprocessing`; Pillow is needed for
+  image files, the ``images`` extra);
+* any object with onnxruntime's ``CalibrationDataReader`` interface
+  (``get_next()`` returning a feed dict or None), so existing quantization
+  code plugs in;
+* a dict of arrays from Python.
+
+:meth:`CalibrationSet.validate` checks names, dtypes, shapes and values
+against the model's declared inputs and names the offending input.
+
+``ActivationCollector`` runs one onnxruntime session on a copy of the model
+with the requested intermediate tensors added as graph outputs, batch by
+batch, and hands each batch to *reducers* (min/max, histograms, per-channel
+statistics, sub-sampled rows for least squares). Only reducer state is kept,
+so memory is bounded by the batch, not by the number of samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from compiler.errors import BadInputError
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- model inputs
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None  # str/None for symbolic or unknown dims
+
+    @property
+    def fixed_batch(self) -> int | None:
+        if self.shape and isinstance(self.shape[0], int):
+            return self.shape[0]
+        return None
+
+    def concrete(self, batch: int = 1, overrides: Mapping[str, Sequence[int]] | None = None) -> tuple[int, ...]:
+        if overrides and self.name in overrides:
+            return tuple(int(d) for d in overrides[self.name])
+        if self.shape is None:
+            raise BadInputError(f"input '{self.name}' has no declared shape; pass --input-shape {self.name}:DIMS")
+        dims = []
+        for i, d in enumerate(self.shape):
+            if isinstance(d, int):
+                dims.append(d)
+            elif i == 0:
+                dims.append(batch)
+            else:
+                raise BadInputError(
+                    f"input '{self.name}' has a dynamic dimension {i} ({d}); pass --input-shape "
+                    f"{self.name}:{'x'.join(str(x) if isinstance(x, int) else 'N' for x in self.shape)} with numbers"
+                )
+        return tuple(dims)
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """Declared graph inputs that are not initializers."""
+    specs = []
+    for v in model.graph.inputs:
+        if v.is_initializer():
+            continue
+        dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if v.shape is not None:
+            shape = tuple(d if isinstance(d, int) else (d.value if hasattr(d, "value") else None) for d in v.shape.dims)
+        specs.append(InputSpec(v.name, np.dtype(dtype), shape))
+    return specs
+
+
+def parse_input_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """``name:1x3x224x224`` strings → dict."""
+    out = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        if not sep or not name:
+            raise BadInputError(f"--input-shape '{item}': expected NAME:D1xD2x...")
+        try:
+            out[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError as e:
+            raise BadInputError(f"--input-shape '{item}': dimensions must be integers") from e
+    return out
+
+
+def random_inputs(
+    specs: Sequence[InputSpec],
+    n: int = 1,
+    seed: int = 0,
+    batch: int = 1,
+    overrides: Mapping[str, Sequence[int]] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """``n`` seeded random feed dicts of the declared shapes (dynamic batch → ``batch``)."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        feed = {}
+        for s in specs:
+            shape = s.concrete(batch, overrides)
+            if np.issubdtype(s.dtype, np.floating):
+                feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
+            elif np.issubdtype(s.dtype, np.integer):
+                feed[s.name] = rng.integers(0, 4, size=shape).astype(s.dtype)
+            elif s.dtype == np.bool_:
+                feed[s.name] = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                raise BadInputError(f"input '{s.name}': cannot make random data of dtype {s.dtype}")
+        feeds.append(feed)
+    return feeds
+
+
+# --------------------------------------------------------------------------- calibration set
+@dataclasses.dataclass(frozen=True)
+class ImagePreprocessing:
+    """How a folder of images becomes model input."""
+
+    size: tuple[int, int] = (224, 224)  # (height, width)
+    layout: str = "NCHW"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    scale: float = 1 / 255.0
+    grayscale: bool = False
+
+
+class CalibrationSet:
+    """N samples per input (axis 0), validated against a model, fed in batches."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "data"):
+        self.arrays = {k: v for k, v in arrays.items()}
+        self.source = source
+        if not self.arrays:
+            raise BadInputError(f"{source}: no arrays in the calibration data")
+        counts = {k: (v.shape[0] if v.ndim else 0) for k, v in self.arrays.items()}
+        if len(set(counts.values())) != 1:
+            raise BadInputError(f"{source}: inputs have different sample counts {counts}")
+        self.n = next(iter(counts.values()))
+        if self.n == 0:
+            raise BadInputError(f"{source}: calibration data is empty (0 samples)")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        shapes = {k: v.shape for k, v in self.arrays.items()}
+        return f"CalibrationSet({self.n} samples from {self.source}: {shapes})"
+
+    # ---- constructors
+    @classmethod
+    def load(
+        cls,
+        source: Any,
+        model: ir.Model | None = None,
+        *,
+        images: ImagePreprocessing | None = None,
+        limit: int | None = None,
+    ) -> "CalibrationSet":
+        """Build from a path, a dict of arrays, a CalibrationDataReader or a CalibrationSet."""
+        if isinstance(source, CalibrationSet):
+            calib = source
+        elif isinstance(source, Mapping):
+            calib = cls({k: np.asarray(v) for k, v in source.items()}, "arrays")
+        elif hasattr(source, "get_next"):
+            calib = cls._from_reader(source)
+        elif isinstance(source, np.ndarray):
+            calib = cls._single(source, model, "array")
+        elif isinstance(source, (str, os.PathLike)):
+            calib = cls._from_path(Path(source), model, images)
+        else:
+            raise BadInputError(f"cannot read calibration data from {type(source).__name__}")
+        if limit is not None and limit < calib.n:
+            calib = CalibrationSet({k: v[:limit] for k, v in calib.arrays.items()}, calib.source)
+        if model is not None:
+            calib.validate(model)
+        return calib
+
+    @classmethod
+    def _single(cls, arr: np.ndarray, model: ir.Model | None, label: str) -> "CalibrationSet":
+        if model is None:
+            return cls({"input": arr}, label)
+        specs = input_specs(model)
+        if len(specs) != 1:
+            raise BadInputError(
+                f"{label}: one array given but the model has {len(specs)} inputs "
+                f"({', '.join(s.name for s in specs)}); use an .npz keyed by input name"
+            )
+        return cls({specs[0].name: arr}, label)
+
+    @classmethod
+    def _from_path(cls, path: Path, model: ir.Model | None, images: ImagePreprocessing | None) -> "CalibrationSet":
+        label = str(path)
+        if not path.exists():
+            raise BadInputError(f"{label}: calibration data not found")
+        if path.is_dir():
+            return cls._from_folder(path, model, images or ImagePreprocessing())
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+                return cls(arrays, label)
+            if path.suffix == ".npy":
+                return cls._single(np.load(path, mmap_mode="r", allow_pickle=False), model, label)
+        except (ValueError, OSError, EOFError) as e:
+            raise BadInputError(f"{label}: cannot read calibration data: {e}") from e
+        raise BadInputError(f"{label}: calibration data must be .npy, .npz or a folder of images")
+
+    @classmethod
+    def _from_folder(cls, folder: Path, model: ir.Model | None, prep: ImagePreprocessing) -> "CalibrationSet":
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".npy"))
+        if not files:
+            raise BadInputError(f"{folder}: no images (.png/.jpg/.jpeg/.bmp/.npy) in the folder")
+        samples = [load_image(p, prep) for p in files]
+        return cls._single(np.stack(samples), model, str(folder))
+
+    @classmethod
+    def _from_reader(cls, reader: Any) -> "CalibrationSet":
+        chunks: dict[str, list[np.ndarray]] = {}
+        while True:
+            feed = reader.get_next()
+            if feed is None:
+                break
+            for k, v in feed.items():
+                chunks.setdefault(k, []).append(np.asarray(v))
+        if hasattr(reader, "rewind"):
+            try:
+                reader.rewind()
+            except Exception:  # a reader that cannot rewind is still usable once
+                pass
+        if not chunks:
+            raise BadInputError("calibration data reader returned no data")
+        # Readers give feed dicts that already carry a batch axis.
+        return cls({k: np.concatenate(v, axis=0) for k, v in chunks.items()}, type(reader).__name__)
+
+    # ---- validation and feeding
+    def validate(self, model: ir.Model) -> None:
+        specs = {s.name: s for s in input_specs(model)}
+        missing = [n for n in specs if n not in self.arrays]
+        extra = [n for n in self.arrays if n not in specs]
+        if missing:
+            raise BadInputError(f"{self.source}: no data for model input(s) {', '.join(missing)}")
+        if extra:
+            raise BadInputError(
+                f"{self.source}: data for unknown input(s) {', '.join(extra)} (model inputs: {', '.join(specs)})"
+            )
+        for name, spec in specs.items():
+            arr = self.arrays[name]
+            if arr.dtype != spec.dtype:
+                if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating):
+                    self.arrays[name] = arr.astype(spec.dtype)
+                else:
+                    raise BadInputError(f"{self.source}: input '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
+            if spec.shape is not None:
+                sample_shape = arr.shape[1:]
+                declared = spec.shape[1:]
+                fixed_batch = spec.fixed_batch
+                if len(arr.shape) != len(spec.shape):
+                    raise BadInputError(
+                        f"{self.source}: input '{name}' has shape {arr.shape} (N samples first), the model expects "
+                        f"{_fmt_shape(spec.shape)}"
+                    )
+                bad = [i for i, (a, d) in enumerate(zip(sample_shape, declared)) if isinstance(d, int) and a != d]
+                if bad:
+                    raise BadInputError(
+                        f"{self.source}: input '{name}' samples have shape {sample_shape}, the model expects "
+                        f"{_fmt_shape(declared)} (after the batch axis)"
+                    )
+                if fixed_batch is not None and fixed_batch > 1 and self.n % fixed_batch:
+                    raise BadInputError(
+                        f"{self.source}: the model has a fixed batch of {fixed_batch} but {self.n} samples were given"
+                    )
+            if np.issubdtype(self.arrays[name].dtype, np.floating) and not np.all(np.isfinite(self.arrays[name])):
+                raise BadInputError(f"{self.source}: input '{name}' contains NaN or Inf")
+
+    def batch_size_for(self, model: ir.Model, preferred: int = 16) -> int:
+        sizes = {s.fixed_batch for s in input_specs(model)}
+        fixed = [s for s in sizes if s is not None]
+        return fixed[0] if fixed else min(preferred, self.n)
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        n = self.n if limit is None else min(limit, self.n)
+        for start in range(0, n, batch_size):
+            yield {k: np.ascontiguousarray(v[start : min(start + batch_size, n)]) for k, v in self.arrays.items()}
+
+    def subset(self, n: int) -> "CalibrationSet":
+        return CalibrationSet({k: v[:n] for k, v in self.arrays.items()}, self.source)
+
+
+def _fmt_shape(shape: Sequence[Any]) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + ")"
+
+
+def load_image(path: Path, prep: ImagePreprocessing) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        arr = np.load(path, allow_pickle=False).astype(np.float32)
+    else:
+        try:
+            from PIL import Image
+        except ImportError as e:
+            raise BadInputError("reading image files needs Pillow: pip install 'onnxcc[images]'") from e
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if prep.grayscale else "RGB").resize((prep.size[1], prep.size[0]))
+                arr = np.asarray(im, dtype=np.float32)
+        except OSError as e:
+            raise BadInputError(f"{path}: cannot read image: {e}") from e
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        arr = (arr * prep.scale - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+        if prep.layout.upper() == "NCHW":
+            arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- reducers
+class Reducer:
+    """Streaming statistic over batches of one tensor."""
+
+    def update(self, x: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class MinMax(Reducer):
+    def __init__(self) -> None:
+        self.min = np.inf
+        self.max = -np.inf
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size:
+            self.min = min(self.min, float(x.min()))
+            self.max = max(self.max, float(x.max()))
+            self.count += x.size
+
+
+class Histogram(Reducer):
+    """Fixed-range histogram; the range comes from a previous :class:`MinMax` pass."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 2048):
+        if not hi > lo:
+            hi = lo + 1e-6
+        self.edges = np.linspace(lo, hi, bins + 1)
+        self.counts = np.zeros(bins, dtype=np.int64)
+
+    def update(self, x: np.ndarray) -> None:
+        c, _ = np.histogram(np.clip(x, self.edges[0], self.edges[-1]), bins=self.edges)
+        self.counts += c
+
+
+class ChannelStats(Reducer):
+    """Per-channel mean, mean |x|, mean x² and zero fraction over every other axis."""
+
+    def __init__(self, axis: int = 1):
+        self.axis = axis
+        self.n = 0
+        self.sum = self.abs_sum = self.sq_sum = self.zeros = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.moveaxis(x, self.axis, 0).reshape(x.shape[self.axis], -1).astype(np.float64)
+        s, a, q, z = x.sum(1), np.abs(x).sum(1), (x * x).sum(1), (x == 0).sum(1)
+        if self.sum is None:
+            self.sum, self.abs_sum, self.sq_sum, self.zeros = s, a, q, z.astype(np.float64)
+        else:
+            self.sum += s
+            self.abs_sum += a
+            self.sq_sum += q
+            self.zeros += z
+        self.n += x.shape[1]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(self.n, 1)
+
+    @property
+    def mean_sq(self) -> np.ndarray:
+        return self.sq_sum / max(self.n, 1)
+
+    @property
+    def zero_fraction(self) -> np.ndarray:
+        return self.zeros / max(self.n, 1)
+
+
+class RowSampler(Reducer):
+    """Keep at most ``per_batch`` rows of ``fn(x)`` per batch, up to ``max_rows`` in all.
+
+    ``fn`` turns a batch into a 2-D array of rows (for example im2col patches of
+    a conv input); rows are picked with a seeded generator so runs repeat.
+    """
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], per_batch: int, max_rows: int, seed: int = 0):
+        self.fn = fn
+        self.per_batch = per_batch
+        self.max_rows = max_rows
+        self.rng = np.random.default_rng(seed)
+        self.rows: list[np.ndarray] = []
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        if self.count >= self.max_rows:
+            return
+        rows = self.fn(x)
+        take = min(self.per_batch, rows.shape[0], self.max_rows - self.count)
+        idx = np.sort(self.rng.choice(rows.shape[0], size=take, replace=False))
+        self.rows.append(np.ascontiguousarray(rows[idx]))
+        self.count += take
+
+    def result(self) -> np.ndarray:
+        return np.concatenate(self.rows, axis=0) if self.rows else np.zeros((0, 0), np.float32)
+
+
+# --------------------------------------------------------------------------- collector
+class ActivationCollector:
+    """Runs a model with intermediate tensors exposed and feeds them to reducers."""
+
+    def __init__(self, model: ir.Model, calibration: CalibrationSet, *, batch_size: int = 16, threads: int | None = None):
+        self.model = model
+        self.calibration = calibration
+        self.batch_size = calibration.batch_size_for(model, batch_size)
+        self.threads = threads
+
+    def collect(
+        self,
+        reducers: Mapping[str, Sequence[Reducer]],
+        *,
+        limit: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        names = list(reducers)
+        session = self._session(names)
+        n = len(self.calibration) if limit is None else min(limit, len(self.calibration))
+        done = 0
+        for feed in self.calibration.batches(self.batch_size, n):
+            outs = session.run(names, feed)
+            for name, arr in zip(names, outs):
+                for r in reducers[name]:
+                    r.update(arr)
+            done += next(iter(feed.values())).shape[0]
+            if progress:
+                progress(done, n)
+
+    def _session(self, names: Sequence[str]):
+        from compiler.verify import make_session
+
+        proto = ir.to_proto(self.model)
+        existing = {o.name for o in proto.graph.output}
+        types = _value_types(self.model)
+        for name in names:
+            if name in existing:
+                continue
+            if name not in types:
+                raise BadInputError(f"tensor '{name}' is not in the model")
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+        return make_session(proto, optimize=False, threads=self.threads)
+
+
+def _value_types(model: ir.Model) -> dict[str, int]:
+    out = {}
+    for v in model.graph.inputs:
+        out[v.name] = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
+    for node in model.graph.all_nodes():
+        for v in node.outputs:
+            if v.name:
+                out[v.name] = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
+    for v in model.graph.initializers.values():
+        out[v.name] = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
+    return out

@@ -1,0 +1,34 @@
+"""Errors that onnxcc reports to its users, each with the exit code the CLI uses.
+
+Exit codes: 0 success, 1 verification or budget failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+
+class OnnxccError(Exception):
+    """Base class: a one-line message meant for the user, plus an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        # Keep messages on one line: users grep logs and CI shows the last line.
+        super().__init__(" ".join(str(message).split()))
+
+
+class BadInputError(OnnxccError):
+    """The model, data, options or output path cannot be used (exit 2)."""
+
+    exit_code = 2
+
+
+class VerificationError(OnnxccError):
+    """A pass produced a model that does not agree with its input (exit 1)."""
+
+    exit_code = 1
+
+
+class BudgetError(OnnxccError):
+    """A lossy pass went over the accuracy/agreement budget (exit 1)."""
+
+    exit_code = 1

@@ -1,0 +1,339 @@
+"""Loading, saving and small helpers on `onnx_ir` models.
+
+Everything onnxcc rewrites is an ``onnx_ir.Model``. This module is the only
+place that turns files, bytes or protos into one, and the only place that
+writes models to disk:
+
+* :func:`load_model` accepts a path, bytes, an ``onnx.ModelProto`` or an
+  ``ir.Model`` and refuses, in one line, anything that is not a usable ONNX
+  model (not ONNX, truncated, empty, a directory, failing the checker, missing
+  external data, an opset outside :data:`SUPPORTED_OPSETS`). Opsets older than
+  the range are upgraded with ``onnx.version_converter`` when it can.
+* :func:`save_model` writes atomically: the model (and its external data, if
+  any) goes to a temporary folder beside the destination and is renamed into
+  place only when complete, so a failed or interrupted run leaves no
+  half-written file. It refuses to overwrite the input unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from compiler.errors import BadInputError
+
+logger = logging.getLogger(__name__)
+
+#: Default-domain opsets onnxcc's passes are tested on. Older models are
+#: upgraded to ``UPGRADE_TARGET`` when onnx's version converter manages it.
+SUPPORTED_OPSETS = (11, 24)
+UPGRADE_TARGET = 13
+#: Models whose initializers exceed this are saved with external data.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # leave headroom under protobuf's 2 GiB
+
+ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
+
+
+# --------------------------------------------------------------------------- loading
+def load_model(src: ModelLike, *, check: bool = True, upgrade_old_opsets: bool = True) -> ir.Model:
+    """Load ``src`` into an ``ir.Model``; raise :class:`BadInputError` with a one-line reason."""
+    if isinstance(src, ir.Model):
+        return src
+    if isinstance(src, onnx.ModelProto):
+        proto, base_dir, label = src, None, "model"
+    elif isinstance(src, (bytes, bytearray)):
+        proto, base_dir, label = _parse_bytes(bytes(src), "model bytes"), None, "model bytes"
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        label = str(path)
+        if not path.exists():
+            raise BadInputError(f"{label}: no such file")
+        if path.is_dir():
+            raise BadInputError(f"{label}: is a directory, not an ONNX file")
+        if path.stat().st_size == 0:
+            raise BadInputError(f"{label}: empty file, not an ONNX model")
+        proto = _parse_bytes(path.read_bytes(), label)
+        base_dir = str(path.parent)
+    else:
+        raise BadInputError(f"cannot load a model from {type(src).__name__}")
+
+    _check_proto_basics(proto, label)
+    if base_dir is not None:
+        _check_external_data(proto, base_dir, label)
+    if check:
+        _run_checker(proto, label)
+    proto = _check_opset(proto, label, upgrade_old_opsets)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # deserialisation of a checked model failing is still bad input
+        raise BadInputError(f"{label}: cannot read the graph ({type(e).__name__}: {e})") from e
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
+
+
+def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise BadInputError(f"{label}: not an ONNX model or the file is truncated ({e})") from e
+    return proto
+
+
+def _check_proto_basics(proto: onnx.ModelProto, label: str) -> None:
+    # Random bytes sometimes parse as a protobuf with unknown fields only.
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise BadInputError(f"{label}: not an ONNX model (no IR version or no graph)")
+    if len(proto.graph.node) == 0 and len(proto.graph.output) == 0:
+        raise BadInputError(f"{label}: the graph is empty")
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: str, label: str) -> None:
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        path = Path(base_dir) / location
+        if not location or not path.is_file():
+            raise BadInputError(
+                f"{label}: external data file '{location}' of tensor '{tensor.name}' is missing"
+            )
+        need = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if need and path.stat().st_size < need:
+            raise BadInputError(
+                f"{label}: external data file '{location}' is shorter than tensor '{tensor.name}' needs"
+            )
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    def graph_tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                if attr.HasField("g"):
+                    yield from graph_tensors(attr.g)
+                for sub in attr.graphs:
+                    yield from graph_tensors(sub)
+
+    yield from graph_tensors(proto.graph)
+
+
+def _run_checker(proto: onnx.ModelProto, label: str) -> None:
+    try:
+        if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{label}: fails the ONNX checker: {first}") from e
+    except Exception as e:
+        raise BadInputError(f"{label}: fails the ONNX checker: {e}") from e
+
+
+def default_opset(proto_or_model: onnx.ModelProto | ir.Model) -> int | None:
+    if isinstance(proto_or_model, ir.Model):
+        return proto_or_model.opset_imports.get("")
+    for op in proto_or_model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return None
+
+
+def _check_opset(proto: onnx.ModelProto, label: str, upgrade: bool) -> onnx.ModelProto:
+    opset = default_opset(proto)
+    lo, hi = SUPPORTED_OPSETS
+    if opset is None:
+        if any(n.domain in ("", "ai.onnx") for n in proto.graph.node):
+            raise BadInputError(f"{label}: no default-domain opset import")
+        return proto
+    if opset > hi:
+        raise BadInputError(f"{label}: opset {opset} is newer than onnxcc supports ({lo} to {hi})")
+    if opset < lo:
+        if not upgrade:
+            raise BadInputError(f"{label}: opset {opset} is older than onnxcc supports ({lo} to {hi})")
+        try:
+            converted = onnx.version_converter.convert_version(proto, UPGRADE_TARGET)
+            onnx.checker.check_model(converted)
+        except Exception as e:
+            raise BadInputError(
+                f"{label}: opset {opset} is older than onnxcc supports ({lo} to {hi}) and "
+                f"onnx's version converter could not upgrade it: {str(e).splitlines()[0] if str(e) else e}"
+            ) from e
+        logger.warning("%s: upgraded opset %d to %d with onnx.version_converter", label, opset, UPGRADE_TARGET)
+        return converted
+    return proto
+
+
+def convert_opset(model: ir.Model, target: int) -> ir.Model:
+    """Return ``model`` converted to default-domain opset ``target`` (a new model)."""
+    current = default_opset(model)
+    if current == target:
+        return model
+    proto = ir.to_proto(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+        onnx.checker.check_model(converted)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"cannot convert opset {current} to {target}: {msg}") from e
+    return ir.serde.deserialize_model(converted)
+
+
+# --------------------------------------------------------------------------- saving
+def model_nbytes(model: ir.Model) -> int:
+    """Bytes held by initializers (all graphs)."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None, in_place: bool = False) -> Path:
+    """Validate an output path before any work is done; refuse to overwrite an input."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise BadInputError(f"{out}: output path is a directory")
+    if not parent.is_dir():
+        raise BadInputError(f"{out}: output folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise BadInputError(f"{out}: output folder '{parent}' is not writable")
+    for src in inputs:
+        if src is None or not isinstance(src, (str, os.PathLike)):
+            continue
+        src_p = Path(src)
+        if src_p.exists() and out.exists() and out.resolve() == src_p.resolve() and not in_place:
+            raise BadInputError(f"{out}: refusing to overwrite the input model (pass --in-place to allow it)")
+    return out
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Save ``model`` to ``path`` atomically.
+
+    ``external_data=None`` stores weights externally (``<name>.data`` beside the
+    model) only when they would push the file past protobuf's 2 GB limit.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInputError(f"{path}: output folder '{parent}' does not exist")
+    if external_data is None:
+        external_data = model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data" if external_data else None
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".onnxcc-", dir=parent)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot write to '{parent}': {e.strerror}") from e
+    try:
+        tmp_model = Path(tmpdir) / path.name
+        # Materialise lazily-loaded external tensors before their files can move.
+        ir.save(model, tmp_model, external_data=data_name)
+        if data_name:
+            os.replace(Path(tmpdir) / data_name, parent / data_name)
+            # The model in memory still points at the temporary file: repoint it.
+            ir.external_data.set_base_dir(model.graph, str(parent))
+        os.replace(tmp_model, path)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot write the model: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def model_to_bytes(model: ir.Model) -> bytes:
+    """Serialise for onnxruntime; models over 2 GB must go through :func:`saved_copy`."""
+    return ir.to_proto(model).SerializeToString()
+
+
+@contextlib.contextmanager
+def saved_copy(model: ir.Model) -> Iterator[str]:
+    """Yield a path to a temporary on-disk copy of ``model`` (external data if large)."""
+    with tempfile.TemporaryDirectory(prefix="onnxcc-") as d:
+        p = Path(d) / "model.onnx"
+        big = model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD
+        if big:
+            ir.save(model, p, external_data="model.onnx.data")
+        else:
+            p.write_bytes(model_to_bytes(model))
+        yield str(p)
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """Deep copy through the proto (external tensors stay lazily referenced)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+# --------------------------------------------------------------------------- graph helpers
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value`` (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        # A weight fed as a graph input can be overridden at run time: not a constant.
+        if value.is_graph_input():
+            return None
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return attr.as_tensor().numpy()
+        for key in ("value_float", "value_int"):
+            if key in producer.attributes:
+                return np.array(producer.attributes[key].value)
+        for key in ("value_floats", "value_ints"):
+            if key in producer.attributes:
+                return np.array(producer.attributes[key].value)
+    return None
+
+
+def concrete_shape(value: ir.Value | None, batch: int = 1) -> tuple[int, ...] | None:
+    """Shape with the leading symbolic dim read as ``batch``; None if another dim is unknown."""
+    if value is None or value.shape is None:
+        return None
+    dims = []
+    for i, d in enumerate(value.shape.dims):
+        if isinstance(d, int):
+            dims.append(d)
+        elif i == 0:
+            dims.append(batch)
+        else:
+            return None
+    return tuple(dims)
+
+
+def infer_shapes(model: ir.Model) -> ir.Model:
+    """Re-run ONNX shape inference in place, after dropping stale intermediate shapes."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    graph_outputs = set(id(v) for v in model.graph.outputs)
+    for node in model.graph.all_nodes():
+        for out in node.outputs:
+            if id(out) not in graph_outputs and not out.is_initializer():
+                out.shape = None
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    return model
+
+
+def node_label(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}({', '.join(v.name or '?' for v in node.outputs)})"

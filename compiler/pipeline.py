@@ -1,0 +1,239 @@
+"""A pipeline is data: a list of (pass name, options), each verified by onnxruntime.
+
+The CLI flags, recipe files (YAML/JSON) and the Python API all build a
+:class:`Pipeline` from :class:`PassSpec` entries through the same registry.
+
+After every pass the model runs in onnxruntime on the verification inputs:
+
+* an **exact** pass must agree with the model before it within
+  :data:`compiler.verify.EXACT_RTOL`, else :class:`VerificationError`;
+* a **lossy** pass records its error against the *original* model (what the
+  user cares about) and, when a :class:`Budget` is given, must stay inside it,
+  else :class:`BudgetError`.
+
+Either error names the pass, and since nothing is written until the whole
+pipeline has succeeded, a failed run leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler import verify as V
+from compiler.calibration import CalibrationSet
+from compiler.errors import BadInputError, BudgetError, VerificationError
+from compiler.registry import OnnxccPass, PassContext, PassReport, get_pass, make_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Largest loss a lossy pipeline may cause.
+
+    ``max_drop``: accuracy drop with labels, else top-1 disagreement with the
+    original model, in percentage points. ``min_sqnr_db``: for outputs that are
+    not classifier-shaped.
+    """
+
+    max_drop: float | None = None
+    min_sqnr_db: float | None = None
+
+    def check(self, comp: V.Comparison) -> str | None:
+        if not comp.ok_structure:
+            return "outputs changed: " + "; ".join(o.problem for o in comp.outputs if o.problem)
+        drop = comp.metric_drop()
+        if self.max_drop is not None and drop is not None and drop > self.max_drop + 1e-9:
+            return f"metric drop {drop:.2f} points exceeds the budget of {self.max_drop:g}"
+        sq = comp.min_sqnr
+        if self.min_sqnr_db is not None and not math.isnan(sq) and sq < self.min_sqnr_db:
+            return f"SQNR {sq:.1f} dB is below the budget of {self.min_sqnr_db:g} dB"
+        return None
+
+
+@dataclasses.dataclass
+class StepRecord:
+    name: str
+    exact: bool
+    config: dict[str, Any]
+    report: PassReport
+    seconds: float
+    vs_previous: V.Comparison | None
+    vs_original: V.Comparison | None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {
+            "pass": self.name,
+            "exact": self.exact,
+            "config": self.config,
+            "seconds": round(self.seconds, 3),
+            **self.report.to_json(),
+        }
+        if self.vs_previous is not None:
+            d["verify_vs_previous"] = self.vs_previous.to_json()
+        if self.vs_original is not None:
+            d["verify_vs_original"] = self.vs_original.to_json()
+        return d
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: ir.Model
+    steps: list[StepRecord]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passes": [s.to_json() for s in self.steps]}
+
+
+def load_recipe(path: str | Path) -> list[PassSpec]:
+    """Read a YAML or JSON recipe: ``{"passes": [{"name": ..., "options": {...}}, ...]}``.
+
+    A bare list, or entries written as ``{pass-name: {options}}``, are accepted too.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"{p}: recipe not found")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise BadInputError(f"{p}: cannot parse the recipe: {str(e).splitlines()[0]}") from e
+    return specs_from_data(data, str(p))
+
+
+def specs_from_data(data: Any, label: str = "recipe") -> list[PassSpec]:
+    if isinstance(data, Mapping):
+        data = data.get("passes")
+    if not isinstance(data, list) or not data:
+        raise BadInputError(f"{label}: expected a non-empty list of passes")
+    specs = []
+    for i, entry in enumerate(data):
+        if isinstance(entry, str):
+            specs.append(PassSpec(entry, {}))
+        elif isinstance(entry, Mapping) and "name" in entry:
+            opts = entry.get("options") or {}
+            if not isinstance(opts, Mapping):
+                raise BadInputError(f"{label}: entry {i} options must be a mapping")
+            specs.append(PassSpec(str(entry["name"]), dict(opts)))
+        elif isinstance(entry, Mapping) and len(entry) == 1:
+            (name, opts), = entry.items()
+            specs.append(PassSpec(str(name), dict(opts or {})))
+        else:
+            raise BadInputError(f"{label}: entry {i} is not a pass")
+    return specs
+
+
+class Pipeline:
+    def __init__(
+        self,
+        specs: Sequence[PassSpec | tuple[str, Mapping[str, Any]] | str],
+        *,
+        verify: bool = True,
+        budget: Budget | None = None,
+        verify_samples: int = 8,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        labels: np.ndarray | None = None,
+        seed: int = 0,
+    ):
+        self.specs = [self._spec(s) for s in specs]
+        # Build every config first: a typo in the last pass fails before any work.
+        self.passes: list[tuple[type[OnnxccPass], Any]] = []
+        for spec in self.specs:
+            cls = get_pass(spec.name)
+            self.passes.append((cls, make_config(cls, spec.options)))
+        self.verify = verify
+        self.budget = budget
+        self.verify_samples = verify_samples
+        self.input_shapes = input_shapes
+        self.labels = labels
+        self.seed = seed
+
+    @staticmethod
+    def _spec(s: Any) -> PassSpec:
+        if isinstance(s, PassSpec):
+            return s
+        if isinstance(s, str):
+            return PassSpec(s, {})
+        name, opts = s
+        return PassSpec(name, dict(opts or {}))
+
+    def run(self, model: ir.Model, calibration: CalibrationSet | None = None) -> PipelineResult:
+        context = PassContext(calibration=calibration, seed=self.seed)
+        for cls, _ in self.passes:
+            if cls.needs_calibration and calibration is None:
+                raise BadInputError(f"pass '{cls.name}' needs calibration data (--calib)")
+        feeds = None
+        ref_orig = ref_prev = None
+        labels = self.labels
+        if self.verify:
+            feeds = V.verification_feeds(
+                model, calibration, samples=self.verify_samples, seed=self.seed, overrides=self.input_shapes
+            )
+            if labels is not None:
+                labels = np.asarray(labels)[: sum(next(iter(f.values())).shape[0] for f in feeds)]
+            ref_orig = ref_prev = V.run_model(model, feeds)
+        steps: list[StepRecord] = []
+        for cls, config in self.passes:
+            p = cls(config, context)
+            t0 = time.perf_counter()
+            try:
+                report = p(model)
+            except ir.passes.PreconditionError as e:
+                raise BadInputError(f"pass '{cls.name}': {e}") from e
+            if not isinstance(report, PassReport):  # plain PassResult from a wrapped pass
+                report = PassReport(report.model, report.modified)
+            elapsed = time.perf_counter() - t0
+            vs_prev = vs_orig = None
+            if self.verify and feeds is not None:
+                cand = V.run_model(model, feeds)
+                vs_prev = V.compare_outputs(ref_prev, cand)
+                vs_orig = V.compare_outputs(ref_orig, cand, labels)
+                if cls.exact:
+                    if not vs_prev.within(V.EXACT_RTOL):
+                        worst = max(vs_prev.outputs, key=lambda o: o.rel if not math.isnan(o.rel) else math.inf)
+                        detail = worst.problem or f"relative error {worst.rel:.3g} on output '{worst.name}'"
+                        raise VerificationError(
+                            f"pass '{cls.name}' is exact but changed the model's outputs: {detail} "
+                            f"(tolerance {V.EXACT_RTOL:g})"
+                        )
+                else:
+                    if not vs_prev.ok_structure:
+                        raise VerificationError(
+                            f"pass '{cls.name}' changed the model's outputs: "
+                            + "; ".join(o.problem for o in vs_prev.outputs if o.problem)
+                        )
+                    if self.budget is not None:
+                        why = self.budget.check(vs_orig)
+                        if why:
+                            raise BudgetError(f"pass '{cls.name}': {why}")
+                ref_prev = cand
+            steps.append(
+                StepRecord(cls.name, cls.exact, _config_json(config), report, elapsed, vs_prev, vs_orig)
+            )
+            logger.info("%s: %d changed, %d skipped (%.2fs)", cls.name, len(report.changed), len(report.skipped), elapsed)
+        return PipelineResult(model, steps)
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -1,0 +1,1 @@
+"""Sample networks for tests, benchmarks and the README (not part of the installed package)."""
