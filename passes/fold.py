@@ -40,6 +40,7 @@ import dataclasses
 import logging
 from collections import Counter
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript import optimizer, rewriter
@@ -72,6 +73,12 @@ class FoldPass(OnnxccPass):
             metadata={"help": "largest tensor (elements) constant folding may read or create"},
         )
 
+    def ensures(self, model: ir.Model) -> None:
+        # The fold pass is the first thing every pipeline runs: its output must be valid ONNX.
+        import onnx
+
+        onnx.checker.check_model(ir.to_proto(model))
+
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
         before = Counter(n.op_type for n in model.graph.all_nodes())
@@ -87,13 +94,16 @@ class FoldPass(OnnxccPass):
         modified = lifted or stats.get("opset") is not None
         modified |= common.InlinePass()(model).modified
 
-        rules = list(rewriter._DEFAULT_REWRITE_RULES)  # noqa: SLF001 - the public rewrite() takes the same list
-        if not cfg.fold_batchnorm:
-            from onnxscript.rewriter.rules.common import _fuse_batchnorm
+        # onnxscript's BN rule re-creates the Conv under a generated name; ours
+        # keeps the user's layer names (used by --exclude and reports) and
+        # records γ/σ for the pruning pass's bn_scale criterion. Rules that
+        # would fold BN are dropped from onnxscript's list.
+        from onnxscript.rewriter.rules.common import _fuse_batchnorm
 
-            bn_rules = set(_fuse_batchnorm.rules.rules)
-            rules = [r for r in rules if r not in bn_rules]
+        bn_rules = set(_fuse_batchnorm.rules.rules)
+        rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if r not in bn_rules]  # noqa: SLF001
         rewrite = rewriter.RewritePass(rules)
+        folded_bn = 0
 
         for _ in range(max(1, cfg.max_iterations)):
             changed = False
@@ -104,6 +114,10 @@ class FoldPass(OnnxccPass):
                 output_size_limit=cfg.size_limit,
             ).modified
             changed |= rewrite(model).modified
+            if cfg.fold_batchnorm:
+                n = fold_batchnorms(model)
+                folded_bn += n
+                changed |= n > 0
             changed |= common.RemoveUnusedNodesPass()(model).modified
             modified |= changed
             if not changed:
@@ -119,12 +133,14 @@ class FoldPass(OnnxccPass):
         ):
             modified |= cleanup(model).modified
         common.TopologicalSortPass()(model)
+        _drop_attributes_newer_than_opset(model)
 
         after = Counter(n.op_type for n in model.graph.all_nodes())
         n_after = sum(after.values())
         stats.update(
             nodes_after=n_after,
             constants_lifted=bool(lifted),
+            batchnorms_folded=folded_bn,
             removed_by_op={op: before[op] - after.get(op, 0) for op in sorted(before) if before[op] > after.get(op, 0)},
             added_by_op={op: after[op] - before.get(op, 0) for op in sorted(after) if after[op] > before.get(op, 0)},
         )
@@ -134,11 +150,83 @@ class FoldPass(OnnxccPass):
         if cfg.fold_batchnorm:
             for node in model.graph.all_nodes():
                 if node.op_type == "BatchNormalization":
-                    skipped.append(Skipped(node_label(node), _why_bn_stays(node)))
+                    skipped.append(Skipped(node_label(node), _why_bn_stays(node) or "not folded"))
         return PassReport(model, bool(modified), changed=changed_layers, skipped=skipped, stats=stats)
 
 
-def _why_bn_stays(node: ir.Node) -> str:
+BN_SCALE_META = "onnxcc.bn_scale"  # in-memory record of |γ|/σ per output channel of a folded layer
+
+
+def fold_batchnorms(model: ir.Model) -> int:
+    """Fold every BatchNormalization that follows a Conv/ConvTranspose/Gemm with private constant weights.
+
+    ``W' = W·s`` along the output-channel axis and ``b' = (b − μ)·s + β`` with
+    ``s = γ / sqrt(σ² + ε)``. The producer node keeps its name; the BN output
+    value is replaced by the producer's output.
+    """
+    count = 0
+    for bn in list(model.graph):
+        if bn.op_type != "BatchNormalization" or len(bn.outputs) != 1 or _why_bn_stays(bn, strict=True):
+            continue
+        prod = bn.inputs[0].producer()
+        gamma, beta, mean, var = (const_array(v).astype(np.float64) for v in bn.inputs[1:5])
+        eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
+        s = gamma / np.sqrt(var + eps)
+        w_val = prod.inputs[1]
+        w = const_array(w_val).astype(np.float64)
+        cout = mean.shape[0]
+        if prod.op_type == "Conv":
+            w = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        elif prod.op_type == "ConvTranspose":
+            g = prod.attributes["group"].as_int() if "group" in prod.attributes else 1
+            shp = w.shape
+            w = (w.reshape(g, shp[0] // g, shp[1], *shp[2:]) * s.reshape(g, 1, shp[1], *([1] * (w.ndim - 2)))).reshape(shp)
+        else:  # Gemm: output columns
+            trans_b = "transB" in prod.attributes and prod.attributes["transB"].as_int() == 1
+            alpha = prod.attributes["alpha"].as_float() if "alpha" in prod.attributes else 1.0
+            w = w * (s[:, None] if trans_b else s[None, :]) * alpha
+        old_b = const_array(prod.inputs[2]) if len(prod.inputs) > 2 and prod.inputs[2] is not None else None
+        b = np.zeros(cout) if old_b is None else np.broadcast_to(old_b.astype(np.float64), (cout,))
+        if prod.op_type == "Gemm":
+            b = b * (prod.attributes["beta"].as_float() if "beta" in prod.attributes else 1.0)
+            for key in ("alpha", "beta"):
+                prod.attributes.pop(key, None)
+        new_b = (b - mean) * s + beta
+        w_val.const_value = ir.tensor(w.astype(np.float32), name=w_val.name)
+        b_name = (prod.inputs[2].name if old_b is not None else None) or f"{w_val.name}_bias"
+        if old_b is not None:
+            prod.inputs[2].const_value = ir.tensor(new_b.astype(np.float32), name=b_name)
+            prod.inputs[2].shape = ir.Shape([cout])
+        else:
+            b_val = ir.Value(name=_unique_name(model.graph, b_name), const_value=ir.tensor(new_b.astype(np.float32)))
+            b_val.shape = ir.Shape([cout])
+            b_val.type = ir.TensorType(ir.DataType.FLOAT)
+            model.graph.register_initializer(b_val)
+            if len(prod.inputs) < 3:
+                prod.resize_inputs(3)
+            prod.replace_input_with(2, b_val)
+        prev = prod.meta.get(BN_SCALE_META)
+        prod.meta[BN_SCALE_META] = np.abs(s) * (prev if prev is not None else 1.0)
+        out = bn.outputs[0]
+        keep_name = out.name
+        was_output = out.is_graph_output()
+        out.replace_all_uses_with(prod.outputs[0], replace_graph_outputs=True)
+        model.graph.remove(bn, safe=True)
+        if was_output:
+            prod.outputs[0].name = keep_name
+        count += 1
+    return count
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _why_bn_stays(node: ir.Node, strict: bool = False) -> str | None:
     x = node.inputs[0]
     prod = x.producer() if x is not None else None
     if prod is None:
@@ -147,12 +235,39 @@ def _why_bn_stays(node: ir.Node) -> str:
         return f"preceded by {prod.op_type}, not Conv/ConvTranspose/Gemm"
     if len(x.uses()) > 1 or x.is_graph_output():
         return f"the {prod.op_type} output has other consumers"
+    if len(prod.inputs) < 2 or len(prod.outputs) != 1:
+        return f"{prod.op_type} has an unexpected signature"
     for w in prod.inputs[1:]:
-        if w is not None and const_array(w) is None:
-            return f"{prod.op_type} weight '{w.name}' is not a constant"
-    if any(const_array(p) is None for p in node.inputs[1:]):
+        if w is not None and (const_array(w) is None or not w.is_initializer()):
+            return f"{prod.op_type} weight '{w.name}' is not a constant initializer"
+        if w is not None and len(w.uses()) > 1:
+            return f"{prod.op_type} weight '{w.name}' is shared with another node"
+    if any(v is None or const_array(v) is None for v in node.inputs[1:5]):
         return "BatchNorm parameters are not constants"
-    return "weights are shared with another node"
+    if "training_mode" in node.attributes and node.attributes["training_mode"].as_int() != 0:
+        return "BatchNorm is in training mode"
+    if prod.op_type == "Gemm" and "transA" in prod.attributes and prod.attributes["transA"].as_int() == 1:
+        return "Gemm with transA"
+    if const_array(prod.inputs[1]).ndim < 2:
+        return f"{prod.op_type} weight has rank < 2"
+    if strict:
+        return None
+    return "not folded"
+
+
+def _drop_attributes_newer_than_opset(model: ir.Model) -> None:
+    """onnxscript's rewrites may emit Reshape(allowzero=…) at opset < 14, where the
+    attribute does not exist yet. allowzero=0 is the old behaviour, and allowzero=1
+    only differs from it when the shape holds a 0, so dropping it is exact otherwise."""
+    opset = default_opset(model) or 0
+    if opset >= 14:
+        return
+    for node in model.graph.all_nodes():
+        if node.op_type == "Reshape" and "allowzero" in node.attributes:
+            shape = const_array(node.inputs[1])
+            if node.attributes["allowzero"].as_int() != 0 and (shape is None or (shape == 0).any()):
+                raise ir.passes.PostconditionError("Reshape(allowzero=1) cannot be expressed before opset 14")
+            del node.attributes["allowzero"]
 
 
 def _replace_contents(model: ir.Model, new: ir.Model) -> None:

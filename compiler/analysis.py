@@ -1,0 +1,223 @@
+"""Per-layer analysis: parameters, MACs, shapes and weight statistics.
+
+This table is what every before/after report compares. Shapes come from ONNX
+shape inference on a copy of the model; a symbolic batch counts as 1.
+
+MACs (multiply-accumulates) per layer, for batch 1:
+
+* Conv: ``prod(output shape) · C_in/group · prod(kernel)``
+* ConvTranspose: ``prod(input shape) · C_out/group · prod(kernel)``
+* Gemm / MatMul: ``prod(output shape) · K``
+
+Elementwise ops, pooling and normalisation count 0 MACs (they are reported as
+parameters only where they hold weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.ir_utils import clone_model, concrete_shape, const_array, infer_shapes, node_label
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclasses.dataclass
+class Layer:
+    name: str
+    op: str
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None
+    params: int
+    macs: int | None
+    weight_stats: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    layers: list[Layer]
+    params: int
+    macs: int
+    nodes: int
+    file_size: int | None
+    op_counts: dict[str, int]
+    unknown_macs: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "macs": self.macs,
+            "nodes": self.nodes,
+            "file_size": self.file_size,
+            "op_counts": self.op_counts,
+            "unknown_macs": self.unknown_macs,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+
+def weight_stats(w: np.ndarray) -> dict[str, float]:
+    w = w.astype(np.float64, copy=False)
+    finite = np.isfinite(w)
+    return {
+        "min": float(w[finite].min()) if finite.any() else math.nan,
+        "max": float(w[finite].max()) if finite.any() else math.nan,
+        "mean": float(w[finite].mean()) if finite.any() else math.nan,
+        "std": float(w[finite].std()) if finite.any() else math.nan,
+        "sparsity": float(np.mean(w == 0)),
+        "nonfinite": int((~finite).sum()),
+    }
+
+
+def layer_macs(node: ir.Node, batch: int = 1) -> int | None:
+    op = node.op_type
+    out = concrete_shape(node.outputs[0], batch) if node.outputs else None
+    if op == "Conv":
+        w = node.inputs[1]
+        ws = concrete_shape(w) if w is not None else None
+        if out is None or ws is None:
+            return None
+        return int(np.prod(out)) * int(np.prod(ws[1:]))
+    if op == "ConvTranspose":
+        x = concrete_shape(node.inputs[0], batch)
+        w = concrete_shape(node.inputs[1])
+        if x is None or w is None:
+            return None
+        return int(np.prod(x)) * int(np.prod(w[1:]))
+    if op in ("Gemm", "MatMul"):
+        a = concrete_shape(node.inputs[0], batch)
+        if out is None or a is None:
+            return None
+        trans_a = op == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].as_int() == 1
+        k = a[0] if trans_a else a[-1]
+        return int(np.prod(out)) * int(k)
+    return 0
+
+
+def analyze(model: ir.Model, *, path: str | os.PathLike | None = None, stats: bool = True) -> ModelSummary:
+    """Layer table of ``model`` (a shape-inferred copy is analysed; the model is not touched)."""
+    m = clone_model(model)
+    infer_shapes(m)
+    layers: list[Layer] = []
+    op_counts: dict[str, int] = {}
+    unknown: list[str] = []
+    seen_params: set[int] = set()
+    total_params = 0
+    total_macs = 0
+    for node in m.graph.all_nodes():
+        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+        params = 0
+        wstats = None
+        for i, v in enumerate(node.inputs):
+            if i == 0 or v is None:
+                continue
+            arr = const_array(v)
+            if arr is None or arr.size <= 1 or not np.issubdtype(arr.dtype, np.number):
+                continue
+            if node.op_type in ("Reshape", "Slice", "Pad", "Resize", "Expand", "Tile", "Gather") and i > 0 and np.issubdtype(arr.dtype, np.integer):
+                continue  # shape/index operands, not parameters
+            params += int(arr.size)
+            if id(v) not in seen_params:
+                seen_params.add(id(v))
+                total_params += int(arr.size)
+            if stats and i == 1 and node.op_type in WEIGHTED_OPS + ("DequantizeLinear",):
+                wstats = weight_stats(arr)
+        if node.op_type == "DequantizeLinear":
+            arr = const_array(node.inputs[0])
+            if arr is not None and id(node.inputs[0]) not in seen_params:
+                seen_params.add(id(node.inputs[0]))
+                total_params += int(arr.size)
+                params += int(arr.size)
+        macs = layer_macs(node)
+        if macs is None:
+            unknown.append(node_label(node))
+        else:
+            total_macs += macs
+        if node.op_type in WEIGHTED_OPS or params:
+            layers.append(
+                Layer(
+                    name=node_label(node),
+                    op=node.op_type,
+                    input_shape=concrete_shape(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None,
+                    output_shape=concrete_shape(node.outputs[0]) if node.outputs else None,
+                    params=params,
+                    macs=macs,
+                    weight_stats=wstats,
+                )
+            )
+    size = os.path.getsize(path) if path is not None and os.path.isfile(path) else None
+    return ModelSummary(
+        layers=layers,
+        params=total_params,
+        macs=total_macs,
+        nodes=sum(op_counts.values()),
+        file_size=size,
+        op_counts=dict(sorted(op_counts.items())),
+        unknown_macs=unknown,
+    )
+
+
+def human(n: float | int | None, unit: str = "") -> str:
+    if n is None:
+        return "?"
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suf}{unit}"
+    return f"{n:g}{unit}" if isinstance(n, float) else f"{n}{unit}"
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    return "\n".join(out)
+
+
+def summary_table(summary: ModelSummary) -> str:
+    rows = []
+    for layer in summary.layers:
+        ws = layer.weight_stats
+        rows.append(
+            [
+                layer.name,
+                layer.op,
+                "x".join(map(str, layer.input_shape)) if layer.input_shape else "?",
+                "x".join(map(str, layer.output_shape)) if layer.output_shape else "?",
+                human(layer.params),
+                human(layer.macs),
+                f"{ws['std']:.3g}" if ws else "",
+                f"{ws['sparsity']:.0%}" if ws else "",
+            ]
+        )
+    table = format_table(rows, ["layer", "op", "input", "output", "params", "MACs", "w.std", "w.zero"])
+    total = (
+        f"total: {human(summary.params)} parameters, {human(summary.macs)} MACs, {summary.nodes} nodes"
+        + (f", file {human(summary.file_size, 'B')}" if summary.file_size is not None else "")
+    )
+    if summary.unknown_macs:
+        total += f" ({len(summary.unknown_macs)} layers with unknown shapes not counted)"
+    return table + "\n" + total
+
+
+def compare_table(before: ModelSummary, after: ModelSummary) -> str:
+    def ratio(a, b):
+        return f"{b / a:.3f}x" if a else "-"
+
+    rows = [
+        ["parameters", human(before.params), human(after.params), ratio(before.params, after.params)],
+        ["MACs", human(before.macs), human(after.macs), ratio(before.macs, after.macs)],
+        ["nodes", str(before.nodes), str(after.nodes), ratio(before.nodes, after.nodes)],
+    ]
+    if before.file_size is not None and after.file_size is not None:
+        rows.append(["file size", human(before.file_size, "B"), human(after.file_size, "B"), ratio(before.file_size, after.file_size)])
+    return format_table(rows, ["", "before", "after", "ratio"])

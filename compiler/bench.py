@@ -1,0 +1,214 @@
+"""Latency, file size and peak memory of several models, measured side by side.
+
+Latency is measured in one process in **alternating blocks**: for each round,
+each model gets ``warmup`` untimed runs then ``block`` timed runs, and the
+rounds repeat. The figure per model is the median over all its timed runs,
+with the 10th/90th percentiles as spread, and the ratio to the first model.
+Blocks rather than run-by-run interleaving: on a 2-core machine onnxruntime's
+worker threads keep spinning after a run, so two sessions run back to back
+slow each other (1.3–2.4× at batch 1 seen here); within a block only one
+session works, and the rounds keep slow drift fair to every model.
+
+Sessions use onnxruntime's full graph optimisation (what a deployment gets)
+and a fixed ``intra_op_num_threads``, which the report states.
+
+Peak memory is measured per model in a child process (so one model's
+allocations cannot hide another's): the kernel's peak-RSS mark is reset
+(``/proc/self/clear_refs``) after imports, and the figure is the peak (VmHWM)
+reached while creating the session and running it once, minus the RSS before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.calibration import input_specs, random_inputs
+from compiler.ir_utils import load_model, save_model
+
+
+@dataclasses.dataclass
+class BenchEntry:
+    label: str
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    ratio: float = 1.0
+    file_size: int | None = None
+    peak_mem_mb: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BenchResult:
+    entries: list[BenchEntry]
+    threads: int
+    batch: int
+    rounds: int
+    block: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threads": self.threads,
+            "batch": self.batch,
+            "rounds": self.rounds,
+            "block": self.block,
+            "models": [e.to_json() for e in self.entries],
+        }
+
+    def table(self) -> str:
+        from compiler.analysis import format_table, human
+
+        rows = [
+            [
+                e.label,
+                f"{e.median_ms:.3f}",
+                f"{e.p10_ms:.3f}-{e.p90_ms:.3f}",
+                f"{e.ratio:.3f}x",
+                human(e.file_size, "B") if e.file_size is not None else "-",
+                f"{e.peak_mem_mb:.1f}" if e.peak_mem_mb is not None else "-",
+            ]
+            for e in self.entries
+        ]
+        head = f"batch {self.batch}, {self.threads} threads, {self.rounds} rounds x {self.block} runs per model"
+        return head + "\n" + format_table(rows, ["model", "median ms", "p10-p90 ms", "vs first", "file", "peak MB"])
+
+
+def _session(src: Any, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def bench_models(
+    models: Sequence[tuple[str, str | os.PathLike | ir.Model]],
+    *,
+    threads: int = 2,
+    batch: int = 1,
+    rounds: int = 5,
+    block: int = 15,
+    warmup: int = 3,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    measure_memory: bool = True,
+    seed: int = 0,
+) -> BenchResult:
+    with tempfile.TemporaryDirectory(prefix="onnxcc-bench-") as tmp:
+        paths: list[tuple[str, Path]] = []
+        for i, (label, m) in enumerate(models):
+            if isinstance(m, ir.Model):
+                p = Path(tmp) / f"m{i}.onnx"
+                save_model(m, p)
+            else:
+                p = Path(m)
+                load_model(p, check=False)  # one-line error for a bad file
+            paths.append((label, p))
+        sessions, feeds = [], []
+        for _, p in paths:
+            s = _session(str(p), threads)
+            sessions.append(s)
+            specs = input_specs(load_model(p, check=False))
+            feeds.append(random_inputs(specs, n=1, seed=seed, batch=batch, overrides=input_shapes)[0])
+        times: list[list[float]] = [[] for _ in sessions]
+        for _ in range(rounds):
+            for i, (s, feed) in enumerate(zip(sessions, feeds)):
+                for _ in range(warmup):
+                    s.run(None, feed)
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    s.run(None, feed)
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+        del sessions
+        entries = []
+        for (label, p), ts in zip(paths, times):
+            entries.append(
+                BenchEntry(
+                    label=label,
+                    median_ms=statistics.median(ts),
+                    p10_ms=float(np.percentile(ts, 10)),
+                    p90_ms=float(np.percentile(ts, 90)),
+                    runs=len(ts),
+                    file_size=_file_size(p),
+                    peak_mem_mb=peak_memory_mb(p, threads, batch, input_shapes) if measure_memory else None,
+                )
+            )
+    base = entries[0].median_ms
+    for e in entries:
+        e.ratio = e.median_ms / base if base > 0 else float("nan")
+    return BenchResult(entries, threads, batch, rounds, block)
+
+
+def _file_size(p: Path) -> int:
+    size = p.stat().st_size
+    data = p.with_name(p.name + ".data")
+    return size + (data.stat().st_size if data.exists() else 0)
+
+
+def peak_memory_mb(path: str | os.PathLike, threads: int, batch: int, input_shapes: Mapping[str, Sequence[int]] | None = None) -> float | None:
+    """Peak RSS growth (MB) of creating a session on ``path`` and running it once, in a child process."""
+    args = [sys.executable, "-m", "compiler.bench", "--memprobe", str(path), str(threads), str(batch), json.dumps(dict(input_shapes or {}))]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        return None
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _memprobe(path: str, threads: int, batch: int, shapes_json: str) -> None:
+    import onnxruntime  # noqa: F401  (count the import in the baseline)
+
+    from compiler.calibration import InputSpec
+
+    base = _reset_peak_rss()
+    s = _session(path, threads)
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+              "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
+    specs = [InputSpec(i.name, np.dtype(dtypes.get(i.type, np.float32)), tuple(i.shape)) for i in s.get_inputs()]
+    feed = random_inputs(specs, n=1, batch=batch, overrides=json.loads(shapes_json) or None)[0]
+    s.run(None, feed)
+    print((_status_kib("VmHWM") - base) / 1024.0)
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return it (KiB)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--memprobe":
+        _memprobe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

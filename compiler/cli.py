@@ -1,0 +1,332 @@
+"""The ``onnxcc`` command line.
+
+Exit codes: 0 success, 1 verification or budget failure, 2 bad input. Every
+error is one line on stderr (``onnxcc: error: ...``); ``--verbose`` adds the
+traceback. Commands that write a model check the output path before doing
+any work, never overwrite the input unless ``--in-place``, and write
+atomically, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from compiler.errors import BadInputError, OnnxccError
+
+logger = logging.getLogger("onnxcc")
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.WARNING)
+    logging.basicConfig(level=level, format="onnxcc: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInputError(f"{path}: report folder '{parent}' does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".onnxcc-", suffix=".json", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _load_labels(path: str | None):
+    if path is None:
+        return None
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path}: cannot read labels: {e}") from e
+
+
+common_model_options = [
+    click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD", help="concrete shape for an input with dynamic dims"),
+]
+
+
+def _apply(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", "-v", is_flag=True, help="debug logging and tracebacks")
+@click.option("--quiet", "-q", is_flag=True, help="errors only")
+@click.version_option(package_name="onnxcc")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """onnxcc: make exported ONNX CNNs smaller and faster, verified by onnxruntime."""
+    _setup_logging(verbose, quiet)
+    ctx.obj = {"verbose": verbose, "quiet": quiet}
+
+
+# --------------------------------------------------------------------------- transform commands
+def run_transform(
+    ctx: click.Context,
+    src: str,
+    out: str,
+    specs: Sequence[Any],
+    *,
+    calib: str | None = None,
+    labels: str | None = None,
+    budget: Any = None,
+    report: str | None = None,
+    in_place: bool = False,
+    input_shapes: Sequence[str] = (),
+    external_data: bool | None = None,
+    verify: bool = True,
+    seed: int = 0,
+) -> None:
+    from compiler.analysis import analyze, compare_table
+    from compiler.calibration import CalibrationSet, parse_input_shapes
+    from compiler.ir_utils import check_output_path, load_model, save_model
+    from compiler.pipeline import Pipeline
+
+    check_output_path(out, src, in_place=in_place)
+    if report:
+        check_output_path(report, src)
+    shapes = parse_input_shapes(input_shapes)
+    pipeline = Pipeline(specs, budget=budget, input_shapes=shapes, labels=_load_labels(labels), verify=verify, seed=seed)
+    model = load_model(src)
+    calibration = CalibrationSet.load(calib, model) if calib else None
+    before = analyze(model, path=src)
+    result = pipeline.run(model, calibration)
+    save_model(result.model, out, external_data=external_data)
+    after = analyze(result.model, path=out)
+    quiet = ctx.obj.get("quiet") if ctx.obj else False
+    if not quiet:
+        for step in result.steps:
+            verdict = ""
+            if step.vs_previous is not None:
+                verdict = f", max rel. error {step.vs_previous.max_rel:.2e}"
+                if not step.exact and step.vs_original is not None:
+                    drop = step.vs_original.metric_drop()
+                    sq = step.vs_original.min_sqnr
+                    verdict += f", SQNR {sq:.1f} dB vs original" + (f", metric drop {drop:.2f} pts" if drop is not None else "")
+            click.echo(
+                f"{step.name}: {'exact' if step.exact else 'lossy'}, {len(step.report.changed)} changes, "
+                f"{len(step.report.skipped)} skipped{verdict}"
+            )
+            for s in step.report.skipped[:20]:
+                click.echo(f"  skipped {s.layer}: {s.reason}")
+            if len(step.report.skipped) > 20:
+                click.echo(f"  ... {len(step.report.skipped) - 20} more in the report")
+        click.echo(compare_table(before, after))
+        click.echo(f"wrote {out}")
+    if report:
+        write_json_atomic(report, {"input": str(src), "output": str(out), "before": before.to_json(), "after": after.to_json(), **result.to_json()})
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="where to write the folded model")
+@click.option("--opset", type=int, default=None, help="upgrade the default-domain opset first")
+@click.option("--no-bn", is_flag=True, help="keep BatchNormalization nodes")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--in-place", is_flag=True, help="allow OUT to be the input file")
+@click.option("--external-data/--no-external-data", default=None, help="store weights in OUT.data (default: only over 2 GB)")
+@_apply(common_model_options)
+@click.pass_context
+def fold(ctx, src, out, opset, no_bn, report, in_place, external_data, input_shapes):
+    """Exact clean-up: fold constants, BatchNorm, shape chains; drop dead and no-op nodes."""
+    opts: dict[str, Any] = {"fold_batchnorm": not no_bn}
+    if opset is not None:
+        opts["opset"] = opset
+    run_transform(ctx, src, out, [("fold", opts)], report=report, in_place=in_place, input_shapes=input_shapes, external_data=external_data)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path())
+@click.option("--recipe", type=click.Path(), help="YAML/JSON recipe: a list of passes with options")
+@click.option("--pass", "pass_names", multiple=True, metavar="NAME[:k=v,...]", help="add a pass (repeatable)")
+@click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder)")
+@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--in-place", is_flag=True)
+@click.option("--seed", type=int, default=0)
+@_apply(common_model_options)
+@click.pass_context
+def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in_place, seed, input_shapes):  # noqa: A001
+    """Run a pipeline of passes from a recipe and/or --pass flags, verifying each."""
+    from compiler.pipeline import Budget, PassSpec, load_recipe
+
+    specs: list[PassSpec] = list(load_recipe(recipe)) if recipe else []
+    for item in pass_names:
+        name, _, rest = item.partition(":")
+        opts = {}
+        for kv in filter(None, rest.split(",")):
+            k, sep, v = kv.partition("=")
+            if not sep:
+                raise BadInputError(f"--pass {item}: options are k=v pairs")
+            opts[k] = v
+        specs.append(PassSpec(name, opts))
+    if not specs:
+        raise BadInputError("nothing to do: give --recipe or --pass")
+    run_transform(
+        ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
+        report=report, in_place=in_place, input_shapes=input_shapes, seed=seed,
+    )
+
+
+# --------------------------------------------------------------------------- read-only commands
+@cli.command()
+@click.argument("model_path", type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def inspect(model_path, as_json):
+    """Per-layer table: shapes, parameters, MACs, weight statistics."""
+    from compiler.analysis import analyze, summary_table
+    from compiler.ir_utils import load_model
+
+    model = load_model(model_path)
+    summary = analyze(model, path=model_path)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2, default=_json_default))
+    else:
+        click.echo(summary_table(summary))
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(dir_okay=True))
+@click.argument("candidate", type=click.Path(dir_okay=True))
+@click.option("--data", type=click.Path(), help="inputs (.npy/.npz/image folder); default seeded random")
+@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
+@click.option("--samples", type=int, default=8, show_default=True)
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="max |ref-cand| / max |ref| per output")
+@click.option("--atol", type=float, default=0.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--seed", type=int, default=0)
+@_apply(common_model_options)
+def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, seed, input_shapes):
+    """Compare two models in onnxruntime on the same inputs (exit 1 outside tolerance)."""
+    from compiler import verify as V
+    from compiler.analysis import format_table
+    from compiler.calibration import CalibrationSet, parse_input_shapes
+    from compiler.ir_utils import load_model
+
+    ref = load_model(reference)
+    cand = load_model(candidate)
+    calib = CalibrationSet.load(data, ref) if data else None
+    feeds = V.verification_feeds(ref, calib, samples=samples, seed=seed, overrides=parse_input_shapes(input_shapes))
+    lab = _load_labels(labels)
+    if lab is not None:
+        lab = lab[: sum(next(iter(f.values())).shape[0] for f in feeds)]
+    comp = V.compare_outputs(V.run_model(ref, feeds), V.run_model(cand, feeds), lab)
+    ok = comp.within(rtol, atol)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "rtol": rtol, "atol": atol, **comp.to_json()}, indent=2, default=_json_default))
+    else:
+        rows = []
+        for o in comp.outputs:
+            if o.problem:
+                rows.append([o.name, "-", "-", "-", "-", "-", o.problem])
+            else:
+                rows.append([o.name, f"{o.max_abs:.3g}", f"{o.rel:.3g}", f"{o.sqnr_db:.1f}", f"{o.cosine:.6f}",
+                             f"{o.top1:.3f}" if o.top1 is not None else "-", ""])
+        click.echo(format_table(rows, ["output", "max abs", "rel", "SQNR dB", "cosine", "top-1 agree", "problem"]))
+        if comp.accuracy_ref is not None:
+            click.echo(f"accuracy: reference {comp.accuracy_ref:.4f}, candidate {comp.accuracy_cand}")
+        click.echo("within tolerance" if ok else "OUTSIDE tolerance")
+    if not ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--runs", type=int, default=15, show_default=True, help="timed runs per block")
+@click.option("--rounds", type=int, default=5, show_default=True, help="rounds of blocks")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--no-memory", is_flag=True, help="skip the per-model peak-memory probe")
+@click.option("--json", "as_json", is_flag=True)
+@_apply(common_model_options)
+def bench(models, threads, batch, runs, rounds, warmup, no_memory, as_json, input_shapes):
+    """Latency (alternating blocks, one process), file size and peak memory; ratios to the first model."""
+    from compiler.bench import bench_models
+    from compiler.calibration import parse_input_shapes
+
+    res = bench_models(
+        [(m, m) for m in models], threads=threads, batch=batch, rounds=rounds, block=runs, warmup=warmup,
+        input_shapes=parse_input_shapes(input_shapes), measure_memory=not no_memory,
+    )
+    click.echo(json.dumps(res.to_json(), indent=2) if as_json else res.table())
+
+
+@cli.command("passes")
+def list_passes():
+    """List registered passes and their options."""
+    from compiler.registry import config_fields, registered_passes
+
+    for name, cls in registered_passes().items():
+        click.echo(f"{name} ({'exact' if cls.exact else 'lossy'}{', needs --calib' if cls.needs_calibration else ''}): {cls.summary}")
+        for fname, tname, default, help_ in config_fields(cls):
+            click.echo(f"    {fname.replace('_', '-')}: {tname} = {default!r}  {help_}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="onnxcc", standalone_mode=False)
+    except OnnxccError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"onnxcc: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("onnxcc: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"onnxcc: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("onnxcc: interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # a bug in onnxcc, not in the input: say so on one line
+        if verbose:
+            traceback.print_exc()
+        msg = " ".join(str(e).split()) or type(e).__name__
+        click.echo(f"onnxcc: error: internal error ({type(e).__name__}): {msg}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

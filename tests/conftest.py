@@ -1,0 +1,69 @@
+"""Shared helpers: run the CLI in-process, build small models from ONNX text."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from compiler.ir_utils import save_model
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, err={self.err!r})"
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``onnxcc ARGS`` in-process; returns exit code, stdout, stderr."""
+    from compiler.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        cap = capsys.readouterr()
+        return CliResult(code, cap.out, cap.err)
+
+    return run
+
+
+def digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
+    import onnx
+
+    proto = onnx.parser.parse_model(text)
+    for name, arr in initializers.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(arr), name))
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Tiny builder models by family (built once per session)."""
+    from models.builders import FAMILIES, build
+
+    return {fam: build(fam, "tiny", seed=1) for fam in FAMILIES}
+
+
+@pytest.fixture
+def resnet_path(tmp_path):
+    from models.builders import build
+
+    p = tmp_path / "resnet.onnx"
+    save_model(build("resnet", "tiny", seed=3), p)
+    return p

@@ -1,0 +1,163 @@
+"""Bad input gets a one-line error, exit 2, the input untouched and no output written."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import digest
+
+
+def assert_refused(res, out, *fragments, code=2):
+    assert res.code == code, res
+    lines = [line for line in res.err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("onnxcc: error: "), res.err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert not os.path.exists(out)
+    leftovers = [p for p in os.listdir(os.path.dirname(out)) if p.startswith(".onnxcc-")]
+    assert not leftovers
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        (os.urandom(4096), "not an ONNX model"),
+        (b"", "empty file"),
+        (b"\x08\x07\x12\x04test", "not an ONNX model"),  # valid protobuf, no graph
+    ],
+)
+def test_not_onnx(cli, tmp_path, content, fragment):
+    src = tmp_path / "bad.onnx"
+    src.write_bytes(content)
+    before = digest(src)
+    out = tmp_path / "out.onnx"
+    assert_refused(cli("fold", src, "-o", out), str(out), fragment)
+    assert digest(src) == before
+
+
+def test_truncated(cli, tmp_path, resnet_path):
+    data = resnet_path.read_bytes()
+    src = tmp_path / "trunc.onnx"
+    src.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out.onnx"
+    res = cli("fold", src, "-o", out)
+    assert_refused(res, str(out), str(src))
+
+
+def test_directory_and_missing(cli, tmp_path):
+    out = tmp_path / "out.onnx"
+    assert_refused(cli("fold", tmp_path, "-o", out), str(out), "is a directory")
+    assert_refused(cli("fold", tmp_path / "nope.onnx", "-o", out), str(out), "no such file")
+
+
+def test_checker_failure(cli, tmp_path):
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"]), onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [1])], [onnx.helper.make_tensor_value_info("y", 1, [1])],
+    )
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    src = tmp_path / "dup.onnx"
+    onnx.save(m, src)
+    out = tmp_path / "out.onnx"
+    assert_refused(cli("fold", src, "-o", out), str(out), "fails the ONNX checker")
+
+
+def test_opset_out_of_range(cli, tmp_path):
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [1])], [onnx.helper.make_tensor_value_info("y", 1, [1])],
+    )
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 27)])
+    src = tmp_path / "new.onnx"
+    onnx.save(m, src)
+    out = tmp_path / "out.onnx"
+    assert_refused(cli("fold", src, "-o", out), str(out), "opset 27", "11 to 24")
+
+
+def test_old_opset_is_upgraded(cli, tmp_path):
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [1])], [onnx.helper.make_tensor_value_info("y", 1, [1])],
+    )
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 9)])
+    m.ir_version = 4
+    src = tmp_path / "old.onnx"
+    onnx.save(m, src)
+    out = tmp_path / "out.onnx"
+    res = cli("fold", src, "-o", out)
+    assert res.code == 0, res
+    assert onnx.load(out).opset_import[0].version == 13
+
+
+def test_missing_external_data(cli, tmp_path, resnet_path):
+    m = onnx.load(resnet_path)
+    src = tmp_path / "ext.onnx"
+    onnx.save(m, src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    os.remove(tmp_path / "ext.onnx.data")
+    out = tmp_path / "out.onnx"
+    assert_refused(cli("fold", src, "-o", out), str(out), "external data file 'ext.onnx.data'", "missing")
+
+
+def test_output_folder_missing_or_readonly(cli, tmp_path, resnet_path):
+    out = tmp_path / "nope" / "out.onnx"
+    res = cli("fold", resnet_path, "-o", out)
+    assert res.code == 2 and "does not exist" in res.err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that can write to read-only folders")
+        res = cli("fold", resnet_path, "-o", ro / "out.onnx")
+        assert res.code == 2 and "not writable" in res.err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_refuses_to_overwrite_input(cli, resnet_path):
+    before = digest(resnet_path)
+    res = cli("fold", resnet_path, "-o", resnet_path)
+    assert res.code == 2 and "refusing to overwrite the input" in res.err
+    assert digest(resnet_path) == before
+    res = cli("fold", resnet_path, "-o", resnet_path, "--in-place")
+    assert res.code == 0
+    assert digest(resnet_path) != before
+
+
+def _calib_case(tmp_path, arr_or_dict):
+    p = tmp_path / ("c.npz" if isinstance(arr_or_dict, dict) else "c.npy")
+    if isinstance(arr_or_dict, dict):
+        np.savez(p, **arr_or_dict)
+    else:
+        np.save(p, arr_or_dict)
+    return p
+
+
+@pytest.mark.parametrize(
+    "data,fragment",
+    [
+        ({"wrong": np.zeros((4, 3, 32, 32), np.float32)}, "no data for model input(s) input"),
+        ({"input": np.zeros((4, 3, 32, 32), np.float32), "extra": np.zeros((4, 1), np.float32)}, "unknown input(s) extra"),
+        (np.zeros((4, 3, 16, 16), np.float32), "samples have shape (3, 16, 16)"),
+        (np.zeros((4, 3, 32, 32), np.int64), "dtype int64"),
+        (np.zeros((0, 3, 32, 32), np.float32), "empty"),
+        (np.full((4, 3, 32, 32), np.nan, np.float32), "NaN or Inf"),
+        (np.zeros((3, 32, 32), np.float32), "N samples first"),
+    ],
+)
+def test_bad_calibration_data(cli, tmp_path, resnet_path, data, fragment):
+    calib = _calib_case(tmp_path, data)
+    out = tmp_path / "out.onnx"
+    res = cli("compile", resnet_path, "-o", out, "--pass", "fold", "--calib", calib)
+    assert_refused(res, str(out), fragment)
+
+
+def test_unknown_pass_and_option(cli, tmp_path, resnet_path):
+    out = tmp_path / "out.onnx"
+    assert_refused(cli("compile", resnet_path, "-o", out, "--pass", "nonesuch"), str(out), "unknown pass 'nonesuch'")
+    assert_refused(cli("compile", resnet_path, "-o", out, "--pass", "fold:bogus=1"), str(out), "has no option 'bogus'")
+    assert_refused(cli("compile", resnet_path, "-o", out, "--pass", "fold:max-iterations=x"), str(out), "max-iterations")

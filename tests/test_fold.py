@@ -1,0 +1,275 @@
+"""Fold pass: exact, smaller, and it cleans what each exporter leaves behind."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compiler.calibration import input_specs, random_inputs
+from compiler.ir_utils import clone_model
+from compiler.pipeline import Pipeline
+from compiler.verify import EXACT_RTOL, compare_outputs, run_model
+from passes.fold import BN_SCALE_META
+from tests.conftest import model_from_text
+
+
+def fold_and_check(model: ir.Model, batch: int = 2):
+    """Fold a copy; assert checker + exactness; return (folded, report)."""
+    folded = clone_model(model)
+    res = Pipeline(["fold"], verify=False).run(folded)
+    onnx.checker.check_model(ir.to_proto(folded), full_check=True)
+    feeds = random_inputs(input_specs(model), batch=batch, seed=7)
+    comp = compare_outputs(run_model(model, feeds), run_model(folded, feeds))
+    assert comp.within(EXACT_RTOL), comp.to_json()
+    return folded, res.steps[0].report
+
+
+def ops(model: ir.Model) -> Counter:
+    return Counter(n.op_type for n in model.graph)
+
+
+@pytest.mark.parametrize(
+    "family", ["vgg", "resnet", "resnet_bottleneck", "resnext", "mobilenet_v2", "mobilenet_v3", "efficientnet", "densenet", "inception"]
+)
+def test_fold_builders_exact_and_bn_gone(tiny_models, family):
+    model = tiny_models[family]
+    folded, report = fold_and_check(model)
+    before, after = ops(model), ops(folded)
+    assert sum(after.values()) < sum(before.values())
+    assert after["Conv"] == before["Conv"]
+    if family == "densenet":
+        # pre-activation BN (BN→ReLU→Conv) has nothing to fold into; each is reported
+        assert after["BatchNormalization"] == len(report.skipped) > 0
+        assert all("not Conv" in s.reason for s in report.skipped)
+    else:
+        assert after["BatchNormalization"] == 0
+    # layer names survive folding (used by --exclude patterns and reports)
+    conv_names = {n.name for n in model.graph if n.op_type == "Conv"}
+    assert conv_names == {n.name for n in folded.graph if n.op_type == "Conv"}
+    # the dynamic batch stays dynamic
+    assert not isinstance(folded.graph.inputs[0].shape[0], int)
+
+
+def test_bn_scale_recorded_for_pruning(tiny_models):
+    folded, _ = fold_and_check(tiny_models["resnet"])
+    convs = [n for n in folded.graph if n.op_type == "Conv"]
+    assert all(BN_SCALE_META in n.meta for n in convs)
+    assert all(n.meta[BN_SCALE_META].shape == (n.inputs[1].const_value.shape[0],) for n in convs)
+
+
+BN_TEXT = """
+<ir_version: 8, opset_import: ["" : {opset}]>
+g (float[N,4,8,8] x) => (float[N,{cout}] y) {{
+    {body}
+}}
+"""
+
+
+def _bn_params(c, rng):
+    return dict(
+        g=rng.uniform(0.5, 1.5, c).astype(np.float32), b=rng.normal(0, 0.3, c).astype(np.float32),
+        m=rng.normal(0, 0.3, c).astype(np.float32), v=rng.uniform(0.5, 2, c).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_fold_conv_bn_with_bias_and_groups(bias, group):
+    rng = np.random.default_rng(0)
+    cb = ", cb" if bias else ""
+    body = f"c = Conv <group={group}, pads=[1,1,1,1]> (x, w{cb})\n bn = BatchNormalization (c, g, b, m, v)\n y = ReduceMean <axes=[2,3], keepdims=0> (bn)"
+    model = model_from_text(
+        BN_TEXT.format(opset=13, cout=8, body=body),
+        w=rng.normal(size=(8, 4 // group, 3, 3)).astype(np.float32),
+        **({"cb": rng.normal(size=8).astype(np.float32)} if bias else {}),
+        **_bn_params(8, rng),
+    )
+    folded, _ = fold_and_check(model)
+    assert ops(folded)["BatchNormalization"] == 0
+    assert len(folded.graph.initializers) == 2  # weight + bias, BN params gone
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_fold_convtranspose_bn(group):
+    rng = np.random.default_rng(1)
+    body = f"c = ConvTranspose <group={group}, strides=[2,2]> (x, w)\n bn = BatchNormalization (c, g, b, m, v)\n y = ReduceMean <axes=[2,3], keepdims=0> (bn)"
+    model = model_from_text(
+        BN_TEXT.format(opset=13, cout=6, body=body),
+        w=rng.normal(size=(4, 6 // group, 3, 3)).astype(np.float32), **_bn_params(6, rng),
+    )
+    folded, _ = fold_and_check(model)
+    assert ops(folded) == Counter({"ConvTranspose": 1, "ReduceMean": 1})
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_fold_gemm_bn1d(trans_b):
+    rng = np.random.default_rng(2)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,16] x) => (float[N,5] y) {{
+        h = Gemm <transB={trans_b}, alpha=0.5, beta=2.0> (x, w, c)
+        y = BatchNormalization (h, g, b, m, v)
+    }}"""
+    w = rng.normal(size=(5, 16) if trans_b else (16, 5)).astype(np.float32)
+    model = model_from_text(text, w=w, c=rng.normal(size=5).astype(np.float32), **_bn_params(5, rng))
+    folded, _ = fold_and_check(model)
+    assert ops(folded) == Counter({"Gemm": 1})
+    assert folded.graph.outputs[0].name == "y"  # graph output name kept
+
+
+def test_bn_not_folded_when_weight_shared():
+    rng = np.random.default_rng(3)
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,4,8,8] x) => (float[N,4,8,8] y, float[N,4,4,4] z) {
+        c = Conv <pads=[1,1,1,1]> (x, w)
+        y = BatchNormalization (c, g, b, m, v)
+        z = Conv <pads=[1,1,1,1], strides=[2,2]> (x, w)
+    }"""
+    model = model_from_text(text, w=rng.normal(size=(4, 4, 3, 3)).astype(np.float32), **_bn_params(4, rng))
+    folded, report = fold_and_check(model)
+    assert ops(folded)["BatchNormalization"] == 1
+    assert any("shared" in s.reason for s in report.skipped)
+
+
+def test_paddle_style_constant_weights_opset11():
+    """paddle2onnx keeps weights in Constant nodes at opset 11: lifted and folded."""
+    rng = np.random.default_rng(4)
+    w = onnx.numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "wt")
+    nodes = [onnx.helper.make_node("Constant", [], ["w"], value=w)]
+    for name, arr in _bn_params(8, rng).items():
+        nodes.append(onnx.helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(arr, name + "t")))
+    nodes += [
+        onnx.helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"]),
+        onnx.helper.make_node("Relu", ["bn"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "paddle", [onnx.helper.make_tensor_value_info("x", 1, ["N", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", 1, ["N", 8, 8, 8])],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)])
+    proto.ir_version = 6
+    model = ir.serde.deserialize_model(proto)
+    folded, _ = fold_and_check(model)
+    assert ops(folded) == Counter({"Conv": 1, "Relu": 1})
+    assert set(folded.graph.initializers) == {n.inputs[i].name for n in folded.graph for i in (1, 2) if n.op_type == "Conv"}
+
+
+def test_tf2onnx_style_transpose_pad_and_shape_chain():
+    """NHWC input → Transpose → Pad → Conv, and a Shape→Gather→Concat→Reshape head."""
+    rng = np.random.default_rng(5)
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,8,8,3] x) => (float[N,128] y) {
+        t = Transpose <perm=[0,3,1,2]> (x)
+        p = Pad <mode="constant"> (t, pads)
+        c = Conv (p, w, cb)
+        r = Relu (c)
+        i = Identity (r)
+        s = Shape (i)
+        n = Gather <axis=0> (s, zero)
+        nn = Unsqueeze (n, zero1)
+        shp = Concat <axis=0> (nn, minus1)
+        y = Reshape (i, shp)
+    }"""
+    model = model_from_text(
+        text,
+        pads=np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        w=rng.normal(size=(2, 3, 3, 3)).astype(np.float32), cb=rng.normal(size=2).astype(np.float32),
+        zero=np.array(0, np.int64), zero1=np.array([0], np.int64), minus1=np.array([-1], np.int64),
+    )
+    folded, _ = fold_and_check(model)
+    after = ops(folded)
+    assert after["Pad"] == 0 and after["Identity"] == 0  # Pad fused into Conv pads
+    assert after["Shape"] == 0 and after["Gather"] == 0  # shape chain folded, batch still dynamic
+    assert after["Transpose"] == 1
+    assert not isinstance(folded.graph.inputs[0].shape[0], int)
+
+
+def test_dropout_identity_and_duplicate_initializers_removed():
+    rng = np.random.default_rng(6)
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,4] x) => (float[N,4] y) {
+        a = MatMul (x, w1)
+        d = Dropout (a)
+        i = Identity (d)
+        y = MatMul (i, w2)
+    }"""
+    w = rng.normal(size=(4, 4)).astype(np.float32)
+    model = model_from_text(text, w1=w, w2=w.copy())
+    folded, _ = fold_and_check(model)
+    assert ops(folded) == Counter({"MatMul": 2})
+    assert len(folded.graph.initializers) == 1  # w1 and w2 were identical
+
+
+def test_opset_upgrade_option():
+    text = """
+    <ir_version: 7, opset_import: ["" : 11]>
+    g (float[N,4] x) => (float[N,4] y) { y = Relu (x) }"""
+    model = ir.from_onnx_text(text)
+    res = Pipeline([("fold", {"opset": 17})], verify=True).run(model)
+    assert model.opset_imports[""] == 17
+    assert res.steps[0].vs_previous.max_rel == 0
+
+
+# ---------------------------------------------------------------- property test
+ACTS = ["Relu", "Sigmoid", "HardSwish", "Identity", None]
+
+
+@st.composite
+def conv_stacks(draw):
+    """Random stacks of Conv(+bias)(+BN)(+act), with residual Adds, Concats and pooling."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    c = draw(st.sampled_from([2, 4, 6]))
+    lines, inits, x, ch = [], {}, "x", c
+    for i in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["conv", "conv", "add", "concat", "pool"]))
+        if kind == "conv":
+            g = draw(st.sampled_from([1, ch])) if ch % 2 == 0 else 1
+            cout = ch if g > 1 else draw(st.sampled_from([2, 4, 6]))
+            k = draw(st.sampled_from([1, 3]))
+            inits[f"w{i}"] = rng.normal(size=(cout, ch // g, k, k)).astype(np.float32)
+            args = f"{x}, w{i}"
+            if draw(st.booleans()):
+                inits[f"cb{i}"] = rng.normal(size=cout).astype(np.float32)
+                args += f", cb{i}"
+            lines.append(f"c{i} = Conv <group={g}, pads=[{k // 2},{k // 2},{k // 2},{k // 2}]> ({args})")
+            x, ch = f"c{i}", cout
+            if draw(st.booleans()):
+                for n, arr in _bn_params(ch, rng).items():
+                    inits[f"{n}{i}"] = arr
+                lines.append(f"bn{i} = BatchNormalization ({x}, g{i}, b{i}, m{i}, v{i})")
+                x = f"bn{i}"
+            act = draw(st.sampled_from(ACTS))
+            if act:
+                lines.append(f"a{i} = {act} ({x})")
+                x = f"a{i}"
+        elif kind == "add":
+            lines.append(f"s{i} = Add ({x}, {x})")
+            x = f"s{i}"
+        elif kind == "concat":
+            lines.append(f"k{i} = Concat <axis=1> ({x}, {x})")
+            x, ch = f"k{i}", ch * 2
+        else:
+            lines.append(f"p{i} = MaxPool <kernel_shape=[3,3], pads=[1,1,1,1]> ({x})")
+            x = f"p{i}"
+    lines.append(f"y = ReduceMean <axes=[2,3], keepdims=0> ({x})")
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,{c},6,6] x) => (float[N,{ch}] y) {{ {chr(10).join(lines)} }}"""
+    return model_from_text(text, **inits)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_stacks())
+def test_property_fold_never_changes_outputs(model):
+    folded, _ = fold_and_check(model)
+    assert ops(folded)["BatchNormalization"] == 0
+    assert ops(folded)["Identity"] == 0
