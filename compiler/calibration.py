@@ -460,6 +460,10 @@ class ActivationCollector:
     def _session(self, names: Sequence[str]):
         from compiler.verify import make_session
 
+        from compiler.ir_utils import needs_file
+
+        if needs_file(self.model):
+            raise BadInputError("activation collection on models with external data is not supported yet")
         proto = ir.to_proto(self.model)
         existing = {o.name for o in proto.graph.output}
         types = _value_types(self.model)

@@ -71,7 +71,7 @@ def load_model(src: ModelLike, *, check: bool = True, upgrade_old_opsets: bool =
     if base_dir is not None:
         _check_external_data(proto, base_dir, label)
     if check:
-        _run_checker(proto, label)
+        _run_checker(proto, label, path=str(src) if base_dir is not None else None)
     proto = _check_opset(proto, label, upgrade_old_opsets)
     try:
         model = ir.serde.deserialize_model(proto)
@@ -132,9 +132,12 @@ def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from graph_tensors(proto.graph)
 
 
-def _run_checker(proto: onnx.ModelProto, label: str) -> None:
+def _run_checker(proto: onnx.ModelProto, label: str, path: str | None = None) -> None:
     try:
-        if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if path is not None:
+            # From a path the checker resolves external data next to the file.
+            onnx.checker.check_model(path)
+        elif proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -265,17 +268,44 @@ def model_to_bytes(model: ir.Model) -> bytes:
     return ir.to_proto(model).SerializeToString()
 
 
+def has_external_tensors(model: ir.Model) -> bool:
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()
+    )
+
+
+def needs_file(model: ir.Model) -> bool:
+    """True when onnxruntime cannot take the model as bytes (over 2 GB, or external tensors)."""
+    return model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD or has_external_tensors(model)
+
+
 @contextlib.contextmanager
 def saved_copy(model: ir.Model) -> Iterator[str]:
-    """Yield a path to a temporary on-disk copy of ``model`` (external data if large)."""
+    """Yield a path to a temporary on-disk copy of ``model`` (external data when needed)."""
     with tempfile.TemporaryDirectory(prefix="onnxcc-") as d:
         p = Path(d) / "model.onnx"
-        big = model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD
-        if big:
+        if needs_file(model):
             ir.save(model, p, external_data="model.onnx.data")
         else:
             p.write_bytes(model_to_bytes(model))
         yield str(p)
+
+
+def check_model(model: ir.Model) -> None:
+    """Run the ONNX checker on an in-memory model (through a temp file when it has external data)."""
+    if model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        # Writing gigabytes just to check is not worth it; the structure is checked without weights.
+        proto = ir.to_proto(model)
+        for t in proto.graph.initializer:
+            t.ClearField("external_data")
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = b""
+        onnx.checker.check_model(proto)
+    elif has_external_tensors(model):
+        with saved_copy(model) as p:
+            onnx.checker.check_model(p)
+    else:
+        onnx.checker.check_model(ir.to_proto(model))
 
 
 def clone_model(model: ir.Model) -> ir.Model:

@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 from compiler.calibration import CalibrationSet, input_specs, random_inputs
 from compiler.errors import BadInputError
-from compiler.ir_utils import model_nbytes, EXTERNAL_DATA_THRESHOLD
+from compiler.ir_utils import needs_file, saved_copy
 
 EXACT_RTOL = 1e-4
 
@@ -59,9 +59,7 @@ def make_session(
     if optimized_path:
         so.optimized_model_filepath = optimized_path
     if isinstance(model, ir.Model):
-        if model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD:
-            from compiler.ir_utils import saved_copy
-
+        if needs_file(model):
             with saved_copy(model) as p:
                 return _session(p, so)
         model = ir.to_proto(model).SerializeToString()

@@ -160,7 +160,9 @@ class NetBuilder:
 
         ShapeInferencePass()(model)
         if calibrate:
-            calibrate_batchnorm(model, seed=int(self.rng.integers(1 << 30)))
+            seed = int(self.rng.integers(1 << 30))
+            calibrate_batchnorm(model, seed=seed)
+            calibrate_head(model, seed=seed)
         return model
 
 
@@ -198,6 +200,33 @@ def calibrate_batchnorm(model: ir.Model, *, seed: int = 0, batch: int = 4) -> No
             axes = (0,) + tuple(range(2, a.ndim))
             b.inputs[3].const_value = ir.tensor(a.mean(axis=axes).astype(np.float32), name=b.inputs[3].name)
             b.inputs[4].const_value = ir.tensor(a.var(axis=axes).astype(np.float32) + 1e-3, name=b.inputs[4].name)
+
+
+def calibrate_head(model: ir.Model, *, seed: int = 0, batch: int = 32) -> None:
+    """Standardise the classifier's input features on random images.
+
+    A random network's pooled features vary little from image to image, so its
+    logits are dominated by a constant per class and every input gets the same
+    top-1 class, which makes agreement metrics meaningless. Folding the feature
+    mean/std into the final Gemm (as a trained head effectively does) gives
+    logits that vary per input with zero mean per class.
+    """
+    from compiler.verify import make_session
+
+    head = model.graph.outputs[0].producer()
+    if head is None or head.op_type != "Gemm":
+        return
+    feat = head.inputs[0]
+    proto = ir.to_proto(model)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(feat.name, onnx.TensorProto.FLOAT, None))
+    shape = [batch] + [d if isinstance(d, int) else batch for d in model.graph.inputs[0].shape.dims[1:]]
+    x = np.random.default_rng(seed + 1).standard_normal(shape).astype(np.float32)
+    f = make_session(proto).run([feat.name], {model.graph.inputs[0].name: x})[0].reshape(batch, -1)
+    mean, std = f.mean(0), f.std(0) + 1e-3
+    w = head.inputs[1].const_value.numpy() / std[None, :]  # builders use transB=1
+    b = -(w @ mean)
+    head.inputs[1].const_value = ir.tensor(w.astype(np.float32), name=head.inputs[1].name)
+    head.inputs[2].const_value = ir.tensor(b.astype(np.float32), name=head.inputs[2].name)
 
 
 # --------------------------------------------------------------------------- families

@@ -45,7 +45,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript import optimizer, rewriter
 
-from compiler.ir_utils import convert_opset, const_array, default_opset, node_label
+from compiler.ir_utils import check_model, convert_opset, const_array, default_opset, node_label
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,7 @@ class FoldPass(OnnxccPass):
 
     def ensures(self, model: ir.Model) -> None:
         # The fold pass is the first thing every pipeline runs: its output must be valid ONNX.
-        import onnx
-
-        onnx.checker.check_model(ir.to_proto(model))
+        check_model(model)
 
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config

@@ -1,0 +1,235 @@
+"""Pipeline, registry, verification metrics, calibration data and analysis."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from compiler.analysis import analyze
+from compiler.calibration import ActivationCollector, CalibrationSet, ChannelStats, MinMax, RowSampler
+from compiler.errors import BadInputError, BudgetError, VerificationError
+from compiler.ir_utils import clone_model, load_model, save_model
+from compiler.pipeline import Budget, Pipeline, load_recipe
+from compiler.registry import OnnxccPass, PassReport, make_config, register, _REGISTRY
+from compiler.verify import compare_arrays, compare_outputs
+from tests.conftest import model_from_text
+
+
+class _ScaleWeights(OnnxccPass):
+    """Test-only pass that multiplies the first Conv weight: a wrong 'exact' rewrite."""
+
+    name = "test-scale"
+    exact = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        factor: float = 1.01
+
+    def call(self, model):
+        conv = next(n for n in model.graph if n.op_type == "Conv")
+        w = conv.inputs[1]
+        w.const_value = ir.tensor(w.const_value.numpy() * self.config.factor, name=w.name)
+        return PassReport(model, True, changed=[conv.name])
+
+
+class _ScaleLossy(_ScaleWeights):
+    name = "test-scale-lossy"
+    exact = False
+
+
+@pytest.fixture
+def test_passes():
+    register(_ScaleWeights)
+    register(_ScaleLossy)
+    yield
+    _REGISTRY.pop("test-scale")
+    _REGISTRY.pop("test-scale-lossy")
+
+
+def test_exact_pass_that_changes_outputs_is_caught(tiny_models, test_passes):
+    model = clone_model(tiny_models["resnet"])
+    with pytest.raises(VerificationError, match="pass 'test-scale' is exact but changed"):
+        Pipeline(["fold", ("test-scale", {"factor": 1.05})]).run(model)
+
+
+def test_lossy_pass_records_error_and_budget_gate(tiny_models, test_passes):
+    model = clone_model(tiny_models["resnet"])
+    res = Pipeline([("test-scale-lossy", {"factor": 1.001})]).run(model)
+    step = res.steps[0]
+    assert 0 < step.vs_original.max_rel < 0.05
+    assert step.vs_original.min_sqnr > 30
+    with pytest.raises(BudgetError, match="test-scale-lossy"):
+        Pipeline([("test-scale-lossy", {"factor": -1.0})], budget=Budget(max_drop=1.0)).run(clone_model(tiny_models["resnet"]))
+
+
+def test_cli_writes_nothing_when_verification_fails(cli, tmp_path, resnet_path, test_passes):
+    out = tmp_path / "o.onnx"
+    res = cli("compile", resnet_path, "-o", out, "--pass", "test-scale:factor=1.1")
+    assert res.code == 1 and "exact but changed" in res.err
+    assert not out.exists()
+    res = cli("compile", resnet_path, "-o", out, "--pass", "test-scale-lossy:factor=-1", "--budget", "0.5")
+    assert res.code == 1 and "budget" in res.err
+    assert not out.exists()
+
+
+def test_make_config_coerces_and_rejects():
+    from passes.fold import FoldPass
+
+    cfg = make_config(FoldPass, {"opset": "17", "fold-batchnorm": "false"})
+    assert cfg.opset == 17 and cfg.fold_batchnorm is False
+    with pytest.raises(BadInputError, match="no option 'nope'"):
+        make_config(FoldPass, {"nope": 1})
+    with pytest.raises(BadInputError, match="fold_batchnorm"):
+        make_config(FoldPass, {"fold_batchnorm": "maybe"})
+
+
+def test_recipe_yaml_and_json(tmp_path):
+    y = tmp_path / "r.yaml"
+    y.write_text("passes:\n  - name: fold\n    options: {max_iterations: 2}\n")
+    j = tmp_path / "r.json"
+    j.write_text(json.dumps([{"fold": {"opset": 17}}]))
+    assert load_recipe(y)[0].options == {"max_iterations": 2}
+    assert load_recipe(j)[0].options == {"opset": 17}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes: [")
+    with pytest.raises(BadInputError, match="cannot parse"):
+        load_recipe(bad)
+
+
+def test_compare_metrics():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 10)).astype(np.float32)
+    noisy = ref + rng.normal(scale=0.01, size=ref.shape).astype(np.float32)
+    m = compare_arrays("y", ref, noisy)
+    assert 35 < m.sqnr_db < 45  # signal var 1, noise var 1e-4 → 40 dB
+    assert m.cosine > 0.999 and m.top1 > 0.95
+    same = compare_arrays("y", ref, ref.copy())
+    assert same.max_abs == 0 and math.isinf(same.sqnr_db) and same.top1 == 1.0
+    assert compare_arrays("y", ref, ref[:, :5]).problem.startswith("shape")
+    comp = compare_outputs({"y": ref}, {"z": ref})
+    assert not comp.ok_structure and {o.problem for o in comp.outputs} == {"output missing from candidate", "output not in reference"}
+    labels = ref.argmax(1)
+    c = compare_outputs({"y": ref}, {"y": noisy}, labels)
+    assert c.accuracy_ref == 1.0 and c.accuracy_cand > 0.95
+
+
+def test_cli_verify_exit_codes(cli, tmp_path, resnet_path):
+    res = cli("verify", resnet_path, resnet_path, "--json")
+    assert res.code == 0 and json.loads(res.out)["ok"] is True
+    other = tmp_path / "other.onnx"
+    from models.builders import build
+
+    save_model(build("resnet", "tiny", seed=99), other)
+    res = cli("verify", resnet_path, other)
+    assert res.code == 1 and "OUTSIDE tolerance" in res.out
+    mismatch = tmp_path / "mm.onnx"
+    save_model(build("vgg", "tiny", seed=0), mismatch)  # different input shape
+    res = cli("verify", resnet_path, mismatch)
+    assert res.code == 2
+
+
+def test_calibration_sources_agree(tmp_path, tiny_models):
+    model = tiny_models["resnet"]
+    x = np.random.default_rng(0).normal(size=(10, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "c.npy", x)
+    np.savez(tmp_path / "c.npz", input=x)
+
+    class Reader:  # onnxruntime's CalibrationDataReader interface
+        def __init__(self):
+            self.it = iter([{"input": x[i : i + 2]} for i in range(0, 10, 2)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    sets = [CalibrationSet.load(s, model) for s in (tmp_path / "c.npy", tmp_path / "c.npz", Reader(), {"input": x})]
+    for s in sets:
+        assert len(s) == 10
+        assert np.array_equal(np.concatenate([b["input"] for b in s.batches(4)]), x)
+
+
+def test_activation_collector_streams(tiny_models):
+    model = tiny_models["resnet"]
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    name = conv.outputs[0].name
+    x = np.random.default_rng(1).normal(size=(40, 3, 32, 32)).astype(np.float32)
+    calib = CalibrationSet.load({"input": x}, model)
+    mm, cs = MinMax(), ChannelStats()
+    rows = RowSampler(lambda a: a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1]), per_batch=50, max_rows=120)
+    ActivationCollector(model, calib, batch_size=8).collect({name: [mm, cs, rows]})
+    from compiler.verify import run_model
+
+    full = _intermediate(model, name, x)
+    assert mm.min == pytest.approx(full.min()) and mm.max == pytest.approx(full.max())
+    assert np.allclose(cs.mean, full.mean(axis=(0, 2, 3)), atol=1e-5)
+    assert rows.result().shape == (120, full.shape[1])  # bounded: 120 rows kept of 40*32*32
+
+
+def _intermediate(model, name, x):
+    import onnx
+
+    from compiler.verify import make_session
+
+    proto = ir.to_proto(model)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
+    return make_session(proto).run([name], {"input": x})[0]
+
+
+def test_analysis_macs_and_params():
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,8,8] x) => (float[N,5] y) {
+            c = Conv <pads=[1,1,1,1], strides=[2,2], group=1> (x, w, b)
+            f = Flatten (c)
+            y = Gemm <transB=1> (f, fw, fb)
+        }""",
+        w=np.ones((4, 3, 3, 3), np.float32), b=np.zeros(4, np.float32),
+        fw=np.ones((5, 64), np.float32), fb=np.zeros(5, np.float32),
+    )
+    s = analyze(model)
+    conv, gemm = s.layers
+    assert conv.macs == 4 * 4 * 4 * 3 * 3 * 3 and conv.params == 4 * 27 + 4
+    assert gemm.macs == 5 * 64 and gemm.params == 5 * 64 + 5
+    assert s.params == 4 * 27 + 4 + 5 * 64 + 5 and s.macs == conv.macs + gemm.macs
+    assert conv.output_shape == (1, 4, 4, 4)
+
+
+def test_cli_inspect_and_fold_report(cli, tmp_path, resnet_path):
+    res = cli("inspect", resnet_path, "--json")
+    data = json.loads(res.out)
+    assert res.code == 0 and data["op_counts"]["BatchNormalization"] == 20
+    out, rep = tmp_path / "f.onnx", tmp_path / "r.json"
+    res = cli("fold", resnet_path, "-o", out, "--report", rep)
+    assert res.code == 0 and "parameters" in res.out
+    report = json.loads(rep.read_text())
+    assert report["before"]["macs"] == report["after"]["macs"]
+    assert report["after"]["op_counts"].get("BatchNormalization", 0) == 0
+    assert report["passes"][0]["verify_vs_previous"]["outputs"][0]["rel"] < 1e-4
+
+
+def test_external_data_roundtrip(tmp_path, tiny_models):
+    p = tmp_path / "m.onnx"
+    save_model(tiny_models["vgg"], p, external_data=True)
+    assert (tmp_path / "m.onnx.data").exists()
+    m2 = load_model(p)
+    out = tmp_path / "m2.onnx"
+    Pipeline(["fold"]).run(m2)
+    save_model(m2, out, external_data=True)
+    m3 = load_model(out)
+    assert sum(1 for n in m3.graph if n.op_type == "BatchNormalization") == 0
+
+
+def test_bench_measures_every_model(tmp_path, tiny_models):
+    from compiler.bench import bench_models
+
+    folded = clone_model(tiny_models["resnet"])
+    Pipeline(["fold"], verify=False).run(folded)
+    res = bench_models([("a", tiny_models["resnet"]), ("b", folded)], rounds=2, block=3, warmup=1, measure_memory=True)
+    a, b = res.entries
+    assert a.ratio == 1.0 and a.runs == b.runs == 6
+    assert b.file_size < a.file_size  # BatchNorm parameters are gone
+    assert a.peak_mem_mb is not None and a.peak_mem_mb > 0
