@@ -45,7 +45,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript import optimizer, rewriter
 
-from compiler.ir_utils import check_model, convert_opset, const_array, default_opset, node_label
+from compiler.ir_utils import check_model, convert_opset, infer_shapes, const_array, default_opset, node_label
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ class FoldPass(OnnxccPass):
                 output_size_limit=cfg.size_limit,
             ).modified
             changed |= rewrite(model).modified
+            infer_shapes(model)  # whole-graph inference with data propagation: symbolic reshape targets
+            changed |= fold_static_shape_gathers(model) > 0
             if cfg.fold_batchnorm:
                 n = fold_batchnorms(model)
                 folded_bn += n
@@ -212,6 +214,43 @@ def fold_batchnorms(model: ir.Model) -> int:
         model.graph.remove(bn, safe=True)
         if was_output:
             prod.outputs[0].name = keep_name
+        count += 1
+    return count
+
+
+def fold_static_shape_gathers(model: ir.Model) -> int:
+    """``Gather(Shape(x), i)`` → constant where dim ``i`` of ``x`` is static.
+
+    The legacy torch exporter writes ``n, c, h, w = x.shape`` as a Shape and
+    four Gathers; with a dynamic batch the whole Shape is not constant, so the
+    constant folder keeps all four. Only the static dims become constants; the
+    batch stays dynamic.
+    """
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Gather" or node.inputs[0] is None:
+            continue
+        shape_node = node.inputs[0].producer()
+        if shape_node is None or shape_node.op_type != "Shape" or shape_node.attributes:
+            continue
+        idx = const_array(node.inputs[1])
+        src = shape_node.inputs[0]
+        if idx is None or src is None or src.shape is None:
+            continue
+        rank = len(src.shape)
+        dims = [src.shape[int(i) % rank] for i in np.ravel(idx)] if rank else []
+        if not dims or not all(isinstance(d, int) for d in dims):
+            continue
+        value = np.array(dims, np.int64).reshape(np.shape(idx))
+        out = node.outputs[0]
+        const = ir.Value(name=_unique_name(model.graph, f"{out.name or 'shape'}_folded"), const_value=ir.tensor(value))
+        const.shape = ir.Shape(value.shape)
+        const.type = ir.TensorType(ir.DataType.INT64)
+        model.graph.register_initializer(const)
+        if out.is_graph_output():
+            continue
+        out.replace_all_uses_with(const)
+        model.graph.remove(node, safe=True)
         count += 1
     return count
 

@@ -273,3 +273,34 @@ def test_property_fold_never_changes_outputs(model):
     folded, _ = fold_and_check(model)
     assert ops(folded)["BatchNormalization"] == 0
     assert ops(folded)["Identity"] == 0
+
+
+def test_static_dims_of_a_dynamic_shape_are_folded():
+    """Legacy-exporter channel shuffle: ``n, c, h, w = x.shape`` with a dynamic batch."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4,3,3] x) => (float[N,4,3,3] y) {
+        s = Shape (x)
+        n = Gather <axis=0> (s, i0)
+        c = Gather <axis=0> (s, i1)
+        h = Gather <axis=0> (s, i2)
+        w = Gather <axis=0> (s, i3)
+        half = Div (c, two)
+        un = Unsqueeze (n, a0)
+        uc = Unsqueeze (c, a0)
+        uhalf = Unsqueeze (half, a0)
+        uh = Unsqueeze (h, a0)
+        uw = Unsqueeze (w, a0)
+        shp5 = Concat <axis=0> (un, two1, uhalf, uh, uw)
+        r = Reshape (x, shp5)
+        t = Transpose <perm=[0,2,1,3,4]> (r)
+        shp4 = Concat <axis=0> (un, uc, uh, uw)
+        y = Reshape (t, shp4)
+    }"""
+    i = {f"i{k}": np.array(k, np.int64) for k in range(4)}
+    model = model_from_text(text, two=np.array(2, np.int64), two1=np.array([2], np.int64), a0=np.array([0], np.int64), **i)
+    folded, _ = fold_and_check(model, batch=3)
+    after = ops(folded)
+    assert after["Gather"] == 0 and after["Shape"] == 0 and after["Div"] == 0
+    assert after == Counter({"Reshape": 2, "Transpose": 1})
+    assert not isinstance(folded.graph.inputs[0].shape[0], int)
