@@ -123,20 +123,18 @@ def bench_models(
 ) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="onnxcc-bench-") as tmp:
         paths: list[tuple[str, Path]] = []
+        sessions, feeds = [], []
         for i, (label, m) in enumerate(models):
             if isinstance(m, ir.Model):
                 p = Path(tmp) / f"m{i}.onnx"
                 save_model(m, p)
             else:
                 p = Path(m)
-                load_model(p, check=False)  # one-line error for a bad file
+                m = load_model(p, check=False)  # one-line error for a bad file
             paths.append((label, p))
-        sessions, feeds = [], []
-        for _, p in paths:
-            s = _session(str(p), threads)
-            sessions.append(s)
-            specs = input_specs(load_model(p, check=False))
+            specs = input_specs(m)
             feeds.append(random_inputs(specs, n=1, seed=seed, batch=batch, overrides=input_shapes)[0])
+            sessions.append(_session(str(p), threads))
         times: list[list[float]] = [[] for _ in sessions]
         for s, feed in zip(sessions, feeds):  # one untimed block each: first-run allocations, caches
             for _ in range(block):

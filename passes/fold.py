@@ -243,12 +243,12 @@ def fold_static_shape_gathers(model: ir.Model) -> int:
             continue
         value = np.array(dims, np.int64).reshape(np.shape(idx))
         out = node.outputs[0]
+        if out.is_graph_output():
+            continue
         const = ir.Value(name=_unique_name(model.graph, f"{out.name or 'shape'}_folded"), const_value=ir.tensor(value))
         const.shape = ir.Shape(value.shape)
         const.type = ir.TensorType(ir.DataType.INT64)
         model.graph.register_initializer(const)
-        if out.is_graph_output():
-            continue
         out.replace_all_uses_with(const)
         model.graph.remove(node, safe=True)
         count += 1
