@@ -363,23 +363,27 @@ class Histogram(Reducer):
 
 
 class ChannelStats(Reducer):
-    """Per-channel mean, mean |x|, mean x² and zero fraction over every other axis."""
+    """Per-channel mean, mean |x|, mean x², min, max and zero fraction over every other axis."""
 
     def __init__(self, axis: int = 1):
         self.axis = axis
         self.n = 0
-        self.sum = self.abs_sum = self.sq_sum = self.zeros = None
+        self.sum = self.abs_sum = self.sq_sum = self.zeros = self.min = self.max = None
 
     def update(self, x: np.ndarray) -> None:
         x = np.moveaxis(x, self.axis, 0).reshape(x.shape[self.axis], -1).astype(np.float64)
         s, a, q, z = x.sum(1), np.abs(x).sum(1), (x * x).sum(1), (x == 0).sum(1)
+        lo, hi = x.min(1), x.max(1)
         if self.sum is None:
             self.sum, self.abs_sum, self.sq_sum, self.zeros = s, a, q, z.astype(np.float64)
+            self.min, self.max = lo, hi
         else:
             self.sum += s
             self.abs_sum += a
             self.sq_sum += q
             self.zeros += z
+            self.min = np.minimum(self.min, lo)
+            self.max = np.maximum(self.max, hi)
         self.n += x.shape[1]
 
     @property

@@ -205,16 +205,65 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
     )
 
 
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path())
+@click.option("--ratio", type=float, default=0.5, show_default=True, help="fraction of channels to remove per space (overall with --global)")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn_scale", "fpgm", "activation", "zero"]), default="l1", show_default=True)
+@click.option("--global", "global_ranking", is_flag=True, help="rank channels across spaces (each capped by --max-space-ratio)")
+@click.option("--max-space-ratio", type=float, default=0.9, show_default=True)
+@click.option("--round-to", type=int, default=1, show_default=True, help="keep channel counts a multiple of N")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="leave the spaces of matching node names alone (repeatable)")
+@click.option("--layer-ratio", multiple=True, metavar="PATTERN=R", help="ratio for the spaces of matching node names (repeatable)")
+@click.option("--calib", type=click.Path(), help="calibration data: activation criterion and bias compensation")
+@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
+@click.option("--allow-lossy", is_flag=True, help="criterion zero: also remove dead channels compensated only approximately")
+@click.option("--no-compensate", is_flag=True, help="do not fold removed channels' mean activation into the next bias")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--in-place", is_flag=True)
+@_apply(common_model_options)
+@click.pass_context
+def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, budget, report, in_place, input_shapes):
+    """Structured channel pruning (runs fold first). --criterion zero is lossless."""
+    from compiler.pipeline import Budget
+
+    opts = {
+        "ratio": ratio, "criterion": criterion, "global_ranking": global_ranking, "max_space_ratio": max_space_ratio,
+        "round_to": round_to, "exclude": tuple(exclude), "layer_ratio": tuple(layer_ratio),
+        "allow_lossy": allow_lossy, "compensate": not no_compensate,
+    }
+    run_transform(
+        ctx, src, out, [("fold", {}), ("prune", opts)], calib=calib, labels=labels,
+        budget=Budget(max_drop=budget) if budget is not None else None, report=report, in_place=in_place,
+        input_shapes=input_shapes,
+    )
+
+
 # --------------------------------------------------------------------------- read-only commands
 @cli.command()
 @click.argument("model_path", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-def inspect(model_path, as_json):
+@click.option("--channels", is_flag=True, help="print the channel spaces (what pruning can remove together, or the blocker)")
+def inspect(model_path, as_json, channels):
     """Per-layer table: shapes, parameters, MACs, weight statistics."""
     from compiler.analysis import analyze, summary_table
     from compiler.ir_utils import load_model
 
     model = load_model(model_path)
+    if channels:
+        from passes.pruning.dependency import ChannelGraph
+        from passes.pruning.prune import prepare, space_table, spaces_json
+
+        prepare(model)
+        cg = ChannelGraph(model)
+        if as_json:
+            click.echo(json.dumps(spaces_json(cg), indent=2))
+        else:
+            click.echo(space_table(cg))
+            n_ok = sum(1 for sp in cg.spaces if not sp.blocked)
+            click.echo(f"{len(cg.spaces)} spaces, {n_ok} prunable")
+        return
     summary = analyze(model, path=model_path)
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2, default=_json_default))

@@ -208,7 +208,7 @@ class Pipeline:
                 cand = V.run_model(model, feeds)
                 vs_prev = V.compare_outputs(ref_prev, cand)
                 vs_orig = V.compare_outputs(ref_orig, cand, labels)
-                if cls.exact:
+                if p.exact:
                     if not vs_prev.within(V.EXACT_RTOL):
                         worst = max(vs_prev.outputs, key=lambda o: o.rel if not math.isnan(o.rel) else math.inf)
                         detail = worst.problem or f"relative error {worst.rel:.3g} on output '{worst.name}'"
@@ -228,7 +228,7 @@ class Pipeline:
                             raise BudgetError(f"pass '{cls.name}': {why}")
                 ref_prev = cand
             steps.append(
-                StepRecord(cls.name, cls.exact, _config_json(config), report, elapsed, vs_prev, vs_orig)
+                StepRecord(cls.name, p.exact, _config_json(config), report, elapsed, vs_prev, vs_orig)
             )
             logger.info("%s: %d changed, %d skipped (%.2fs)", cls.name, len(report.changed), len(report.skipped), elapsed)
         return PipelineResult(model, steps)
