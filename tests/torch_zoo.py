@@ -303,3 +303,33 @@ def export(module: nn.Module, hw: int, path: str | Path, *, dynamo: bool, opset:
             )
     return path
 
+
+
+def apply_structured_masks(module: nn.Module, amount: float = 0.3, *, mask_bn: bool = True) -> int:
+    """Prune ``amount`` of the output channels of every conv and hidden linear layer in torch, then make it permanent.
+
+    ``torch.nn.utils.prune.ln_structured`` (L2, dim 0) masks whole filters;
+    with ``mask_bn`` the BatchNorm right after a masked conv has the same
+    channels' γ and β zeroed, as channel-pruning tools do before physical
+    removal. ``prune.remove`` bakes the masks into the weights, which is what
+    gets exported. The classifier (last Linear) is left alone. Returns the number of filters zeroed.
+    """
+    from torch.nn.utils import prune
+
+    mods = list(module.modules())
+    linears = [m for m in mods if isinstance(m, nn.Linear)]
+    zeroed = 0
+    for i, m in enumerate(mods):
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or (linears and m is linears[-1]):
+            continue
+        prune.ln_structured(m, "weight", amount=amount, n=2, dim=0)
+        prune.remove(m, "weight")
+        dead = (m.weight.detach().reshape(m.weight.shape[0], -1).abs().sum(1) == 0).nonzero().flatten()
+        zeroed += len(dead)
+        if m.bias is not None:
+            m.bias.data[dead] = 0
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if mask_bn and isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.weight.shape[0]:
+            nxt.weight.data[dead] = 0
+            nxt.bias.data[dead] = 0
+    return zeroed
