@@ -240,6 +240,43 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
     )
 
 
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path())
+@click.option("--calib", type=click.Path(), required=True, help="calibration data (.npy, .npz or image folder)")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
+@click.option("--percentile", type=float, default=99.999, show_default=True)
+@click.option("--per-channel/--per-tensor", default=True, show_default=True)
+@click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--equalize", is_flag=True, help="cross-layer equalization first (exact in float)")
+@click.option("--bias-correction", is_flag=True, help="correct biases for the weights' quantization error")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="keep matching node names in float (repeatable)")
+@click.option("--samples", type=int, default=256, show_default=True, help="calibration samples used at most")
+@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--in-place", is_flag=True)
+@_apply(common_model_options)
+@click.pass_context
+def quantize(ctx, src, out, calib, method, percentile, per_channel, activations, equalize, bias_correction, exclude, samples, labels, budget, report, in_place, input_shapes):
+    """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first)."""
+    from compiler.ir_utils import default_opset, load_model
+    from compiler.pipeline import Budget
+
+    opset = default_opset(load_model(src, check=False))
+    specs: list = [("fold", {"opset": 13} if opset is not None and opset < 13 else {})]
+    if equalize:
+        specs.append(("equalize", {}))
+    specs.append(("quantize", {
+        "method": method, "percentile": percentile, "per_channel": per_channel, "activations": activations,
+        "bias_correction": bias_correction, "exclude": tuple(exclude), "calib_samples": samples,
+    }))
+    run_transform(
+        ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
+        report=report, in_place=in_place, input_shapes=input_shapes,
+    )
+
+
 # --------------------------------------------------------------------------- read-only commands
 @cli.command()
 @click.argument("model_path", type=click.Path(dir_okay=True))

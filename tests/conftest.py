@@ -67,3 +67,22 @@ def resnet_path(tmp_path):
     p = tmp_path / "resnet.onnx"
     save_model(build("resnet", "tiny", seed=3), p)
     return p
+
+
+@pytest.fixture(scope="session")
+def folded():
+    """Getter for tiny builder models after the fold pass (BN scales recorded in node.meta); returns a copy each call."""
+    from compiler.ir_utils import clone_model
+    from compiler.pipeline import Pipeline
+    from models.builders import build
+
+    cache: dict[str, ir.Model] = {}
+
+    def get(family: str) -> ir.Model:
+        if family not in cache:
+            m = build(family, "tiny", seed=1)
+            Pipeline(["fold"], verify=False).run(m)
+            cache[family] = m
+        return clone_model(cache[family])
+
+    return get

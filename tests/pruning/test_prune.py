@@ -21,22 +21,6 @@ from tests.conftest import digest
 from tests.pruning.helpers import zero_groups
 
 
-@pytest.fixture(scope="module")
-def folded():
-    """Tiny builder models, folded once (BN scales recorded in node.meta)."""
-    cache = {}
-
-    def get(family: str) -> ir.Model:
-        if family not in cache:
-            m = build(family, "tiny", seed=1)
-            Pipeline(["fold"], verify=False).run(m)
-            cache[family] = m
-        m = clone_model(cache[family])
-        return m
-
-    return get
-
-
 def check_same_outputs(ref: ir.Model, cand: ir.Model, exact: bool):
     onnx.checker.check_model(ir.to_proto(cand), full_check=True)
     feeds = random_inputs(input_specs(ref), batch=3, seed=11)

@@ -1,0 +1,4 @@
+"""INT8 quantization: QDQ placement for onnxruntime, calibration ranges, fusion check."""
+
+from passes.quantization.equalize import EqualizePass  # noqa: F401
+from passes.quantization.qdq import QuantizePass  # noqa: F401

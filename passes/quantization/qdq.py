@@ -1,0 +1,369 @@
+"""The ``quantize`` pass: QuantizeLinear/DequantizeLinear placed where onnxruntime fuses them.
+
+Placement (what onnxruntime's CPU provider turns into integer kernels):
+
+* Conv, Gemm, MatMul with constant weights: weights stored as **int8
+  initializers** (symmetric, per output channel by default) followed by
+  DequantizeLinear, bias as int32 with scale ``s_x · s_w``; the activation
+  input gets ``Q → DQ``. onnxscript's constant folder never folds Q/DQ, and
+  onnxruntime needs the int8 initializer + DQ form to build QLinearConv, so
+  this pass writes it directly.
+* Add, Mul (two activations), Concat, AveragePool, GlobalAveragePool: every
+  activation input and the output quantized.
+* The output of a quantized op is quantized *after* a following Relu or
+  Clip(0, 6): the activation's range is the quantizer's, and onnxruntime's
+  Relu/Clip-quant fusion removes the activation. A quantized Relu output has
+  zero point 0 (uint8) and no wasted codes.
+* MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Resize reuse
+  their input's scale and zero point on the output, so onnxruntime drops the
+  Q/DQ pair around them instead of converting back to float.
+* Each consumer gets its own DequantizeLinear (onnxruntime's node units need
+  unshared DQ outputs); graph outputs stay float.
+
+Activations are uint8 asymmetric by default (x86: u8s8 kernels), int8 on request.
+Ranges come from :mod:`passes.quantization.ranges`. After the rewrite the
+pass asks onnxruntime what it made of the graph (:mod:`passes.quantization.fusion`)
+and reports every Conv/Gemm/MatMul left in float.
+
+Before::
+
+    x → Conv(W, b) → Relu → y
+After::
+
+    x → Q → DQ → Conv(DQ(W_int8), DQ(b_int32)) → Relu → Q → DQ → y
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from compiler.ir_utils import const_array, infer_shapes, node_label
+from compiler.registry import OnnxccPass, PassReport, Skipped, register
+from passes.quantization import ranges as R
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED = {"Conv", "Gemm", "MatMul"}
+ACTIVATION_ONLY = {"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
+SAME_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
+ABSORBED = {"Relu", "Clip"}
+
+
+@register
+class QuantizePass(OnnxccPass):
+    name = "quantize"
+    exact = False
+    needs_calibration = True
+    summary = "INT8 QDQ quantization placed for onnxruntime's integer kernels (per-channel int8 weights, int32 bias)"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        method: Literal["minmax", "percentile", "entropy", "mse"] = dataclasses.field(
+            default="minmax", metadata={"help": "activation range estimation"}
+        )
+        percentile: float = dataclasses.field(default=99.999, metadata={"help": "for method=percentile"})
+        per_channel: bool = dataclasses.field(default=True, metadata={"help": "per-output-channel weight scales"})
+        activations: Literal["uint8", "int8"] = dataclasses.field(default="uint8", metadata={"help": "activation type (uint8 suits x86)"})
+        exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "node-name patterns kept in float"})
+        calib_samples: int = dataclasses.field(default=256, metadata={"help": "calibration samples used at most"})
+        bias_correction: bool = dataclasses.field(default=False, metadata={"help": "correct each layer's bias for its weights' quantization error, from input channel means"})
+        check_fusion: bool = dataclasses.field(default=True, metadata={"help": "report the layers onnxruntime leaves in float"})
+
+        def __post_init__(self):
+            if not 50.0 < self.percentile <= 100.0:
+                raise ValueError("percentile must be in (50, 100]")
+
+    def requires(self, model: ir.Model) -> None:
+        super().requires(model)
+        opset = model.opset_imports.get("", 0)
+        if opset < 13:
+            raise ir.passes.PreconditionError(f"per-channel QDQ needs opset >= 13 (model has {opset}); run fold with --opset 13 first")
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger") for n in model.graph):
+            raise ir.passes.PreconditionError("the model is already quantized")
+
+    def call(self, model: ir.Model) -> PassReport:
+        cfg = self.config
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common.TopologicalSortPass()(model)
+        infer_shapes(model)
+        graph = model.graph
+        skipped: list[Skipped] = []
+        plan = _plan(graph, cfg, skipped)
+        if not plan.nodes:
+            return PassReport(model, False, skipped=skipped, stats={"quantized_layers": 0})
+
+        names = [v.name for v in plan.calibrated]
+        rng = R.collect_ranges(model, self.context.calibration, names, method=cfg.method, percentile=cfg.percentile, samples=cfg.calib_samples)
+        params: dict[ir.Value, tuple[np.float32, int]] = {}
+        for v in plan.calibrated:
+            params[v] = R.qparams(*rng[v.name], dtype=cfg.activations)
+        for out, src in plan.same_scale:  # topological order: src already has params
+            if src in params:
+                params[out] = params[src]
+
+        means = _input_means(model, self.context.calibration, plan, cfg) if cfg.bias_correction else {}
+        layers = {}
+        cache: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]] = {}
+        for node in plan.weighted:
+            x = node.inputs[0]
+            if x not in params:
+                skipped.append(Skipped(node_label(node), "input activation not quantized"))
+                continue
+            layers[node_label(node)] = _quantize_weights(graph, node, params[x][0], cfg, cache, means.get(node))
+        for v, (scale, zp) in params.items():
+            _insert_qdq(graph, v, scale, zp, cfg.activations)
+        common.RemoveUnusedNodesPass()(model)
+        common.TopologicalSortPass()(model)
+
+        stats = {
+            "method": cfg.method,
+            "activations": cfg.activations,
+            "quantized_layers": len(plan.nodes),
+            "quantized_tensors": len(params),
+            "layers": layers,
+            "ranges": {v.name: [float(rng[v.name][0]), float(rng[v.name][1])] for v in plan.calibrated},
+        }
+        if cfg.check_fusion:
+            from passes.quantization.fusion import fusion_report
+
+            fusion = fusion_report(model)
+            stats["fusion"] = fusion
+            for name in fusion["float_heavy"]:
+                skipped.append(Skipped(name, "onnxruntime left this layer in float (not fused into an integer kernel)"))
+        changed = [node_label(n) for n in plan.nodes]
+        return PassReport(model, True, changed=changed, skipped=skipped, stats=stats)
+
+
+@dataclasses.dataclass
+class _Plan:
+    nodes: list[ir.Node]
+    weighted: list[ir.Node]
+    calibrated: list[ir.Value]
+    same_scale: list[tuple[ir.Value, ir.Value]]
+
+
+def _is_float(v: ir.Value | None) -> bool:
+    return v is not None and (v.dtype is None or v.dtype == ir.DataType.FLOAT)
+
+
+def _is_activation(v: ir.Value | None) -> bool:
+    return v is not None and _is_float(v) and const_array(v) is None
+
+
+def _plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> _Plan:
+    outputs = set(graph.outputs)
+    excluded = lambda n: any(fnmatch.fnmatchcase(n.name or "", p) for p in cfg.exclude)  # noqa: E731
+    nodes, weighted = [], []
+    marked: dict[ir.Value, None] = {}
+
+    def mark(v: ir.Value) -> None:
+        if v not in outputs:
+            marked.setdefault(v, None)
+
+    for node in graph:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") or (op not in WEIGHTED and op not in ACTIVATION_ONLY):
+            continue
+        if excluded(node):
+            skipped.append(Skipped(node_label(node), "excluded by pattern: kept in float"))
+            continue
+        why = _why_not(node)
+        if why:
+            skipped.append(Skipped(node_label(node), why))
+            continue
+        nodes.append(node)
+        if op in WEIGHTED:
+            weighted.append(node)
+            mark(node.inputs[0])
+        else:
+            for v in node.inputs:
+                mark(v)
+        out = node.outputs[0]
+        uses = out.uses()
+        if len(uses) == 1 and uses[0].node.op_type in ABSORBED and _absorbable(uses[0].node) and not excluded(uses[0].node):
+            out = uses[0].node.outputs[0]
+        mark(out)
+    # Same-scale ops: Q/DQ around them are dropped by onnxruntime when scales match.
+    same: list[tuple[ir.Value, ir.Value]] = []
+    for node in graph:
+        if node.op_type in SAME_SCALE and node.inputs and node.inputs[0] in marked and _is_float(node.outputs[0]):
+            out = node.outputs[0]
+            if out not in outputs:
+                marked.setdefault(out, None)
+                same.append((out, node.inputs[0]))
+    same_outs = {o for o, _ in same}
+    calibrated = [v for v in marked if v not in same_outs]
+    return _Plan(nodes, weighted, calibrated, same)
+
+
+def _absorbable(node: ir.Node) -> bool:
+    if node.op_type == "Relu":
+        return True
+    lo = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    return lo is not None and lo.size == 1 and float(lo.reshape(-1)[0]) == 0.0
+
+
+def _why_not(node: ir.Node) -> str | None:
+    op = node.op_type
+    if op in WEIGHTED:
+        if not _is_activation(node.inputs[0]):
+            return "input is not a float activation"
+        w = const_array(node.inputs[1])
+        if w is None or w.dtype != np.float32:
+            return "weight is not a float constant"
+        if op == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].value:
+            return "Gemm with transA"
+        if op == "MatMul" and w.ndim != 2:
+            return "MatMul weight is not 2-D"
+        if op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
+            return "Gemm bias is not constant"
+        return None
+    ins = [v for v in node.inputs if v is not None]
+    if not all(_is_activation(v) for v in ins):
+        return "has a constant or non-float operand (kept in float)"
+    return None
+
+
+def _add_init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    existing = set(graph.initializers)
+    base, i = name, 0
+    while name in existing:
+        i += 1
+        name = f"{base}_{i}"
+    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)), const_value=ir.tensor(arr))
+    graph.register_initializer(v)
+    return v
+
+
+def _dq_node(graph: ir.Graph, q: ir.Value, scale: ir.Value, zp: ir.Value, axis: int | None, name: str) -> ir.Node:
+    attrs = {"axis": axis} if axis is not None else {}
+    node = ir.node("DequantizeLinear", [q, scale, zp], attributes=attrs, name=name)
+    node.outputs[0].name = f"{name}_out"
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    graph.append(node)
+    return node
+
+
+def _quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarray | None) -> dict:
+    op = node.op_type
+    w_val = node.inputs[1]
+    w = const_array(w_val)
+    if op == "Conv":
+        axis = 0
+    elif op == "Gemm":
+        tb = node.attributes.get("transB")
+        axis = 0 if tb is not None and tb.value else 1
+    else:
+        axis = 1
+    q, s_w = R.per_channel_weight(w, axis, per_channel=cfg.per_channel)
+    key = (id(w_val), axis)
+    if key not in cache:
+        base = w_val.name or f"{node.name}_w"
+        qv = _add_init(graph, f"{base}_int8", q)
+        sv = _add_init(graph, f"{base}_scale", s_w)
+        zv = _add_init(graph, f"{base}_zero_point", np.zeros(s_w.shape, np.int8))
+        cache[key] = (qv, sv, zv)
+    qv, sv, zv = cache[key]
+    dq = _dq_node(graph, qv, sv, zv, axis if cfg.per_channel else None, f"{node.name or 'w'}_weight_dq")
+    node.replace_input_with(1, dq.outputs[0])
+    info = {"op": op, "input_scale": float(s_x), "weight_scale_max": float(np.max(s_w)), "weight_sqnr_db": _sqnr(w, q.astype(np.float32) * _bcast(s_w, axis, w.ndim))}
+
+    # bias: int32 with scale s_x · s_w (per output channel), zero point 0
+    if op == "MatMul":
+        return info
+    b_val = node.inputs[2] if len(node.inputs) > 2 else None
+    b = const_array(b_val) if b_val is not None else None
+    n_out = w.shape[axis]
+    if cfg.bias_correction and mean_x is not None and op == "Conv":
+        w_err = q.astype(np.float64) * _bcast(s_w, axis, w.ndim) - w.astype(np.float64)
+        g = node.attributes.get("group")
+        group = g.value if g is not None else 1
+        delta = _conv_mean_shift(w_err, mean_x, group)
+        b = (np.zeros(n_out) if b is None else b.astype(np.float64)) - delta
+        info["bias_correction_max"] = float(np.max(np.abs(delta)))
+    if b is None:
+        return info
+    if b.ndim != 1 or b.shape[0] != n_out:
+        if b.size == 1:
+            b = np.full(n_out, float(b.reshape(-1)[0]))
+        else:
+            info["bias"] = "kept in float (not a per-channel vector)"
+            return info
+    if op == "Gemm":
+        beta = node.attributes.get("beta")
+        if beta is not None:
+            b = b * beta.value
+            node.attributes.pop("beta")
+    s_b = (np.float64(s_x) * np.broadcast_to(s_w.astype(np.float64), (n_out,))).astype(np.float32)
+    qb = np.round(b.astype(np.float64) / s_b)
+    if np.any(np.abs(qb) > 2**31 - 1):
+        info["bias"] = "kept in float (int32 overflow)"
+        return info
+    base = (b_val.name if b_val is not None and b_val.name else f"{node.name}_b")
+    bq = _add_init(graph, f"{base}_int32", qb.astype(np.int32))
+    bs = _add_init(graph, f"{base}_scale", s_b)
+    bz = _add_init(graph, f"{base}_zero_point", np.zeros(n_out, np.int32))
+    dq = _dq_node(graph, bq, bs, bz, 0, f"{node.name or 'b'}_bias_dq")
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, dq.outputs[0])
+    return info
+
+
+def _bcast(s: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    if s.ndim == 0:
+        return s
+    shape = [1] * ndim
+    shape[axis] = -1
+    return s.reshape(shape)
+
+
+def _sqnr(ref: np.ndarray, q: np.ndarray) -> float:
+    err = float(np.sum((ref.astype(np.float64) - q) ** 2))
+    sig = float(np.sum(ref.astype(np.float64) ** 2))
+    return float("inf") if err == 0 else round(10 * np.log10(sig / err), 2)
+
+
+def _conv_mean_shift(w_err: np.ndarray, mean_x: np.ndarray, group: int) -> np.ndarray:
+    """E[(W_q − W) * x] per output channel for inputs with per-channel means (border effects ignored)."""
+    cout, cin_g = w_err.shape[0], w_err.shape[1]
+    per = w_err.reshape(cout, cin_g, -1).sum(2)
+    cout_g = cout // group
+    out = np.zeros(cout)
+    for g in range(group):
+        m = mean_x[g * cin_g:(g + 1) * cin_g]
+        out[g * cout_g:(g + 1) * cout_g] = per[g * cout_g:(g + 1) * cout_g] @ m
+    return out
+
+
+def _input_means(model, calib, plan: _Plan, cfg) -> dict[ir.Node, np.ndarray]:
+    from compiler.calibration import ActivationCollector, ChannelStats
+
+    convs = [n for n in plan.weighted if n.op_type == "Conv"]
+    reducers = {n.inputs[0].name: [ChannelStats(1)] for n in convs}
+    ActivationCollector(model, calib).collect(reducers, limit=cfg.calib_samples)
+    return {n: reducers[n.inputs[0].name][0].mean for n in convs}
+
+
+def _insert_qdq(graph: ir.Graph, v: ir.Value, scale: np.float32, zp: int, dtype: str) -> None:
+    uses = list(v.uses())
+    if not uses:
+        return
+    base = v.name or "t"
+    np_t = np.uint8 if dtype == "uint8" else np.int8
+    s = _add_init(graph, f"{base}_scale", np.array(scale, np.float32))
+    z = _add_init(graph, f"{base}_zero_point", np.array(zp, np_t))
+    qn = ir.node("QuantizeLinear", [v, s, z], name=f"{base}_Q")
+    qn.outputs[0].name = f"{base}_quantized"
+    qn.outputs[0].dtype = ir.DataType.UINT8 if dtype == "uint8" else ir.DataType.INT8
+    graph.append(qn)
+    for i, use in enumerate(uses):
+        dq = _dq_node(graph, qn.outputs[0], s, z, None, f"{base}_DQ{i}")
+        use.node.replace_input_with(use.idx, dq.outputs[0])

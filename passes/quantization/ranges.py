@@ -1,0 +1,155 @@
+"""Activation ranges from calibration data, streaming: min-max, percentile, entropy (KL) and MSE.
+
+Every method needs one pass for the min/max of each tensor; the others take a
+second pass that fills a fixed 2048-bin histogram per tensor over that range.
+Memory is the histograms plus one batch of activations, however many samples
+are used.
+
+* ``minmax``: the observed range.
+* ``percentile``: the ``p``-th and ``(100 − p)``-th percentiles (``p`` = 99.999 by default).
+* ``entropy``: the clipping range whose 8-bit histogram has the smallest
+  KL divergence from the full one (the TensorRT calibration, on the
+  tensor's own range; candidate ranges shrink the observed one).
+* ``mse``: the clipping range minimising the expected squared error,
+  ``Σ_clipped n·(x − edge)² + N_in · Δ² / 12`` with ``Δ`` the step of the range.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.calibration import ActivationCollector, CalibrationSet, Histogram, MinMax
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+BINS = 2048
+LEVELS = 256
+
+
+def collect_ranges(
+    model: ir.Model,
+    calib: CalibrationSet,
+    tensors: Sequence[str],
+    *,
+    method: str = "minmax",
+    percentile: float = 99.999,
+    samples: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, tuple[float, float]]:
+    """(lo, hi) per tensor name."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
+    collector = ActivationCollector(model, calib, batch_size=batch_size)
+    mm = {t: MinMax() for t in tensors}
+    collector.collect({t: [r] for t, r in mm.items()}, limit=samples)
+    ranges = {t: (min(float(r.min), 0.0) if np.isfinite(r.min) else 0.0, max(float(r.max), 0.0) if np.isfinite(r.max) else 0.0) for t, r in mm.items()}
+    bad = [t for t, r in mm.items() if not (np.isfinite(r.min) and np.isfinite(r.max))]
+    if bad:
+        from compiler.errors import BadInputError
+
+        raise BadInputError(f"calibration produced NaN/Inf activations in '{bad[0]}' (and {len(bad) - 1} more)")
+    if method == "minmax":
+        return ranges
+    hists = {t: Histogram(lo, hi, BINS) for t, (lo, hi) in ranges.items()}
+    collector.collect({t: [h] for t, h in hists.items()}, limit=samples)
+    return {t: choose_range(h.counts, h.edges, method, percentile) for t, h in hists.items()}
+
+
+def choose_range(counts: np.ndarray, edges: np.ndarray, method: str, percentile: float = 99.999) -> tuple[float, float]:
+    lo, hi = float(edges[0]), float(edges[-1])
+    total = counts.sum()
+    if total == 0 or hi <= lo:
+        return lo, hi
+    if method == "percentile":
+        cdf = np.cumsum(counts) / total
+        q = percentile / 100.0
+        i_hi = int(np.searchsorted(cdf, q))
+        i_lo = int(np.searchsorted(cdf, 1.0 - q))
+        new_hi = float(edges[min(i_hi + 1, len(edges) - 1)]) if hi > 0 else hi
+        new_lo = float(edges[i_lo]) if lo < 0 else lo
+        return min(new_lo, 0.0), max(new_hi, 0.0)
+    zero_bin = int(np.clip(np.searchsorted(edges, 0.0) - 1, 0, len(counts) - 1))
+    centers = (edges[:-1] + edges[1:]) / 2
+    best, best_err = (lo, hi), np.inf
+    for t in np.linspace(0.25, 1.0, 61):
+        c_lo, c_hi = lo * t, hi * t
+        if method == "mse":
+            step = (c_hi - c_lo) / (LEVELS - 1)
+            inside = (centers >= c_lo) & (centers <= c_hi)
+            err = float((counts[~inside] * (np.clip(centers[~inside], c_lo, c_hi) - centers[~inside]) ** 2).sum())
+            err += float(counts[inside].sum()) * step * step / 12.0
+        else:
+            err = _kl(counts, edges, c_lo, c_hi, zero_bin)
+        if err < best_err - 1e-12:
+            best, best_err = (c_lo, c_hi), err
+    return best
+
+
+def _kl(counts: np.ndarray, edges: np.ndarray, c_lo: float, c_hi: float, zero_bin: int) -> float:
+    """KL(P‖Q): P the histogram clipped to [c_lo, c_hi] (outliers in the edge bins), Q its 256-level quantisation."""
+    i0 = int(np.clip(np.searchsorted(edges, c_lo, side="right") - 1, 0, len(counts) - 1))
+    i1 = int(np.clip(np.searchsorted(edges, c_hi, side="left"), i0 + 1, len(counts)))
+    raw = counts[i0:i1].astype(np.float64)
+    p = raw.copy()
+    p[0] += counts[:i0].sum()
+    p[-1] += counts[i1:].sum()
+    n = p.size
+    if n <= LEVELS:
+        return 0.0
+    if i0 <= zero_bin < i1:
+        # 0 is exactly representable: the spike of zeros (ReLU outputs) would otherwise be smeared
+        # over its whole quantization level in Q and make every wide range look bad.
+        raw = raw.copy()
+        raw[zero_bin - i0] = 0.0
+        p[zero_bin - i0] = 0.0
+    # Q is built from the in-range counts only: the outliers folded into P's edge bins are what
+    # Q cannot represent, so clipping too much costs divergence (TensorRT's calibration).
+    bounds = np.linspace(0, n, LEVELS + 1).astype(np.int64)
+    nz = raw > 0
+    sums = np.add.reduceat(raw, bounds[:-1])
+    cnt = np.add.reduceat(nz.astype(np.float64), bounds[:-1])
+    q = np.repeat(np.where(cnt > 0, sums / np.maximum(cnt, 1), 0.0), np.diff(bounds)) * nz
+    mask = p > 0
+    ps, qs = p[mask] / p.sum(), q[mask] / q.sum()
+    qs = np.maximum(qs, 1e-12)
+    return float((ps * np.log(ps / qs)).sum())
+
+
+def qparams(lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False) -> tuple[np.float32, int]:
+    """Scale and zero point of an affine 8-bit quantizer covering [lo, hi] (which always contains 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        m = max(-lo, hi)
+        lo, hi = -m, m
+    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    scale = (hi - lo) / (qmax - qmin)
+    if scale <= 0 or not np.isfinite(scale):
+        scale = 1.0
+        return np.float32(scale), (0 if dtype == "uint8" else 0)
+    zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+    if symmetric and dtype == "int8":
+        zp = 0
+    return np.float32(scale), zp
+
+
+def per_channel_weight(w: np.ndarray, axis: int, bits: int = 8, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 (or narrower) weights: (quantized int8 array, float32 scales)."""
+    qmax = 2 ** (bits - 1) - 1
+    if per_channel:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        m = np.abs(w).max(axis=red) if red else np.abs(w)
+        scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    else:
+        m = float(np.abs(w).max())
+        scale = np.array(m / qmax if m > 0 else 1.0, dtype=np.float32)
+        q = np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def summarize(ranges: Mapping[str, tuple[float, float]]) -> dict[str, list[float]]:
+    return {k: [round(v[0], 6), round(v[1], 6)] for k, v in ranges.items()}
