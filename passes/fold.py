@@ -114,6 +114,7 @@ class FoldPass(OnnxccPass):
             changed |= rewrite(model).modified
             infer_shapes(model)  # whole-graph inference with data propagation: symbolic reshape targets
             changed |= fold_static_shape_gathers(model) > 0
+            changed |= reduce_mean_to_global_pool(model) > 0
             if cfg.fold_batchnorm:
                 n = fold_batchnorms(model)
                 folded_bn += n
@@ -251,6 +252,47 @@ def fold_static_shape_gathers(model: ir.Model) -> int:
         model.graph.register_initializer(const)
         out.replace_all_uses_with(const)
         model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def reduce_mean_to_global_pool(model: ir.Model) -> int:
+    """``ReduceMean(x, axes=[2, 3])`` on a 4-D tensor → ``GlobalAveragePool(x)`` (then Flatten if ``keepdims=0``).
+
+    The dynamo exporter writes ``adaptive_avg_pool2d(x, 1)`` (heads, squeeze-
+    excite) as ReduceMean; GlobalAveragePool is the same function, has a faster
+    kernel and an integer one (QLinearGlobalAveragePool) onnxruntime fuses.
+    """
+    count = 0
+    opset = model.opset_imports.get("", 0)
+    for node in list(model.graph):
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+            continue
+        x = node.inputs[0]
+        if x.shape is None or len(x.shape) != 4:
+            continue
+        keep = node.attributes.get("keepdims")
+        squeeze = keep is not None and keep.value == 0
+        if opset >= 18:
+            axes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        else:
+            a = node.attributes.get("axes")
+            axes = None if a is None else np.array(a.value)
+        if axes is None or sorted(int(v) % 4 for v in np.ravel(axes)) != [2, 3]:
+            continue
+        gap = ir.node("GlobalAveragePool", [x], name=node.name)
+        model.graph.insert_before(node, gap)
+        if squeeze:  # keepdims=0: (N, C, 1, 1) → (N, C)
+            flat = ir.node("Flatten", [gap.outputs[0]], attributes={"axis": 1}, name=f"{node.name or 'gap'}_flatten")
+            model.graph.insert_before(node, flat)
+            gap = flat
+        out = node.outputs[0]
+        gap.outputs[0].type, gap.outputs[0].shape = out.type, out.shape
+        was_output = out.is_graph_output()
+        name = out.name
+        out.replace_all_uses_with(gap.outputs[0], replace_graph_outputs=True)
+        model.graph.remove(node, safe=True)
+        gap.outputs[0].name = name if was_output or name else gap.outputs[0].name
         count += 1
     return count
 

@@ -14,7 +14,8 @@ Placement (what onnxruntime's CPU provider turns into integer kernels):
   Clip(0, 6): the activation's range is the quantizer's, and onnxruntime's
   Relu/Clip-quant fusion removes the activation. A quantized Relu output has
   zero point 0 (uint8) and no wasted codes.
-* MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Resize reuse
+* MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Resize, Slice,
+  Split, Gather reuse
   their input's scale and zero point on the output, so onnxruntime drops the
   Q/DQ pair around them instead of converting back to float.
 * Each consumer gets its own DequantizeLinear (onnxruntime's node units need
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
 ACTIVATION_ONLY = {"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
-SAME_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
+SAME_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice", "Split", "Gather"}
 ABSORBED = {"Relu", "Clip"}
 
 
@@ -193,11 +194,11 @@ def _plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> _Plan:
     # Same-scale ops: Q/DQ around them are dropped by onnxruntime when scales match.
     same: list[tuple[ir.Value, ir.Value]] = []
     for node in graph:
-        if node.op_type in SAME_SCALE and node.inputs and node.inputs[0] in marked and _is_float(node.outputs[0]):
-            out = node.outputs[0]
-            if out not in outputs:
-                marked.setdefault(out, None)
-                same.append((out, node.inputs[0]))
+        if node.op_type in SAME_SCALE and node.inputs and node.inputs[0] in marked:
+            for out in node.outputs:
+                if out not in outputs and _is_float(out) and out.uses() and (node.op_type != "MaxPool" or out is node.outputs[0]):
+                    marked.setdefault(out, None)
+                    same.append((out, node.inputs[0]))
     same_outs = {o for o, _ in same}
     calibrated = [v for v in marked if v not in same_outs]
     return _Plan(nodes, weighted, calibrated, same)
