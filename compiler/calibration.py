@@ -469,15 +469,41 @@ class ActivationCollector:
         if needs_file(self.model):
             raise BadInputError("activation collection on models with external data is not supported yet")
         proto = ir.to_proto(self.model)
-        existing = {o.name for o in proto.graph.output}
         types = _value_types(self.model)
         for name in names:
-            if name in existing:
-                continue
             if name not in types:
                 raise BadInputError(f"tensor '{name}' is not in the model")
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+        # The requested tensors become the only outputs and nodes they do not depend on are
+        # dropped, so collecting an early layer does not pay for the rest of the network.
+        del proto.graph.output[:]
+        proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in names)
+        _keep_needed_nodes(proto.graph, names)
         return make_session(proto, optimize=False, threads=self.threads)
+
+
+def _keep_needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> None:
+    """Remove the nodes no requested tensor depends on (subgraph inputs count as dependencies)."""
+
+    def node_inputs(node: onnx.NodeProto) -> set[str]:
+        ins = set(i for i in node.input if i)
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                for inner in g.node:
+                    ins |= node_inputs(inner)
+        return ins
+
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    needed, stack = set(), list(names)
+    while stack:
+        t = stack.pop()
+        i = producer.get(t)
+        if i is None or i in needed:
+            continue
+        needed.add(i)
+        stack.extend(node_inputs(graph.node[i]))
+    kept = [n for i, n in enumerate(graph.node) if i in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _value_types(model: ir.Model) -> dict[str, int]:

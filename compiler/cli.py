@@ -219,19 +219,21 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
 @click.option("--allow-lossy", is_flag=True, help="criterion zero: also remove dead channels compensated only approximately")
 @click.option("--no-compensate", is_flag=True, help="do not fold removed channels' mean activation into the next bias")
+@click.option("--reconstruct", is_flag=True, help="refit the layers after each cut by least squares on --calib data")
+@click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
 @click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points")
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @click.pass_context
-def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, budget, report, in_place, input_shapes):
+def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, samples, budget, report, in_place, input_shapes):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""
     from compiler.pipeline import Budget
 
     opts = {
         "ratio": ratio, "criterion": criterion, "global_ranking": global_ranking, "max_space_ratio": max_space_ratio,
         "round_to": round_to, "exclude": tuple(exclude), "layer_ratio": tuple(layer_ratio),
-        "allow_lossy": allow_lossy, "compensate": not no_compensate,
+        "allow_lossy": allow_lossy, "compensate": not no_compensate, "reconstruct": reconstruct, "calib_samples": samples,
     }
     run_transform(
         ctx, src, out, [("fold", {}), ("prune", opts)], calib=calib, labels=labels,

@@ -278,14 +278,14 @@ def make(name: str, seed: int = 0) -> tuple[nn.Module, int]:
     return _bn_init(ctor(), seed), hw
 
 
-def export(module: nn.Module, hw: int, path: str | Path, *, dynamo: bool, opset: int | None = None, batch: int = 2, optimize: bool = True) -> Path:
+def export(module: nn.Module, hw: int, path: str | Path, *, dynamo: bool, opset: int | None = None, batch: int = 2, optimize: bool = True, channels: int = 3) -> Path:
     """Export with a dynamic batch axis; returns ``path``.
 
     ``optimize=False`` keeps the exporter's raw graph (BatchNorm, Identity and
     Constant nodes, unfolded shape chains), which is what the fold pass must clean.
     """
     path = Path(path)
-    x = torch.randn(batch, 3, hw, hw)
+    x = torch.randn(batch, channels, hw, hw)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if dynamo:

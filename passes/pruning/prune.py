@@ -29,7 +29,7 @@ import onnx_ir.passes.common as common
 
 from compiler.calibration import ActivationCollector, CalibrationSet, ChannelStats
 from compiler.errors import BadInputError
-from compiler.ir_utils import infer_shapes, node_label
+from compiler.ir_utils import clone_model, infer_shapes, node_label
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
 from passes.pruning import importance, surgery
 from passes.pruning.dependency import ChannelGraph, _attr
@@ -57,6 +57,8 @@ class PrunePass(OnnxccPass):
         compensate: bool = dataclasses.field(default=True, metadata={"help": "fold removed channels' mean activation into the next bias"})
         allow_lossy: bool = dataclasses.field(default=False, metadata={"help": "criterion=zero: also remove dead channels compensated only approximately"})
         calib_samples: int = dataclasses.field(default=64, metadata={"help": "calibration samples for activation statistics"})
+        reconstruct: bool = dataclasses.field(default=False, metadata={"help": "refit the layers after each cut by least squares on calibration data (needs calib)"})
+        ridge: float = dataclasses.field(default=1e-3, metadata={"help": "reconstruction: ridge strength relative to the mean input energy"})
 
         def __post_init__(self):
             if not 0.0 <= self.ratio < 1.0:
@@ -74,6 +76,8 @@ class PrunePass(OnnxccPass):
         super().requires(model)
         if self.config.criterion == "activation" and self.context.calibration is None:
             raise ir.passes.PreconditionError("criterion 'activation' needs calibration data (--calib)")
+        if self.config.reconstruct and self.context.calibration is None:
+            raise ir.passes.PreconditionError("reconstruction needs calibration data (--calib)")
 
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
@@ -110,9 +114,24 @@ class PrunePass(OnnxccPass):
         elif removed and cfg.criterion != "zero":
             lossy_notes.append("no calibration data: removed channels' mean activations not compensated")
 
+        original = clone_model(model) if cfg.reconstruct and removed else None
         changed = surgery.apply(cg, removed, deltas)
         infer_shapes(model)
         common.RemoveUnusedNodesPass()(model)
+        recon_stats = None
+        if original is not None:
+            from passes.pruning.reconstruct import ReconstructOptions, reconstruct
+
+            layers = {}
+            for node, idx in cg.consumers:
+                if cg.removed_indices(node.inputs[idx], removed).size:
+                    out = node.outputs[0]
+                    gone = cg.removed_indices(out, removed) if out in cg.tracked else np.zeros(0, np.int64)
+                    layers[node.name] = np.setdiff1d(np.arange(cg.tracked[out].size), gone) if out in cg.tracked else None
+            opts = ReconstructOptions(samples=cfg.calib_samples, ridge=cfg.ridge, seed=self.context.seed)
+            done, not_done, recon_stats = reconstruct(original, model, calib, layers, opts)
+            skipped.extend(not_done)
+            infer_shapes(model)
 
         spaces = []
         for sp in cg.spaces:
@@ -146,12 +165,20 @@ class PrunePass(OnnxccPass):
         }
         if lossy_notes:
             stats["lossy"] = lossy_notes
+        if recon_stats is not None:
+            stats["reconstructed"] = recon_stats
         return PassReport(model, bool(removed), changed=changed, skipped=skipped, stats=stats)
 
 
 def prepare(model: ir.Model) -> None:
-    """What the analysis needs: weights as initializers, sorted nodes, fresh shapes."""
+    """What the analysis needs: weights as initializers, sorted nodes, named nodes, fresh shapes."""
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    names = {n.name for n in model.graph if n.name}
+    for i, n in enumerate(model.graph):
+        if not n.name:
+            base = f"{n.op_type}_{i}"
+            n.name = base if base not in names else f"{base}_{len(names)}"
+            names.add(n.name)
     common.TopologicalSortPass()(model)
     infer_shapes(model)
 

@@ -1,0 +1,199 @@
+"""onnxcc quantize vs onnxruntime's quantize_static, side by side in one run.
+
+    python -m benchmarks.quantize_vs_ort [--size full] [--families resnet,mobilenet_v2] [--method minmax]
+                                          [--calib 64] [--torch] [--json out.json]
+
+Same fp32 model (the builder family, folded), same calibration data, same
+method for both: onnxruntime's ``quantize_static`` in QDQ format with
+per-channel int8 weights and uint8 activations (its documented CPU setting),
+and ``onnxcc quantize`` with its defaults (plus ``--equalize
+--bias-correction`` as a second onnxcc row). Each quantizer runs in a child
+process so its wall time and peak memory (``ru_maxrss``) are its own.
+
+Reported per model: latency of each INT8 model relative to fp32 (``onnxcc
+bench`` blocks, 2 threads, batch 1 and 8), SQNR and top-1 agreement with fp32
+on held-out inputs, file size relative to fp32, calibration time and peak
+memory, and how many heavy layers onnxruntime left in float.
+
+Targets (issue #5): onnxcc's INT8 latency ≤ onnxruntime's on every model and
+never slower than fp32; file ≤ 0.27× of fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _child(argv: list[str]) -> None:
+    tool, src, dst, calib, method = argv[:5]
+    extra = argv[5:]
+    t0 = time.perf_counter()
+    if tool == "ort":
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        data = np.load(calib)
+        import onnx
+
+        name = onnx.load(src, load_external_data=False).graph.input[0].name
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(range(0, len(data), 8))
+
+            def get_next(self):
+                i = next(self.it, None)
+                return None if i is None else {name: data[i:i + 8]}
+
+        cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[method]
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=cm)
+    else:
+        from compiler.calibration import CalibrationSet
+        from compiler.ir_utils import load_model, save_model
+        from compiler.pipeline import Pipeline
+
+        model = load_model(src)
+        specs = []
+        if "equalize" in extra:
+            specs.append("equalize")
+        specs.append(("quantize", {"method": method, "bias_correction": "bias-correction" in extra, "check_fusion": False}))
+        Pipeline(specs, verify=False).run(model, CalibrationSet.load(calib, model))
+        save_model(model, dst)
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
+
+
+def _run_child(*args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.quantize_vs_ort", "--child", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def models(size: str, families: list[str], use_torch: bool, tmp: Path):
+    from compiler.ir_utils import save_model
+    from compiler.pipeline import Pipeline
+    from models.builders import build
+
+    for fam in families:
+        m = build(fam, size, seed=0)
+        Pipeline(["fold"], verify=False).run(m)
+        p = tmp / f"{fam}.onnx"
+        save_model(m, p)
+        yield f"builder/{fam}", p
+    if use_torch:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from compiler.ir_utils import load_model
+        from tests import torch_zoo as Z
+
+        for name in Z.ZOO:
+            module, hw = Z.make(name)
+            raw = Z.export(module, hw, tmp / f"torch_{name}_raw.onnx", dynamo=False, optimize=False)
+            m = load_model(raw)
+            Pipeline(["fold"], verify=False).run(m)
+            p = tmp / f"torch_{name}.onnx"
+            save_model(m, p)
+            yield f"torch/{name}", p
+
+
+def run(args) -> tuple[str, list[dict]]:
+    from compiler.analysis import format_table
+    from compiler.bench import bench_models
+    from compiler.calibration import input_specs
+    from compiler.ir_utils import load_model
+    from compiler.verify import compare_outputs, run_model
+    from passes.quantization.fusion import fusion_report
+
+    rows, records = [], []
+    with tempfile.TemporaryDirectory(prefix="onnxcc-qbench-") as tmpd:
+        tmp = Path(tmpd)
+        for label, src in models(args.size, args.families.split(","), args.torch, tmp):
+            fp32 = load_model(src)
+            spec = input_specs(fp32)[0]
+            shape = tuple(spec.concrete(1))[1:]
+            rng = np.random.default_rng(0)
+            calib = tmp / "calib.npy"
+            np.save(calib, rng.standard_normal((args.calib,) + shape).astype(np.float32))
+            held_out = rng.standard_normal((32,) + shape).astype(np.float32)
+            variants = {"ort": ("ort", []), "onnxcc": ("onnxcc", []), "onnxcc+eq+bc": ("onnxcc", ["equalize", "bias-correction"])}
+            out_paths, cost = {}, {}
+            for key, (tool, extra) in variants.items():
+                dst = tmp / f"{Path(src).stem}_{key}.onnx"
+                try:
+                    cost[key] = _run_child(tool, str(src), str(dst), str(calib), args.method, *extra)
+                    out_paths[key] = dst
+                except RuntimeError as e:
+                    print(f"# {label} {key}: {e}", flush=True)
+            feeds = [{spec.name: held_out}]
+            ref = run_model(fp32, feeds)
+            bench_list = [("fp32", src)] + [(k, p) for k, p in out_paths.items()]
+            lat = {}
+            for b in args.batches:
+                res = bench_models(bench_list, threads=args.threads, batch=b, rounds=args.rounds, block=args.block, measure_memory=False)
+                lat[b] = {e.label: e.median_ms for e in res.entries}
+            size32 = os.path.getsize(src)
+            for key, p in out_paths.items():
+                q = load_model(p)
+                comp = compare_outputs(ref, run_model(q, feeds))
+                fus = fusion_report(q)
+                rec = {
+                    "model": label, "quantizer": key, "method": args.method,
+                    "sqnr_db": comp.min_sqnr, "top1_agreement": comp.top1,
+                    "size_ratio": os.path.getsize(p) / size32,
+                    "calib_seconds": cost[key]["seconds"], "calib_peak_mb": cost[key]["peak_mb"],
+                    "float_heavy": len(fus["float_heavy"]), "leftover_qdq": fus["quantize_linear"] + fus["dequantize_linear"],
+                }
+                row = [label, key, f"{comp.min_sqnr:.1f}", f"{comp.top1:.3f}" if comp.top1 is not None else "-", f"{rec['size_ratio']:.3f}"]
+                for b in args.batches:
+                    r = lat[b][key] / lat[b]["fp32"]
+                    rec[f"latency_ratio_b{b}"] = r
+                    rec[f"fp32_ms_b{b}"] = lat[b]["fp32"]
+                    row.append(f"{r:.3f}")
+                row += [f"{cost[key]['seconds']:.1f}", f"{cost[key]['peak_mb']:.0f}", str(rec["float_heavy"]), str(rec["leftover_qdq"])]
+                rows.append(row)
+                records.append(rec)
+            print(f"# {label} done", flush=True)
+    header = ["model", "quantizer", "SQNR dB", "top-1 agr", "file"] + [f"lat b{b}" for b in args.batches] + ["calib s", "peak MB", "float layers", "Q/DQ left"]
+    return format_table(rows, header), records
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--child":
+        _child(argv[1:])
+        return
+    from models.builders import FAMILIES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="small", choices=["tiny", "small", "full"])
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy"])
+    ap.add_argument("--calib", type=int, default=64, help="calibration samples")
+    ap.add_argument("--torch", action="store_true", help="also the torch zoo networks (legacy export)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--block", type=int, default=8)
+    ap.add_argument("--json", dest="json_path")
+    a = ap.parse_args(argv)
+    table, records = run(a)
+    print(f"size={a.size}, method={a.method}, {a.calib} calibration samples, threads={a.threads}; latency and file are INT8/fp32; SQNR and top-1 agreement vs fp32 on 32 held-out inputs")
+    print(table)
+    if a.json_path:
+        Path(a.json_path).write_text(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Least-squares reconstruction of the layers that follow a channel cut (training-free recovery).
+
+For every consumer layer ``L`` (group-1 Conv, Gemm, MatMul) that lost input
+channels, refit its weights and bias on calibration data::
+
+    W', b' = argmin  Σ_rows ‖ X'_row · W'ᵀ + b' − Y_row ‖²  +  λ ‖W'‖²
+
+* ``Y``: ``L``'s output in the **original** model (the target);
+* ``X'``: ``L``'s input in the **pruned** model, after every earlier layer was
+  already reconstructed (layers are refit in topological order), so errors do
+  not accumulate from layer to layer;
+* rows: im2col patches of a k×k conv at sub-sampled output positions (the same
+  positions in both models, from a per-batch seeded generator), or the rows of
+  a Gemm/MatMul input.
+
+The normal equations ``(AᵀA + λI) w = AᵀY`` are accumulated batch by batch,
+so memory is ``O(D²)`` for ``D`` inputs per output, whatever the number of
+samples; layers with ``D`` above ``max_dim``, or with fewer rows than inputs,
+are skipped with the reason. ``λ`` is ``ridge`` times the mean diagonal of
+``AᵀA``. This is the reconstruction step of channel pruning with least
+squares (He et al. 2017; ThiNet, Luo et al. 2017) without the fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.calibration import ActivationCollector, CalibrationSet, Reducer
+from compiler.ir_utils import const_array, node_label
+from compiler.registry import Skipped
+from passes.pruning.dependency import _attr
+from passes.pruning.surgery import _add_bias, _set_input_const
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructOptions:
+    samples: int = 64
+    rows_per_sample: int = 64
+    ridge: float = 1e-3
+    max_dim: int = 6000
+    seed: int = 0
+
+
+def _positions(batch_index: int, n: int, ho: int, wo: int, per: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng((seed, batch_index))
+    total = ho * wo
+    k = min(per, total)
+    flat = np.concatenate([rng.choice(total, size=k, replace=False) + i * total for i in range(n)])
+    b, rest = np.divmod(flat, total)
+    h, w = np.divmod(rest, wo)
+    return b, h, w
+
+
+class _TargetRows(Reducer):
+    """Rows of the original layer output at the sampled positions (stored: P × Cout)."""
+
+    def __init__(self, conv: bool, per: int, seed: int, keep: np.ndarray | None):
+        self.conv, self.per, self.seed, self.keep = conv, per, seed, keep
+        self.batches: list[np.ndarray] = []
+
+    def update(self, y: np.ndarray) -> None:
+        i = len(self.batches)
+        if self.conv:
+            b, h, w = _positions(i, y.shape[0], y.shape[2], y.shape[3], self.per, self.seed)
+            rows = y[b, :, h, w]
+        else:
+            rows = y.reshape(-1, y.shape[-1])
+        self.batches.append((rows if self.keep is None else rows[:, self.keep]).astype(np.float64))
+
+
+class _NormalEquations(Reducer):
+    """Accumulate AᵀA and AᵀY from input rows (im2col at the same positions) and the stored targets."""
+
+    def __init__(self, node: ir.Node, targets: _TargetRows, out_hw: tuple[int, int] | None):
+        self.node, self.targets, self.out_hw = node, targets, out_hw
+        self.i = 0
+        self.ata = self.aty = None
+        self.rows = 0
+
+    def _rows(self, x: np.ndarray) -> np.ndarray:
+        if self.node.op_type != "Conv":
+            return x.reshape(-1, x.shape[-1]).astype(np.float64)
+        kh, kw = _attr(self.node, "kernel_shape")
+        sh, sw = _attr(self.node, "strides") or [1, 1]
+        dh, dw = _attr(self.node, "dilations") or [1, 1]
+        pads = _attr(self.node, "pads") or [0, 0, 0, 0]
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        ho, wo = self.out_hw
+        b, h, w = _positions(self.i, x.shape[0], ho, wo, self.targets.per, self.targets.seed)
+        hi = h[:, None, None] * sh + dh * np.arange(kh)[None, :, None]
+        wi = w[:, None, None] * sw + dw * np.arange(kw)[None, None, :]
+        patches = xp[b[:, None, None, None], np.arange(x.shape[1])[None, :, None, None], hi[:, None, :, :], wi[:, None, :, :]]
+        return patches.reshape(len(b), -1).astype(np.float64)
+
+    def update(self, x: np.ndarray) -> None:
+        a = self._rows(x)
+        a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+        y = self.targets.batches[self.i]
+        self.i += 1
+        if self.ata is None:
+            self.ata = np.zeros((a.shape[1], a.shape[1]))
+            self.aty = np.zeros((a.shape[1], y.shape[1]))
+        self.ata += a.T @ a
+        self.aty += a.T @ y
+        self.rows += a.shape[0]
+
+
+def _weight_as_matrix(node: ir.Node) -> tuple[np.ndarray, callable]:
+    """(W as outputs × inputs, function turning such a matrix back into the node's weight layout)."""
+    w = const_array(node.inputs[1])
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1), lambda m: m.reshape(w.shape)
+    if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        return w, lambda m: m
+    return w.T, lambda m: np.ascontiguousarray(m.T)
+
+
+def reconstruct(
+    original: ir.Model,
+    pruned: ir.Model,
+    calibration: CalibrationSet,
+    layers: dict[str, np.ndarray | None],
+    options: ReconstructOptions = ReconstructOptions(),
+) -> tuple[list[str], list[Skipped], dict]:
+    """Refit the consumer layers of ``pruned`` in topological order; returns (changed, skipped, stats).
+
+    ``layers`` maps a layer name to the original output channels it kept (None: all).
+    """
+    changed: list[str] = []
+    skipped: list[Skipped] = []
+    stats: dict = {}
+    by_name = {n.name: n for n in pruned.graph}
+    order = [n.name for n in pruned.graph if n.name in layers]
+    for name in order:
+        node = by_name[name]
+        why = _why_not(node)
+        if why:
+            skipped.append(Skipped(node_label(node), f"not reconstructed: {why}"))
+            continue
+        w_mat, back = _weight_as_matrix(node)
+        d = w_mat.shape[1] + 1
+        if d > options.max_dim:
+            skipped.append(Skipped(node_label(node), f"not reconstructed: {d} inputs per output exceed max_dim {options.max_dim}"))
+            continue
+        out, x = node.outputs[0], node.inputs[0]
+        conv = node.op_type == "Conv"
+        out_hw = (out.shape[2], out.shape[3]) if conv and out.shape is not None else None
+        if conv and (out_hw is None or not all(isinstance(v, int) for v in out_hw)):
+            skipped.append(Skipped(node_label(node), "not reconstructed: output spatial size unknown"))
+            continue
+        per = max(options.rows_per_sample, -(-2 * d // max(1, options.samples)))  # aim for ≥ 2 rows per unknown
+        targets = _TargetRows(conv, per, options.seed, layers[name])
+        ActivationCollector(original, calibration).collect({out.name: [targets]}, limit=options.samples)
+        eq = _NormalEquations(node, targets, out_hw)
+        ActivationCollector(pruned, calibration).collect({x.name: [eq]}, limit=options.samples)
+        if eq.rows < d:
+            skipped.append(Skipped(node_label(node), f"not reconstructed: {eq.rows} calibration rows for {d} unknowns"))
+            continue
+        lam = options.ridge * float(np.trace(eq.ata)) / d
+        reg = lam * np.eye(d)
+        reg[-1, -1] = 0.0  # the bias is not shrunk
+        before = _residual(eq, np.concatenate([w_mat.T.astype(np.float64), _bias(node, w_mat.shape[0])[None, :]], axis=0))
+        sol = np.linalg.solve(eq.ata + reg, eq.aty)
+        after = _residual(eq, sol)
+        if not np.all(np.isfinite(sol)) or after > before:
+            skipped.append(Skipped(node_label(node), "not reconstructed: the least-squares fit did not reduce the layer's error"))
+            continue
+        new_w, new_b = sol[:-1].T, sol[-1]
+        _set_input_const(pruned.graph, node, 1, back(new_w.astype(np.float32)))
+        if node.op_type == "MatMul":
+            delta = new_b - _bias(node, w_mat.shape[0])
+            if np.any(delta != 0):
+                _add_bias(pruned.graph, node, delta)
+        else:
+            _set_bias(pruned.graph, node, new_b)
+        changed.append(node_label(node))
+        stats[node_label(node)] = {"rows": eq.rows, "inputs": d - 1, "residual_before": before, "residual_after": after}
+    return changed, skipped, stats
+
+
+def _why_not(node: ir.Node) -> str | None:
+    if node.op_type == "Conv":
+        if _attr(node, "group", 1) != 1:
+            return "grouped conv"
+        auto = _attr(node, "auto_pad", "NOTSET")
+        if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
+            return "auto_pad SAME"
+        if len(_attr(node, "kernel_shape") or []) != 2:
+            return "not a 2-D conv"
+        return None
+    if node.op_type == "Gemm":
+        return "transposed input" if _attr(node, "transA", 0) else None
+    if node.op_type == "MatMul":
+        return None
+    return f"{node.op_type} is not reconstructed"
+
+
+def _bias(node: ir.Node, n_out: int) -> np.ndarray:
+    if node.op_type == "MatMul" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return np.zeros(n_out)
+    b = const_array(node.inputs[2]).astype(np.float64)
+    beta = _attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+    return np.broadcast_to(b.reshape(-1) if b.size in (1, n_out) else b, (n_out,)) * beta
+
+
+def _set_bias(graph: ir.Graph, node: ir.Node, b: np.ndarray) -> None:
+    if node.op_type == "Gemm":
+        node.attributes.pop("beta", None)
+        alpha = _attr(node, "alpha", 1.0)
+        if alpha != 1.0:
+            w = const_array(node.inputs[1])
+            _set_input_const(graph, node, 1, w / alpha)
+    _set_input_const(graph, node, 2, b.astype(np.float32))
+
+
+def _residual(eq: _NormalEquations, w: np.ndarray) -> float:
+    """‖AW − Y‖² up to the constant ‖Y‖² (from the accumulated normal equations)."""
+    return float(np.sum(w * (eq.ata @ w)) - 2 * np.sum(w * eq.aty))

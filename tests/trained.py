@@ -1,0 +1,119 @@
+"""Small CNNs trained on real data that ships with scikit-learn (the 8×8 digits), for accuracy measurements.
+
+Random-weight networks say nothing about accuracy: pruning or quantizing them
+is chaotic. These models are trained in seconds on CPU under the ``torch``
+extra and exported with the legacy exporter, BatchNorm unfolded (as users
+export them). Used by the slow tests and by ``benchmarks/recovery.py``.
+
+``digits()`` returns (x_train, y_train, x_calib, x_test, y_test): 1 × 8 × 8
+float32 images scaled to [0, 1] then standardised, a fixed seeded split.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=1)
+def digits(seed: int = 0):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.3) / 0.4
+    x = x[:, None, :, :]
+    y = d.target.astype(np.int64)
+    idx = np.random.default_rng(seed).permutation(len(x))
+    train, calib, test = idx[:1197], idx[1197:1297], idx[1297:]
+    return x[train], y[train], x[calib], x[test], y[test]
+
+
+def _nets():
+    import torch.nn as nn
+
+    def cbr(cin, cout, k=3, s=1, g=1, act=nn.ReLU):
+        layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout)]
+        if act is not None:
+            layers.append(act())
+        return nn.Sequential(*layers)
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, s):
+            super().__init__()
+            self.body = nn.Sequential(cbr(cin, cout, 3, s), cbr(cout, cout, 3, 1, act=None))
+            self.short = nn.Identity() if s == 1 and cin == cout else cbr(cin, cout, 1, s, act=None)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.body(x) + self.short(x))
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(cbr(1, 32), Block(32, 32, 1), Block(32, 64, 2), Block(64, 64, 1), Block(64, 128, 2))
+            self.fc = nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.fc(self.features(x).mean((2, 3)))
+
+    class InvRes(nn.Module):
+        def __init__(self, cin, cout, s, t=4):
+            super().__init__()
+            h = cin * t
+            self.body = nn.Sequential(cbr(cin, h, 1, act=nn.ReLU6), cbr(h, h, 3, s, g=h, act=nn.ReLU6), cbr(h, cout, 1, act=None))
+            self.res = s == 1 and cin == cout
+
+        def forward(self, x):
+            y = self.body(x)
+            return x + y if self.res else y
+
+    class MobileNetV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                cbr(1, 32, act=nn.ReLU6), InvRes(32, 24, 1), InvRes(24, 24, 1), InvRes(24, 48, 2), InvRes(48, 48, 1),
+                InvRes(48, 96, 2), cbr(96, 256, 1, act=nn.ReLU6),
+            )
+            self.fc = nn.Linear(256, 10)
+
+        def forward(self, x):
+            return self.fc(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+    return {"resnet": ResNet, "mobilenet_v2": MobileNetV2}
+
+
+@functools.lru_cache(maxsize=None)
+def trained(name: str, epochs: int = 30, seed: int = 0) -> tuple[Path, float]:
+    """Train ``name`` on digits, export it; returns (ONNX path, torch test accuracy). Cached per process."""
+    import torch
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    x_tr, y_tr, _, x_te, y_te = digits()
+    net = _nets()[name]()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * -(-len(x_tr) // 64))
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), 64):
+            j = perm[i:i + 64]
+            xb = xt[j] + 0.1 * torch.randn(xt[j].shape, generator=g)  # light noise: a less brittle net
+            loss = torch.nn.functional.cross_entropy(net(xb), yt[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        acc = float((net(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
+    from tests.torch_zoo import export
+
+    path = Path(tempfile.mkdtemp(prefix="onnxcc-trained-")) / f"digits_{name}.onnx"
+    export(net, 8, path, dynamo=False, optimize=False, channels=1)
+    return path, acc
