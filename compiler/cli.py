@@ -220,13 +220,17 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
 @click.option("--allow-lossy", is_flag=True, help="criterion zero: also remove dead channels compensated only approximately")
 @click.option("--no-compensate", is_flag=True, help="do not fold removed channels' mean activation into the next bias")
 @click.option("--reconstruct", is_flag=True, help="refit the layers after each cut by least squares on --calib data")
+@click.option("--target-macs", type=float, default=None, help="automatic per-space ratios so MACs <= this fraction (sensitivity on --calib)")
+@click.option("--target-params", type=float, default=None, help="automatic per-space ratios so parameters <= this fraction")
+@click.option("--steps", type=int, default=1, show_default=True, help="reach the ratio/target in N prune(+reconstruct) increments")
 @click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@click.option("--force", is_flag=True, help="write the model even when the budget is exceeded (the report says by how much)")
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @click.pass_context
-def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, samples, budget, report, in_place, input_shapes):
+def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, target_macs, target_params, steps, samples, budget, force, report, in_place, input_shapes):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""
     from compiler.pipeline import Budget
 
@@ -234,12 +238,79 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
         "ratio": ratio, "criterion": criterion, "global_ranking": global_ranking, "max_space_ratio": max_space_ratio,
         "round_to": round_to, "exclude": tuple(exclude), "layer_ratio": tuple(layer_ratio),
         "allow_lossy": allow_lossy, "compensate": not no_compensate, "reconstruct": reconstruct, "calib_samples": samples,
+        "target_macs": target_macs, "target_params": target_params, "steps": steps,
     }
     run_transform(
         ctx, src, out, [("fold", {}), ("prune", opts)], calib=calib, labels=labels,
-        budget=Budget(max_drop=budget) if budget is not None else None, report=report, in_place=in_place,
+        budget=Budget(max_drop=budget) if budget is not None and not force else None, report=report, in_place=in_place,
         input_shapes=input_shapes,
     )
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("--calib", type=click.Path(), required=True, help="calibration data: the evaluation samples")
+@click.option("--labels", type=click.Path(), help="labels (.npy): metric is accuracy drop, else top-1 disagreement")
+@click.option("--ratios", default="0.1,0.3,0.5,0.7", show_default=True)
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn_scale", "fpgm"]), default="l1", show_default=True)
+@click.option("--reconstruct", is_flag=True, help="measure with least-squares reconstruction")
+@click.option("--samples", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", type=click.Path(), help="PNG of metric loss vs ratio per space (needs the report extra)")
+@_apply(common_model_options)
+def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_json, plot, input_shapes):
+    """Prune each channel space alone at each ratio and measure the metric."""
+    from compiler.calibration import CalibrationSet
+    from compiler.ir_utils import load_model
+    from compiler.pipeline import Pipeline
+    from passes.pruning import sensitivity as S
+
+    try:
+        rs = tuple(float(r) for r in ratios.split(","))
+    except ValueError as e:
+        raise BadInputError(f"--ratios: {e}") from e
+    if plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise BadInputError("--plot needs matplotlib: pip install 'onnxcc[report]'")
+    model = load_model(src)
+    cal = CalibrationSet.load(calib, model)
+    lab = _load_labels(labels)
+    Pipeline(["fold"], verify=False).run(model)
+
+    def progress(done, total):
+        if not as_json:
+            click.echo(f"\r{done}/{total} cuts measured", nl=False, err=True)
+
+    res = S.analyse(model, cal, labels=lab, ratios=rs, criterion=criterion, reconstruct=reconstruct, samples=samples, progress=progress)
+    if not as_json:
+        click.echo("", err=True)
+    if plot:
+        _sensitivity_plot(res, plot)
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2))
+    else:
+        click.echo(f"metric: {res.metric}; {len(res.curves)} spaces in {res.seconds:.1f}s")
+        click.echo(res.table())
+
+
+def _sensitivity_plot(res, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in res.curves:
+        ax.plot(c.ratios, c.loss, marker="o", label=f"{c.space}: {c.members[0] if c.members else ''}")
+    ax.set_xlabel("channels removed (ratio)")
+    ax.set_ylabel(res.metric)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
 
 
 @cli.command()

@@ -178,7 +178,7 @@ class Pipeline:
         return PassSpec(name, dict(opts or {}))
 
     def run(self, model: ir.Model, calibration: CalibrationSet | None = None) -> PipelineResult:
-        context = PassContext(calibration=calibration, seed=self.seed)
+        context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels)
         for cls, _ in self.passes:
             if cls.needs_calibration and calibration is None:
                 raise BadInputError(f"pass '{cls.name}' needs calibration data (--calib)")

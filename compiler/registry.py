@@ -58,6 +58,7 @@ class PassContext:
 
     calibration: Any = None  # compiler.calibration.CalibrationSet
     seed: int = 0
+    labels: Any = None  # labels of the calibration samples, when given (accuracy-driven passes)
 
 
 class OnnxccPass(ir.passes.InPlacePass):

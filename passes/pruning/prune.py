@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Literal
 
 import numpy as np
@@ -59,14 +60,24 @@ class PrunePass(OnnxccPass):
         calib_samples: int = dataclasses.field(default=64, metadata={"help": "calibration samples for activation statistics"})
         reconstruct: bool = dataclasses.field(default=False, metadata={"help": "refit the layers after each cut by least squares on calibration data (needs calib)"})
         ridge: float = dataclasses.field(default=1e-3, metadata={"help": "reconstruction: ridge strength relative to the mean input energy"})
+        space_ratio: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "TENSOR=R: ratio for the spaces holding that tensor's channels"})
+        target_macs: float | None = dataclasses.field(default=None, metadata={"help": "choose per-space ratios from sensitivity so MACs ≤ this fraction (needs calib)"})
+        target_params: float | None = dataclasses.field(default=None, metadata={"help": "as target_macs, for parameters"})
+        steps: int = dataclasses.field(default=1, metadata={"help": "reach the ratio/target in this many prune(+reconstruct) increments"})
+        sensitivity_ratios: tuple[float, ...] = dataclasses.field(default=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75), metadata={"help": "ratios tried per space for automatic ratios"})
 
         def __post_init__(self):
             if not 0.0 <= self.ratio < 1.0:
                 raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
             if self.round_to < 1:
                 raise ValueError("round_to must be >= 1")
-            for item in self.layer_ratio:
+            for item in self.layer_ratio + self.space_ratio:
                 _parse_layer_ratio(item)
+            for t in (self.target_macs, self.target_params):
+                if t is not None and not 0.0 < t < 1.0:
+                    raise ValueError(f"targets are fractions in (0, 1), got {t}")
+            if self.steps < 1:
+                raise ValueError("steps must be >= 1")
 
     def __init__(self, config=None, context=None):
         super().__init__(config, context)
@@ -78,13 +89,89 @@ class PrunePass(OnnxccPass):
             raise ir.passes.PreconditionError("criterion 'activation' needs calibration data (--calib)")
         if self.config.reconstruct and self.context.calibration is None:
             raise ir.passes.PreconditionError("reconstruction needs calibration data (--calib)")
+        if (self.config.target_macs or self.config.target_params) and self.context.calibration is None:
+            raise ir.passes.PreconditionError("automatic ratios need calibration data (--calib)")
 
     def call(self, model: ir.Model) -> PassReport:
+        cfg = self.config
+        if cfg.target_macs is None and cfg.target_params is None and cfg.steps == 1:
+            return self._prune_once(model, cfg.ratio, cfg.space_ratio)
+        return self._auto(model)
+
+    def _auto(self, model: ir.Model) -> PassReport:
+        """Automatic ratios for a target and/or progressive pruning in ``steps`` increments."""
+        from compiler.analysis import analyze
+        from passes.pruning import sensitivity
+
+        cfg = self.config
+        resource = "macs" if cfg.target_macs is not None else "params"
+        target = cfg.target_macs if cfg.target_macs is not None else cfg.target_params
+        prepare(model)
+        base = analyze(model, stats=False)
+        count = (lambda s: s.macs) if resource == "macs" else (lambda s: s.params)
+        step_reports, last = [], None
+        if target is None:  # progressive uniform pruning: each space's kept count follows its original width
+            cg0 = ChannelGraph(model)
+            cg0.exclude(cfg.exclude)
+            widths = {key: cg0.spaces[sp].channels for sp, key in sensitivity.space_keys(cg0).items()}
+        for k in range(1, cfg.steps + 1):
+            if target is None:
+                r_k = 1.0 - (1.0 - cfg.ratio) ** (k / cfg.steps)
+                cg = ChannelGraph(model)
+                now = {v.name: sp.channels for sp in cg.spaces if not sp.blocked for v in sp.values if v.name in widths}
+                items = []
+                for key, n0 in widths.items():
+                    n = now.get(key)
+                    if n:
+                        keep = max(1, n0 - int(math.floor(r_k * n0 + 1e-9)))
+                        items.append(f"{key}={min(0.999, max(0.0, (n - keep + 0.5) / n)):.9f}")  # +0.5: floor() lands on n - keep
+                last = self._prune_once(model, 0.0, tuple(items) + cfg.space_ratio)
+                step_reports.append({"step": k, "cumulative_ratio": round(r_k, 4)})
+                continue
+            goal = count(base) * target ** (k / cfg.steps)
+            now = count(analyze(model, stats=False))
+            if now <= goal:
+                continue
+            sens = sensitivity.analyse(model, self.context.calibration, labels=self.context.labels, ratios=cfg.sensitivity_ratios,
+                                       criterion=cfg.criterion, samples=cfg.calib_samples)
+            frac = goal / now
+            for attempt in range(4):
+                trial = clone_model(model)
+                alloc = sensitivity.allocate(sens, frac, resource=resource, max_ratio=cfg.max_space_ratio)
+                report = PrunePass(dataclasses.replace(cfg, target_macs=None, target_params=None, steps=1), self.context)._prune_once(
+                    trial, 0.0, tuple(f"{key}={r}" for key, r in alloc.items()) + cfg.space_ratio
+                )
+                got = count(analyze(trial, stats=False))
+                if got <= goal * 1.005 or attempt == 3:
+                    break
+                frac *= goal / got  # savings overlapped: ask for more
+            _replace_graph(model, trial)
+            last = report
+            step_reports.append({"step": k, "goal": int(goal), "reached": int(got), "ratios": alloc, "sensitivity_seconds": round(sens.seconds, 1)})
+        if last is None:
+            return PassReport(model, False, stats={"steps": step_reports, "note": "already at or below the target"})
+        final = analyze(model, stats=False)
+        stats = dict(last.stats, steps=step_reports)
+        stats[f"{resource}_ratio"] = count(final) / max(count(base), 1)
+        skipped = list(last.skipped)
+        if target is not None and count(final) > count(base) * target * 1.005:
+            skipped.append(Skipped("target", f"reached {count(final) / count(base):.3f} of the {resource}, not {target}: the remaining spaces are blocked or at their cap"))
+        return PassReport(model, True, changed=list(last.changed), skipped=skipped, stats=stats)
+
+    def _prune_once(self, model: ir.Model, ratio: float, space_ratio: tuple[str, ...]) -> PassReport:
+        """One analysis + cut + compensation/reconstruction at a uniform ``ratio`` with per-space overrides."""
         cfg = self.config
         prepare(model)
         cg = ChannelGraph(model)
         cg.exclude(cfg.exclude)
         ratios = {}
+        for item in space_ratio:
+            name, r = _parse_layer_ratio(item)
+            hit = [sp for sp in cg.spaces if any(v.name == name for v in sp.values)]
+            if not hit:
+                raise BadInputError(f"prune: space ratio tensor '{name}' carries no prunable channels")
+            for sp in hit:
+                ratios[sp.id] = r
         for item in cfg.layer_ratio:
             pat, r = _parse_layer_ratio(item)
             matched = cg.spaces_matching(pat)
@@ -100,7 +187,7 @@ class PrunePass(OnnxccPass):
         else:
             acts = _activation_scores(model, cg, calib, cfg) if cfg.criterion == "activation" else None
             score = importance.scores(cg, cfg.criterion, acts)
-            strat = importance.Strategy(cfg.ratio, cfg.global_ranking, cfg.max_space_ratio, cfg.round_to, 1, ratios)
+            strat = importance.Strategy(ratio, cfg.global_ranking, cfg.max_space_ratio, cfg.round_to, 1, ratios)
             removed = importance.select(cg, score, strat)
             why_kept = {}
 
@@ -168,6 +255,13 @@ class PrunePass(OnnxccPass):
         if recon_stats is not None:
             stats["reconstructed"] = recon_stats
         return PassReport(model, bool(removed), changed=changed, skipped=skipped, stats=stats)
+
+
+def _replace_graph(model: ir.Model, other: ir.Model) -> None:
+    """Make ``model`` (in place, as passes must) hold ``other``'s graph."""
+    from passes.fold import _replace_contents
+
+    _replace_contents(model, other)
 
 
 def prepare(model: ir.Model) -> None:
