@@ -316,7 +316,10 @@ def _sensitivity_plot(res, path: str) -> None:
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path())
-@click.option("--calib", type=click.Path(), required=True, help="calibration data (.npy, .npz or image folder)")
+@click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder); not needed for --weight-only/--fp16")
+@click.option("--weight-only", type=click.Choice(["int8", "int4"]), default=None, help="compress weights only (float compute, no calibration)")
+@click.option("--block-size", type=int, default=32, show_default=True, help="--weight-only int4: weights per scale")
+@click.option("--fp16", is_flag=True, help="store weights as float16 (float32 compute, inputs and outputs)")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
 @click.option("--percentile", type=float, default=99.999, show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True)
@@ -331,19 +334,26 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @click.pass_context
-def quantize(ctx, src, out, calib, method, percentile, per_channel, activations, equalize, bias_correction, exclude, samples, labels, budget, report, in_place, input_shapes):
-    """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first)."""
+def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percentile, per_channel, activations, equalize, bias_correction, exclude, samples, labels, budget, report, in_place, input_shapes):
+    """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first); or weight-only INT8/INT4/FP16."""
     from compiler.ir_utils import default_opset, load_model
     from compiler.pipeline import Budget
 
+    if weight_only and fp16:
+        raise BadInputError("--weight-only and --fp16 are alternatives: give one")
     opset = default_opset(load_model(src, check=False))
     specs: list = [("fold", {"opset": 13} if opset is not None and opset < 13 else {})]
-    if equalize:
-        specs.append(("equalize", {}))
-    specs.append(("quantize", {
-        "method": method, "percentile": percentile, "per_channel": per_channel, "activations": activations,
-        "bias_correction": bias_correction, "exclude": tuple(exclude), "calib_samples": samples,
-    }))
+    if weight_only or fp16:
+        specs.append(("weight-only", {"dtype": "fp16" if fp16 else weight_only, "block_size": block_size, "exclude": tuple(exclude)}))
+    else:
+        if not calib:
+            raise BadInputError("INT8 quantization needs calibration data: give --calib (or --weight-only / --fp16)")
+        if equalize:
+            specs.append(("equalize", {}))
+        specs.append(("quantize", {
+            "method": method, "percentile": percentile, "per_channel": per_channel, "activations": activations,
+            "bias_correction": bias_correction, "exclude": tuple(exclude), "calib_samples": samples,
+        }))
     run_transform(
         ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
         report=report, in_place=in_place, input_shapes=input_shapes,

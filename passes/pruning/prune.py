@@ -132,8 +132,9 @@ class PrunePass(OnnxccPass):
             now = count(analyze(model, stats=False))
             if now <= goal:
                 continue
+            # With reconstruction the curves are measured reconstructed: what is cheap to cut then differs.
             sens = sensitivity.analyse(model, self.context.calibration, labels=self.context.labels, ratios=cfg.sensitivity_ratios,
-                                       criterion=cfg.criterion, samples=cfg.calib_samples)
+                                       criterion=cfg.criterion, samples=cfg.calib_samples, reconstruct=cfg.reconstruct)
             frac = goal / now
             for attempt in range(4):
                 trial = clone_model(model)
@@ -196,7 +197,8 @@ class PrunePass(OnnxccPass):
         lossy_notes: list[str] = []
         data = calib if calib is not None else (_random_set(model) if cfg.criterion == "zero" else None)
         if removed and (cfg.compensate or cfg.criterion == "zero") and data is not None:
-            removed, deltas, lossy_notes, more_kept = _compensate(model, cg, removed, data, cfg, exact=self.exact)
+            cached = self.context if data is calib else None  # cached stats are calibration statistics
+            removed, deltas, lossy_notes, more_kept = _compensate(model, cg, removed, data, cfg, exact=self.exact, context=cached)
             why_kept.update(more_kept)
         elif removed and cfg.criterion != "zero":
             lossy_notes.append("no calibration data: removed channels' mean activations not compensated")
@@ -333,7 +335,7 @@ def _has_padding(node: ir.Node) -> bool:
     return any(p != 0 for p in (_attr(node, "pads") or []))
 
 
-def _compensate(model, cg: ChannelGraph, removed: set[int], data: CalibrationSet, cfg, *, exact: bool):
+def _compensate(model, cg: ChannelGraph, removed: set[int], data: CalibrationSet, cfg, *, exact: bool, context=None):
     """Bias deltas per consumer; in exact mode, groups that cannot be compensated exactly are kept."""
     work = []
     for node, idx in cg.consumers:
@@ -347,8 +349,11 @@ def _compensate(model, cg: ChannelGraph, removed: set[int], data: CalibrationSet
             work.append((node, x, r))
     if not work:
         return removed, {}, [], {}
-    reducers = {x.name: [ChannelStats(cg.tracked[x].axis)] for _, x, _ in work}
-    ActivationCollector(model, data).collect(reducers, limit=cfg.calib_samples)
+    cache = getattr(context, "stats_cache", {}) if context is not None else {}
+    reducers = {x.name: [cache[x.name]] if x.name in cache else [ChannelStats(cg.tracked[x].axis)] for _, x, _ in work}
+    missing = {k: v for k, v in reducers.items() if k not in cache}
+    if missing:
+        ActivationCollector(model, data).collect(missing, limit=cfg.calib_samples)
     kept: dict[int, str] = {}
     notes: list[str] = []
     plan = []

@@ -28,7 +28,6 @@ import onnx_ir as ir
 from compiler.analysis import analyze
 from compiler.calibration import CalibrationSet
 from compiler.ir_utils import clone_model
-from compiler.pipeline import Pipeline
 from compiler import verify as V
 from passes.pruning.dependency import ChannelGraph
 from passes.pruning.prune import prepare
@@ -115,7 +114,14 @@ def analyse(
     feeds = list(calibration.batches(bs, limit=samples))
     n_eval = sum(next(iter(f.values())).shape[0] for f in feeds)
     lab = None if labels is None else np.asarray(labels)[:n_eval]
-    ref = V.run_model(base, feeds)
+    ref = V.run_model(base, feeds, optimize=True)  # metric runs may use onnxruntime's optimised graph
+    # Channel statistics of every consumer input, computed once and shared by all cuts (bias compensation).
+    from compiler.calibration import ActivationCollector, ChannelStats
+    from compiler.registry import PassContext
+
+    cache = {node.inputs[i].name: ChannelStats(cg.tracked[node.inputs[i]].axis) for node, i in cg.consumers}
+    ActivationCollector(base, calibration).collect({k: [v] for k, v in cache.items()}, limit=samples)
+    context = PassContext(calibration=calibration, labels=labels, stats_cache=cache)
     before = analyze(base, stats=False)
     metric = "accuracy drop (points)" if lab is not None else "top-1 disagreement with the original (points)"
     curves = []
@@ -127,9 +133,12 @@ def analyse(
         for r in ratios:
             m = clone_model(base)
             opts = {"ratio": 0.0, "criterion": criterion, "space_ratio": (f"{key}={r}",), "reconstruct": reconstruct, "calib_samples": samples}
-            Pipeline([("prune", opts)], verify=False).run(m, calibration)
+            from compiler.registry import make_config
+            from passes.pruning.prune import PrunePass
+
+            PrunePass(make_config(PrunePass, opts), context)(m)
             after = analyze(m, stats=False)
-            comp = V.compare_outputs(ref, V.run_model(m, feeds), lab)
+            comp = V.compare_outputs(ref, V.run_model(m, feeds, optimize=True), lab)
             curve.loss.append(round(_loss(comp), 4))
             curve.macs_saved.append(before.macs - after.macs)
             curve.params_saved.append(before.params - after.params)

@@ -2,3 +2,4 @@
 
 from passes.quantization.equalize import EqualizePass  # noqa: F401
 from passes.quantization.qdq import QuantizePass  # noqa: F401
+from passes.quantization.weights import WeightOnlyPass  # noqa: F401

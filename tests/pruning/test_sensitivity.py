@@ -53,7 +53,8 @@ def test_target_is_met_with_automatic_ratios(folded, resource, target):
     assert got <= target * 1.005, got
     assert got > target * 0.8  # not wildly over-pruned
     ratios = res.steps[0].report.stats["steps"][0]["ratios"]
-    assert len(set(ratios.values())) > 1  # not uniform: the allocation follows the curves
+    prunable = res.steps[0].report.stats["prunable_spaces"]
+    assert len(ratios) < prunable or len(set(ratios.values())) > 1  # not uniform: the allocation follows the curves
 
 
 def test_progressive_steps_reach_the_same_ratio(folded):
