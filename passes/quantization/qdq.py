@@ -76,6 +76,7 @@ class QuantizePass(OnnxccPass):
         calib_samples: int = dataclasses.field(default=256, metadata={"help": "calibration samples used at most"})
         bias_correction: bool = dataclasses.field(default=False, metadata={"help": "correct each layer's bias for its weights' quantization error, from input channel means"})
         check_fusion: bool = dataclasses.field(default=True, metadata={"help": "report the layers onnxruntime leaves in float"})
+        decompose_hard_activations: bool = dataclasses.field(default=True, metadata={"help": "HardSigmoid/HardSwish as Add/Clip/Mul so they run in uint8"})
 
         def __post_init__(self):
             if not 50.0 < self.percentile <= 100.0:
@@ -96,6 +97,9 @@ class QuantizePass(OnnxccPass):
         infer_shapes(model)
         graph = model.graph
         skipped: list[Skipped] = []
+        decomposed = decompose_hard_activations(graph) if cfg.decompose_hard_activations else 0
+        if decomposed:
+            infer_shapes(model)
         plan = _plan(graph, cfg, skipped)
         if not plan.nodes:
             return PassReport(model, False, skipped=skipped, stats={"quantized_layers": 0})
@@ -105,9 +109,12 @@ class QuantizePass(OnnxccPass):
         params: dict[ir.Value, tuple[np.float32, int]] = {}
         for v in plan.calibrated:
             params[v] = R.qparams(*rng[v.name], dtype=cfg.activations)
-        for out, src in plan.same_scale:  # topological order: src already has params
+        rescaled = []
+        for out, src, factor in plan.same_scale:  # topological order: src already has params
             if src in params:
-                params[out] = params[src]
+                params[out] = (np.float32(params[src][0] * factor), params[src][1])
+                if factor != 1.0:
+                    rescaled.append(out)
 
         means = _input_means(model, self.context.calibration, plan, cfg) if cfg.bias_correction else {}
         layers = {}
@@ -120,14 +127,22 @@ class QuantizePass(OnnxccPass):
             layers[node_label(node)] = _quantize_weights(graph, node, params[x][0], cfg, cache, means.get(node))
         for v, (scale, zp) in params.items():
             _insert_qdq(graph, v, scale, zp, cfg.activations)
+        for out in rescaled:
+            _bypass_rescale(out)
+        for node in plan.nodes:
+            if node.op_type in ("Add", "Mul"):
+                for i, v in enumerate(node.inputs):
+                    if v is not None and not _is_activation(v) and _small_float_const(v):
+                        _quantize_constant_operand(graph, node, i, cfg.activations)
+        common.TopologicalSortPass()(model)  # nodes were appended: sort first so dead chains go in one sweep
         common.RemoveUnusedNodesPass()(model)
-        common.TopologicalSortPass()(model)
 
         stats = {
             "method": cfg.method,
             "activations": cfg.activations,
             "quantized_layers": len(plan.nodes),
             "quantized_tensors": len(params),
+            "hard_activations_decomposed": decomposed,
             "layers": layers,
             "ranges": {v.name: [float(rng[v.name][0]), float(rng[v.name][1])] for v in plan.calibrated},
         }
@@ -147,7 +162,7 @@ class _Plan:
     nodes: list[ir.Node]
     weighted: list[ir.Node]
     calibrated: list[ir.Value]
-    same_scale: list[tuple[ir.Value, ir.Value]]
+    same_scale: list[tuple[ir.Value, ir.Value, float]]  # (output, input, scale factor)
 
 
 def _is_float(v: ir.Value | None) -> bool:
@@ -175,6 +190,8 @@ def _plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> _Plan:
         if excluded(node):
             skipped.append(Skipped(node_label(node), "excluded by pattern: kept in float"))
             continue
+        if _positive_scalar_mul(node) is not None:
+            continue  # a rescale: folded into the dequantization scale below, if its input is quantized
         why = _why_not(node)
         if why:
             skipped.append(Skipped(node_label(node), why))
@@ -185,21 +202,31 @@ def _plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> _Plan:
             mark(node.inputs[0])
         else:
             for v in node.inputs:
-                mark(v)
+                if _is_activation(v):
+                    mark(v)
         out = node.outputs[0]
         uses = out.uses()
         if len(uses) == 1 and uses[0].node.op_type in ABSORBED and _absorbable(uses[0].node) and not excluded(uses[0].node):
             out = uses[0].node.outputs[0]
         mark(out)
     # Same-scale ops: Q/DQ around them are dropped by onnxruntime when scales match.
-    same: list[tuple[ir.Value, ir.Value]] = []
+    # Mul by a positive scalar α: its output is the input's codes read with scale s·α (no kernel at all).
+    same: list[tuple[ir.Value, ir.Value, float]] = []
     for node in graph:
+        alpha = _positive_scalar_mul(node)
+        if alpha is not None and not excluded(node):
+            x = next(v for v in node.inputs if _is_activation(v))
+            out = node.outputs[0]
+            if x in marked and out not in outputs and len(x.uses()) == 1:
+                marked.setdefault(out, None)
+                same.append((out, x, alpha))
+            continue
         if node.op_type in SAME_SCALE and node.inputs and node.inputs[0] in marked:
             for out in node.outputs:
                 if out not in outputs and _is_float(out) and out.uses() and (node.op_type != "MaxPool" or out is node.outputs[0]):
                     marked.setdefault(out, None)
-                    same.append((out, node.inputs[0]))
-    same_outs = {o for o, _ in same}
+                    same.append((out, node.inputs[0], 1.0))
+    same_outs = {o for o, _, _ in same}
     calibrated = [v for v in marked if v not in same_outs]
     return _Plan(nodes, weighted, calibrated, same)
 
@@ -227,9 +254,45 @@ def _why_not(node: ir.Node) -> str | None:
             return "Gemm bias is not constant"
         return None
     ins = [v for v in node.inputs if v is not None]
+    if op in ("Add", "Mul"):
+        # one operand may be a small float constant: it is stored as a uint8 initializer + DQ
+        acts = [v for v in ins if _is_activation(v)]
+        consts = [v for v in ins if not _is_activation(v)]
+        if acts and all(_small_float_const(v) for v in consts):
+            return None
+        return "has a non-float or large constant operand (kept in float)"
     if not all(_is_activation(v) for v in ins):
         return "has a constant or non-float operand (kept in float)"
     return None
+
+
+def _positive_scalar_mul(node: ir.Node) -> float | None:
+    """α when ``node`` is ``Mul(x, α)`` with a positive scalar constant α and x an activation."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    acts = [v for v in node.inputs if _is_activation(v)]
+    consts = [const_array(v) for v in node.inputs if v is not None and not _is_activation(v)]
+    if len(acts) != 1 or len(consts) != 1 or consts[0] is None or consts[0].size != 1 or consts[0].dtype != np.float32:
+        return None
+    alpha = float(consts[0].reshape(-1)[0])
+    return alpha if alpha > 0 and np.isfinite(alpha) else None
+
+
+def _bypass_rescale(out: ir.Value) -> None:
+    """``Q(x) → DQ → Mul(α) → Q(s·α) → DQ_k``  ⇒  ``Q(x) → DQ_k(scale s·α)``: the Mul and its quantizer go."""
+    mul = out.producer()
+    q_out = next((u.node for u in out.uses() if u.node.op_type == "QuantizeLinear"), None)
+    dq_in = next((v.producer() for v in mul.inputs if v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"), None)
+    if q_out is None or dq_in is None or len(out.uses()) != 1:
+        return
+    codes = dq_in.inputs[0]
+    for use in list(q_out.outputs[0].uses()):
+        use.node.replace_input_with(0, codes)
+
+
+def _small_float_const(v: ir.Value) -> bool:
+    c = const_array(v)
+    return c is not None and c.dtype == np.float32 and c.size <= 4096 and bool(np.all(np.isfinite(c)))
 
 
 def _add_init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
@@ -351,6 +414,63 @@ def _input_means(model, calib, plan: _Plan, cfg) -> dict[ir.Node, np.ndarray]:
     reducers = {n.inputs[0].name: [ChannelStats(1)] for n in convs}
     ActivationCollector(model, calib).collect(reducers, limit=cfg.calib_samples)
     return {n: reducers[n.inputs[0].name][0].mean for n in convs}
+
+
+def _quantize_constant_operand(graph: ir.Graph, node: ir.Node, idx: int, dtype: str) -> None:
+    """A constant operand of Add/Mul as an 8-bit initializer + DequantizeLinear (so QLinearAdd/Mul can take it)."""
+    v = node.inputs[idx]
+    c = const_array(v).astype(np.float32)
+    scale, zp = R.qparams(float(c.min()), float(c.max()), dtype)
+    np_t = np.uint8 if dtype == "uint8" else np.int8
+    info = np.iinfo(np_t)
+    q = np.clip(np.round(c / scale) + zp, info.min, info.max).astype(np_t)
+    base = v.name or f"{node.name}_const"
+    qv = _add_init(graph, f"{base}_q", q)
+    sv = _add_init(graph, f"{base}_q_scale", np.array(scale, np.float32))
+    zv = _add_init(graph, f"{base}_q_zero_point", np.array(zp, np_t))
+    dq = _dq_node(graph, qv, sv, zv, None, f"{node.name or base}_const{idx}_dq")
+    node.replace_input_with(idx, dq.outputs[0])
+
+
+def decompose_hard_activations(graph: ir.Graph) -> int:
+    """HardSigmoid / HardSwish → Add, Clip, Mul (exact in float) so the pieces quantize to integer kernels.
+
+    ``HardSigmoid(x) = α · clip(x + β/α, 0, 1/α)`` (α > 0) and ``HardSwish(x) = x · HardSigmoid(x)``
+    with α = 1/6, β = 1/2. onnxruntime has no integer HardSigmoid/HardSwish; as QLinearAdd, a
+    Clip absorbed by the quantizer, and QLinearMul, MobileNetV3-style networks stay in uint8.
+    """
+    count = 0
+    for node in list(graph):
+        if node.op_type not in ("HardSigmoid", "HardSwish") or node.domain not in ("", "ai.onnx"):
+            continue
+        x = node.inputs[0]
+        alpha = node.attributes["alpha"].value if node.op_type == "HardSigmoid" and "alpha" in node.attributes else (0.2 if node.op_type == "HardSigmoid" else 1 / 6)
+        beta = node.attributes["beta"].value if node.op_type == "HardSigmoid" and "beta" in node.attributes else 0.5
+        if alpha <= 0 or x is None:
+            continue
+        base = node.name or node.outputs[0].name or "hard"
+        c_shift = _add_init(graph, f"{base}_shift", np.array(beta / alpha, np.float32))
+        c_lo = _add_init(graph, f"{base}_lo", np.array(0.0, np.float32))
+        c_hi = _add_init(graph, f"{base}_hi", np.array(1.0 / alpha, np.float32))
+        c_alpha = _add_init(graph, f"{base}_alpha", np.array(alpha, np.float32))
+        add = ir.node("Add", [x, c_shift], name=f"{base}_add")
+        clip = ir.node("Clip", [add.outputs[0], c_lo, c_hi], name=f"{base}_clip")
+        mul = ir.node("Mul", [clip.outputs[0], c_alpha], name=f"{base}_scale")
+        new = [add, clip, mul]
+        if node.op_type == "HardSwish":
+            new.append(ir.node("Mul", [x, mul.outputs[0]], name=f"{base}_mul"))
+        for i, n in enumerate(new):
+            n.outputs[0].name = f"{base}_dec{i}"
+            n.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(node, new)
+        out = node.outputs[0]
+        name, was_output = out.name, out.is_graph_output()
+        out.replace_all_uses_with(new[-1].outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        if was_output:
+            new[-1].outputs[0].name = name
+        count += 1
+    return count
 
 
 def _insert_qdq(graph: ir.Graph, v: ir.Value, scale: np.float32, zp: int, dtype: str) -> None:

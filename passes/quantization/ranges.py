@@ -36,7 +36,7 @@ def collect_ranges(
     method: str = "minmax",
     percentile: float = 99.999,
     samples: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
 ) -> dict[str, tuple[float, float]]:
     """(lo, hi) per tensor name."""
     if method not in METHODS:

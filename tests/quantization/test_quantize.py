@@ -51,8 +51,9 @@ def test_quantize_every_family_fuses_and_agrees(folded, family):
     del ref
 
 
-def test_resnet_and_mobilenet_have_no_leftover_qdq(folded):
-    for family in ("resnet", "mobilenet_v2"):
+def test_no_leftover_qdq_on_resnet_and_mobilenets(folded):
+    # mobilenet_v3: HardSwish/HardSigmoid become QLinearAdd + absorbed Clip + rescaled DQ + QLinearMul
+    for family in ("resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet"):
         model = folded(family)
         res = Pipeline([("quantize", {})], verify=False).run(model, calib_for(model))
         f = res.steps[0].report.stats["fusion"]
@@ -296,3 +297,14 @@ def test_quantize_cli_weight_only_without_calibration(cli, tmp_path, resnet_path
     assert out.stat().st_size < 0.3 * resnet_path.stat().st_size
     r = cli("quantize", resnet_path, "-o", tmp_path / "h.onnx", "--fp16")
     assert r.code == 0 and (tmp_path / "h.onnx").stat().st_size < 0.55 * resnet_path.stat().st_size
+
+
+def test_hard_activation_decomposition_is_exact_in_float(folded):
+    from passes.quantization.qdq import decompose_hard_activations
+
+    model = folded("mobilenet_v3")
+    ref = clone_model(model)
+    n = decompose_hard_activations(model.graph)
+    assert n > 5 and not any(x.op_type in ("HardSwish", "HardSigmoid") for x in model.graph)
+    feeds = random_inputs(input_specs(ref), batch=4, seed=2)
+    assert compare_outputs(run_model(ref, feeds), run_model(model, feeds)).within(EXACT_RTOL)
