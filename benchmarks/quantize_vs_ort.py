@@ -102,7 +102,7 @@ def _run_child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def models(size: str, families: list[str], use_torch: bool, tmp: Path):
+def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False):
     from compiler.ir_utils import save_model
     from compiler.pipeline import Pipeline
     from models.builders import build
@@ -113,6 +113,17 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path):
         p = tmp / f"{fam}.onnx"
         save_model(m, p)
         yield f"builder/{fam}", p
+    if trained_models:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from compiler.ir_utils import load_model
+        from tests.trained import trained
+
+        for name in ("resnet", "mobilenet_v2"):
+            m = load_model(trained(name)[0])
+            Pipeline(["fold"], verify=False).run(m)
+            p = tmp / f"digits_{name}.onnx"
+            save_model(m, p)
+            yield f"digits/{name}", p
     if use_torch:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from compiler.ir_utils import load_model
@@ -139,14 +150,21 @@ def run(args) -> tuple[str, list[dict]]:
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="onnxcc-qbench-") as tmpd:
         tmp = Path(tmpd)
-        for label, src in models(args.size, args.families.split(","), args.torch, tmp):
+        for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained):
             fp32 = load_model(src)
             spec = input_specs(fp32)[0]
             shape = tuple(spec.concrete(1))[1:]
             rng = np.random.default_rng(0)
             calib = tmp / "calib.npy"
-            np.save(calib, rng.standard_normal((args.calib,) + shape).astype(np.float32))
-            held_out = rng.standard_normal((32,) + shape).astype(np.float32)
+            labels = None
+            if label.startswith("digits/"):  # real images: calibrate on training digits, test on held-out ones
+                from tests.trained import digits
+
+                x_tr, _, _, held_out, labels = digits()
+                np.save(calib, x_tr[: args.calib])
+            else:
+                np.save(calib, rng.standard_normal((args.calib,) + shape).astype(np.float32))
+                held_out = rng.standard_normal((32,) + shape).astype(np.float32)
             variants = {"ort": ("ort", []), "onnxcc": ("onnxcc", []), "onnxcc+eq+bc": ("onnxcc", ["equalize", "bias-correction"])}
             out_paths, cost = {}, {}
             for key, (tool, extra) in variants.items():
@@ -158,6 +176,7 @@ def run(args) -> tuple[str, list[dict]]:
                     print(f"# {label} {key}: {e}", flush=True)
             feeds = [{spec.name: held_out}]
             ref = run_model(fp32, feeds)
+            acc32 = None if labels is None else float((ref[next(iter(ref))].argmax(1) == labels).mean())
             bench_list = [("fp32", src)] + [(k, p) for k, p in out_paths.items()]
             lat = {}
             for b in args.batches:
@@ -168,14 +187,19 @@ def run(args) -> tuple[str, list[dict]]:
                 q = load_model(p)
                 comp = compare_outputs(ref, run_model(q, feeds))
                 fus = fusion_report(q)
+                out_q = run_model(q, feeds)
+                acc = None if labels is None else float((out_q[next(iter(out_q))].argmax(1) == labels).mean())
                 rec = {
-                    "model": label, "quantizer": key, "method": args.method,
+                    "model": label, "quantizer": key, "method": args.method, "accuracy": acc, "accuracy_fp32": acc32,
                     "sqnr_db": comp.min_sqnr, "top1_agreement": comp.top1,
                     "size_ratio": os.path.getsize(p) / size32,
                     "calib_seconds": cost[key]["seconds"], "calib_peak_mb": cost[key]["peak_mb"],
                     "float_heavy": len(fus["float_heavy"]), "leftover_qdq": fus["quantize_linear"] + fus["dequantize_linear"],
                 }
-                row = [label, key, f"{comp.min_sqnr:.1f}", f"{comp.top1:.3f}" if comp.top1 is not None else "-", f"{rec['size_ratio']:.3f}"]
+                top1 = f"{comp.top1:.3f}" if comp.top1 is not None else "-"
+                if acc is not None:
+                    top1 = f"acc {100 * acc:.1f} ({100 * (acc - acc32):+.1f})"
+                row = [label, key, f"{comp.min_sqnr:.1f}", top1, f"{rec['size_ratio']:.3f}"]
                 for b in args.batches:
                     r = lat[b][key] / lat[b]["fp32"]
                     rec[f"latency_ratio_b{b}"] = r
@@ -185,7 +209,7 @@ def run(args) -> tuple[str, list[dict]]:
                 rows.append(row)
                 records.append(rec)
             print(f"# {label} done", flush=True)
-    header = ["model", "quantizer", "SQNR dB", "top-1 agr", "file"] + [f"lat b{b}" for b in args.batches] + ["calib s", "peak MB", "float layers", "Q/DQ left"]
+    header = ["model", "quantizer", "SQNR dB", "top-1 agr / acc", "file"] + [f"lat b{b}" for b in args.batches] + ["calib s", "peak MB", "float layers", "Q/DQ left"]
     return format_table(rows, header), records
 
 
@@ -202,6 +226,7 @@ def main(argv=None) -> None:
     ap.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy"])
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     ap.add_argument("--torch", action="store_true", help="also the torch zoo networks (legacy export)")
+    ap.add_argument("--trained", action="store_true", help="also the digits-trained CNNs (accuracy on 500 held-out images)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3)

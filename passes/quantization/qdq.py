@@ -98,6 +98,7 @@ class QuantizePass(OnnxccPass):
         graph = model.graph
         skipped: list[Skipped] = []
         decomposed = decompose_hard_activations(graph) if cfg.decompose_hard_activations else 0
+        decomposed += batchnorm_to_depthwise(graph)
         if decomposed:
             infer_shapes(model)
         plan = _plan(graph, cfg, skipped)
@@ -142,7 +143,7 @@ class QuantizePass(OnnxccPass):
             "activations": cfg.activations,
             "quantized_layers": len(plan.nodes),
             "quantized_tensors": len(params),
-            "hard_activations_decomposed": decomposed,
+            "float_ops_rewritten": decomposed,
             "layers": layers,
             "ranges": {v.name: [float(rng[v.name][0]), float(rng[v.name][1])] for v in plan.calibrated},
         }
@@ -430,6 +431,40 @@ def _quantize_constant_operand(graph: ir.Graph, node: ir.Node, idx: int, dtype: 
     zv = _add_init(graph, f"{base}_q_zero_point", np.array(zp, np_t))
     dq = _dq_node(graph, qv, sv, zv, None, f"{node.name or base}_const{idx}_dq")
     node.replace_input_with(idx, dq.outputs[0])
+
+
+def batchnorm_to_depthwise(graph: ir.Graph) -> int:
+    """A BatchNormalization left after folding (pre-activation: BN → ReLU → Conv) → depthwise 1×1 Conv.
+
+    ``BN(x) = s·x + (β − μ·s)`` with ``s = γ/√(σ²+ε)`` is exactly a depthwise 1×1 convolution with
+    one weight per channel, which quantizes per channel without loss (each channel's single weight
+    is ±127 codes) and runs as QLinearConv instead of a float island between Q/DQ pairs.
+    """
+    count = 0
+    for node in list(graph):
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or any(o.uses() for o in node.outputs[1:]):
+            continue
+        x = node.inputs[0]
+        params = [const_array(v) for v in node.inputs[1:5]]
+        if x is None or x.shape is None or len(x.shape) != 4 or any(p is None for p in params):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        eps = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
+        s = gamma / np.sqrt(var + eps)
+        c = s.shape[0]
+        base = node.name or node.outputs[0].name or "bn"
+        w = _add_init(graph, f"{base}_dw_w", s.astype(np.float32).reshape(c, 1, 1, 1))
+        b = _add_init(graph, f"{base}_dw_b", (beta - mean * s).astype(np.float32))
+        conv = ir.node("Conv", [x, w, b], attributes={"group": c, "kernel_shape": [1, 1]}, name=base)
+        graph.insert_before(node, conv)
+        out = node.outputs[0]
+        conv.outputs[0].dtype, conv.outputs[0].shape = out.dtype, out.shape
+        name = out.name
+        out.replace_all_uses_with(conv.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        conv.outputs[0].name = name
+        count += 1
+    return count
 
 
 def decompose_hard_activations(graph: ir.Graph) -> int:

@@ -53,7 +53,7 @@ def test_quantize_every_family_fuses_and_agrees(folded, family):
 
 def test_no_leftover_qdq_on_resnet_and_mobilenets(folded):
     # mobilenet_v3: HardSwish/HardSigmoid become QLinearAdd + absorbed Clip + rescaled DQ + QLinearMul
-    for family in ("resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet"):
+    for family in ("resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet", "densenet"):
         model = folded(family)
         res = Pipeline([("quantize", {})], verify=False).run(model, calib_for(model))
         f = res.steps[0].report.stats["fusion"]
@@ -306,5 +306,16 @@ def test_hard_activation_decomposition_is_exact_in_float(folded):
     ref = clone_model(model)
     n = decompose_hard_activations(model.graph)
     assert n > 5 and not any(x.op_type in ("HardSwish", "HardSigmoid") for x in model.graph)
+    feeds = random_inputs(input_specs(ref), batch=4, seed=2)
+    assert compare_outputs(run_model(ref, feeds), run_model(model, feeds)).within(EXACT_RTOL)
+
+
+def test_leftover_batchnorm_becomes_an_exact_depthwise_conv(folded):
+    from passes.quantization.qdq import batchnorm_to_depthwise
+
+    model = folded("densenet")  # pre-activation BatchNorms cannot be folded into a conv
+    ref = clone_model(model)
+    assert batchnorm_to_depthwise(model.graph) > 3
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph)
     feeds = random_inputs(input_specs(ref), batch=4, seed=2)
     assert compare_outputs(run_model(ref, feeds), run_model(model, feeds)).within(EXACT_RTOL)
