@@ -466,19 +466,28 @@ class ActivationCollector:
 
         from compiler.ir_utils import needs_file
 
-        if needs_file(self.model):
-            raise BadInputError("activation collection on models with external data is not supported yet")
-        proto = ir.to_proto(self.model)
         types = _value_types(self.model)
         for name in names:
             if name not in types:
                 raise BadInputError(f"tensor '{name}' is not in the model")
-        # The requested tensors become the only outputs and nodes they do not depend on are
-        # dropped, so collecting an early layer does not pay for the rest of the network.
-        del proto.graph.output[:]
-        proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in names)
-        _keep_needed_nodes(proto.graph, names)
-        return make_session(proto, optimize=False, threads=self.threads)
+
+        def restrict(proto: onnx.ModelProto) -> onnx.ModelProto:
+            # The requested tensors become the only outputs and nodes they do not depend on are
+            # dropped, so collecting an early layer does not pay for the rest of the network.
+            del proto.graph.output[:]
+            proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in names)
+            _keep_needed_nodes(proto.graph, names)
+            return proto
+
+        if needs_file(self.model):  # weights stay on disk: rewrite only the graph next to the data file
+            from compiler.ir_utils import saved_copy
+
+            with saved_copy(self.model) as p:
+                proto = restrict(onnx.load(p, load_external_data=False))
+                q = Path(p).with_name("collect.onnx")
+                onnx.save(proto, str(q))
+                return make_session(str(q), optimize=False, threads=self.threads)
+        return make_session(restrict(ir.to_proto(self.model)), optimize=False, threads=self.threads)
 
 
 def _keep_needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> None:

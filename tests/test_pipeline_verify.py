@@ -233,3 +233,22 @@ def test_bench_measures_every_model(tmp_path, tiny_models):
     assert a.ratio == 1.0 and a.runs == b.runs == 6
     assert b.file_size < a.file_size  # BatchNorm parameters are gone
     assert a.peak_mem_mb is not None and a.peak_mem_mb > 0
+
+
+def test_collector_on_a_model_with_external_data(tmp_path):
+    from compiler.calibration import ActivationCollector, CalibrationSet, MinMax
+    from compiler.ir_utils import load_model, needs_file, save_model
+    from models.builders import build
+
+    model = build("resnet", "tiny", seed=2)
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    ext = load_model(tmp_path / "m.onnx")
+    assert needs_file(ext)
+    calib = CalibrationSet({"input": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)})
+    name = next(n for n in model.graph if n.op_type == "Relu").outputs[0].name
+    got = {}
+    for label, m in (("memory", model), ("external", ext)):
+        r = MinMax()
+        ActivationCollector(m, calib).collect({name: [r]})
+        got[label] = (r.min, r.max)
+    assert got["memory"] == got["external"]
