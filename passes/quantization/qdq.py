@@ -99,6 +99,9 @@ class QuantizePass(OnnxccPass):
         skipped: list[Skipped] = []
         decomposed = decompose_hard_activations(graph) if cfg.decompose_hard_activations else 0
         decomposed += batchnorm_to_depthwise(graph)
+        from passes.fold import reduce_mean_to_global_pool
+
+        decomposed += reduce_mean_to_global_pool(model, squeezed=True)  # x.mean((2, 3)) → QLinearGlobalAveragePool
         if decomposed:
             infer_shapes(model)
         plan = _plan(graph, cfg, skipped)
