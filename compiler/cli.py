@@ -326,6 +326,7 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
 @click.option("--equalize", is_flag=True, help="cross-layer equalization first (exact in float)")
 @click.option("--bias-correction", is_flag=True, help="correct biases for the weights' quantization error")
+@click.option("--speed-guard", is_flag=True, help="keep the model in float when INT8 measures slower than fp32 (timing-dependent)")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="keep matching node names in float (repeatable)")
 @click.option("--samples", type=int, default=256, show_default=True, help="calibration samples used at most")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
@@ -334,7 +335,7 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @click.pass_context
-def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percentile, per_channel, activations, equalize, bias_correction, exclude, samples, labels, budget, report, in_place, input_shapes):
+def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, samples, labels, budget, report, in_place, input_shapes):
     """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first); or weight-only INT8/INT4/FP16."""
     from compiler.ir_utils import default_opset, load_model
     from compiler.pipeline import Budget
@@ -352,7 +353,7 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percen
             specs.append(("equalize", {}))
         specs.append(("quantize", {
             "method": method, "percentile": percentile, "per_channel": per_channel, "activations": activations,
-            "bias_correction": bias_correction, "exclude": tuple(exclude), "calib_samples": samples,
+            "bias_correction": bias_correction, "exclude": tuple(exclude), "calib_samples": samples, "speed_guard": speed_guard,
         }))
     run_transform(
         ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,

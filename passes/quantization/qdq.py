@@ -76,6 +76,7 @@ class QuantizePass(OnnxccPass):
         calib_samples: int = dataclasses.field(default=256, metadata={"help": "calibration samples used at most"})
         bias_correction: bool = dataclasses.field(default=False, metadata={"help": "correct each layer's bias for its weights' quantization error, from input channel means"})
         check_fusion: bool = dataclasses.field(default=True, metadata={"help": "report the layers onnxruntime leaves in float"})
+        speed_guard: bool = dataclasses.field(default=False, metadata={"help": "time INT8 against fp32 (batch 1, 2 threads) and keep the model in float if INT8 is slower; the result then depends on timing"})
         decompose_hard_activations: bool = dataclasses.field(default=True, metadata={"help": "HardSigmoid/HardSwish as Add/Clip/Mul so they run in uint8"})
 
         def __post_init__(self):
@@ -91,6 +92,26 @@ class QuantizePass(OnnxccPass):
             raise ir.passes.PreconditionError("the model is already quantized")
 
     def call(self, model: ir.Model) -> PassReport:
+        if not self.config.speed_guard:
+            return self._quantize(model)
+        from compiler.bench import bench_models
+        from compiler.ir_utils import clone_model
+        from passes.fold import _replace_contents
+
+        fp32 = clone_model(model)
+        report = self._quantize(model)
+        if not report.modified:
+            return report
+        res = bench_models([("fp32", fp32), ("int8", model)], threads=2, batch=1, rounds=3, block=8, measure_memory=False)
+        ratio = res.entries[1].median_ms / res.entries[0].median_ms
+        report.stats["speed_guard"] = {"int8_over_fp32_batch1": round(ratio, 3), "fp32_ms": res.entries[0].median_ms}
+        if ratio <= 1.0:
+            return report
+        _replace_contents(model, fp32)
+        why = f"INT8 measured {ratio:.2f}x the fp32 latency (batch 1, 2 threads): the model is kept in float"
+        return PassReport(model, False, skipped=[Skipped("model", why)], stats={"speed_guard": report.stats["speed_guard"]})
+
+    def _quantize(self, model: ir.Model) -> PassReport:
         cfg = self.config
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common.TopologicalSortPass()(model)

@@ -319,3 +319,25 @@ def test_leftover_batchnorm_becomes_an_exact_depthwise_conv(folded):
     assert not any(n.op_type == "BatchNormalization" for n in model.graph)
     feeds = random_inputs(input_specs(ref), batch=4, seed=2)
     assert compare_outputs(run_model(ref, feeds), run_model(model, feeds)).within(EXACT_RTOL)
+
+
+@pytest.mark.parametrize("int8_ms, kept_float", [(2.0, True), (0.5, False)])
+def test_speed_guard_keeps_float_when_int8_is_slower(folded, monkeypatch, int8_ms, kept_float):
+    """The guard's decision, with the timings replaced (timings themselves are benchmarks, not tests)."""
+    import compiler.bench as B
+
+    class Entry:
+        def __init__(self, ms):
+            self.median_ms = ms
+
+    class Result:
+        entries = [Entry(1.0), Entry(int8_ms)]
+
+    monkeypatch.setattr(B, "bench_models", lambda *a, **k: Result())
+    model = folded("resnet")
+    res = Pipeline([("quantize", {"speed_guard": True, "check_fusion": False})], verify=False).run(model, calib_for(model))
+    has_int8 = any(n.op_type == "DequantizeLinear" for n in model.graph)
+    assert has_int8 is not kept_float
+    if kept_float:
+        assert "kept in float" in res.steps[0].report.skipped[0].reason
+    assert res.steps[0].report.stats["speed_guard"]["int8_over_fp32_batch1"] == int8_ms
