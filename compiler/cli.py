@@ -70,6 +70,11 @@ def _load_labels(path: str | None):
         raise BadInputError(f"{path}: cannot read labels: {e}") from e
 
 
+metric_option = click.option(
+    "--metric", type=click.Choice(["top1", "top5"]), default="top1", show_default=True,
+    help="with --labels: accuracy metric (without labels: top-1 agreement with the original)",
+)
+
 common_model_options = [
     click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD", help="concrete shape for an input with dynamic dims"),
 ]
@@ -111,6 +116,7 @@ def run_transform(
     external_data: bool | None = None,
     verify: bool = True,
     seed: int = 0,
+    metric: str = "top1",
 ) -> None:
     from compiler.analysis import analyze, compare_table
     from compiler.calibration import CalibrationSet, parse_input_shapes
@@ -121,7 +127,10 @@ def run_transform(
     if report:
         check_output_path(report, src)
     shapes = parse_input_shapes(input_shapes)
-    pipeline = Pipeline(specs, budget=budget, input_shapes=shapes, labels=_load_labels(labels), verify=verify, seed=seed)
+    pipeline = Pipeline(
+        specs, budget=budget, input_shapes=shapes, labels=_load_labels(labels), verify=verify, seed=seed,
+        top_k=5 if metric == "top5" else 1,
+    )
     model = load_model(src)
     calibration = CalibrationSet.load(calib, model) if calib else None
     before = analyze(model, path=src)
@@ -182,8 +191,9 @@ def fold(ctx, src, out, opset, no_bn, report, in_place, external_data, input_sha
 @click.option("--in-place", is_flag=True)
 @click.option("--seed", type=int, default=0)
 @_apply(common_model_options)
+@metric_option
 @click.pass_context
-def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in_place, seed, input_shapes):  # noqa: A001
+def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in_place, seed, input_shapes, metric):  # noqa: A001
     """Run a pipeline of passes from a recipe and/or --pass flags, verifying each."""
     from compiler.pipeline import Budget, PassSpec, load_recipe
 
@@ -201,7 +211,7 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
         raise BadInputError("nothing to do: give --recipe or --pass")
     run_transform(
         ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
-        report=report, in_place=in_place, input_shapes=input_shapes, seed=seed,
+        report=report, in_place=in_place, input_shapes=input_shapes, seed=seed, metric=metric,
     )
 
 
@@ -229,8 +239,9 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
+@metric_option
 @click.pass_context
-def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, target_macs, target_params, steps, samples, budget, force, report, in_place, input_shapes):
+def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, target_macs, target_params, steps, samples, budget, force, report, in_place, input_shapes, metric):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""
     from compiler.pipeline import Budget
 
@@ -243,7 +254,7 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
     run_transform(
         ctx, src, out, [("fold", {}), ("prune", opts)], calib=calib, labels=labels,
         budget=Budget(max_drop=budget) if budget is not None and not force else None, report=report, in_place=in_place,
-        input_shapes=input_shapes,
+        input_shapes=input_shapes, metric=metric,
     )
 
 
@@ -257,8 +268,9 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
 @click.option("--samples", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(), help="PNG of metric loss vs ratio per space (needs the report extra)")
+@metric_option
 @_apply(common_model_options)
-def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_json, plot, input_shapes):
+def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_json, plot, metric, input_shapes):
     """Prune each channel space alone at each ratio and measure the metric."""
     from compiler.calibration import CalibrationSet
     from compiler.ir_utils import load_model
@@ -283,7 +295,8 @@ def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_
         if not as_json:
             click.echo(f"\r{done}/{total} cuts measured", nl=False, err=True)
 
-    res = S.analyse(model, cal, labels=lab, ratios=rs, criterion=criterion, reconstruct=reconstruct, samples=samples, progress=progress)
+    res = S.analyse(model, cal, labels=lab, ratios=rs, criterion=criterion, reconstruct=reconstruct, samples=samples,
+                    progress=progress, top_k=5 if metric == "top5" else 1)
     if not as_json:
         click.echo("", err=True)
     if plot:
@@ -334,8 +347,9 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
+@metric_option
 @click.pass_context
-def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, samples, labels, budget, report, in_place, input_shapes):
+def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, samples, labels, budget, report, in_place, input_shapes, metric):
     """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first); or weight-only INT8/INT4/FP16."""
     from compiler.ir_utils import default_opset, load_model
     from compiler.pipeline import Budget
@@ -357,7 +371,7 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percen
         }))
     run_transform(
         ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
-        report=report, in_place=in_place, input_shapes=input_shapes,
+        report=report, in_place=in_place, input_shapes=input_shapes, metric=metric,
     )
 
 
@@ -402,8 +416,9 @@ def inspect(model_path, as_json, channels):
 @click.option("--atol", type=float, default=0.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--seed", type=int, default=0)
+@metric_option
 @_apply(common_model_options)
-def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, seed, input_shapes):
+def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, seed, metric, input_shapes):
     """Compare two models in onnxruntime on the same inputs (exit 1 outside tolerance)."""
     from compiler import verify as V
     from compiler.analysis import format_table
@@ -417,7 +432,7 @@ def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, see
     lab = _load_labels(labels)
     if lab is not None:
         lab = lab[: sum(next(iter(f.values())).shape[0] for f in feeds)]
-    comp = V.compare_outputs(V.run_model(ref, feeds), V.run_model(cand, feeds), lab)
+    comp = V.compare_outputs(V.run_model(ref, feeds), V.run_model(cand, feeds), lab, 5 if metric == "top5" else 1)
     ok = comp.within(rtol, atol)
     if as_json:
         click.echo(json.dumps({"ok": ok, "rtol": rtol, "atol": atol, **comp.to_json()}, indent=2, default=_json_default))
@@ -431,7 +446,7 @@ def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, see
                              f"{o.top1:.3f}" if o.top1 is not None else "-", ""])
         click.echo(format_table(rows, ["output", "max abs", "rel", "SQNR dB", "cosine", "top-1 agree", "problem"]))
         if comp.accuracy_ref is not None:
-            click.echo(f"accuracy: reference {comp.accuracy_ref:.4f}, candidate {comp.accuracy_cand}")
+            click.echo(f"{metric} accuracy: reference {comp.accuracy_ref:.4f}, candidate {comp.accuracy_cand}")
         click.echo("within tolerance" if ok else "OUTSIDE tolerance")
     if not ok:
         sys.exit(1)

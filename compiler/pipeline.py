@@ -154,6 +154,7 @@ class Pipeline:
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         labels: np.ndarray | None = None,
         seed: int = 0,
+        top_k: int = 1,
     ):
         self.specs = [self._spec(s) for s in specs]
         # Build every config first: a typo in the last pass fails before any work.
@@ -167,6 +168,7 @@ class Pipeline:
         self.input_shapes = input_shapes
         self.labels = labels
         self.seed = seed
+        self.top_k = top_k  # accuracy metric with labels: top-1 or top-5
 
     @staticmethod
     def _spec(s: Any) -> PassSpec:
@@ -178,7 +180,7 @@ class Pipeline:
         return PassSpec(name, dict(opts or {}))
 
     def run(self, model: ir.Model, calibration: CalibrationSet | None = None) -> PipelineResult:
-        context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels)
+        context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels, top_k=self.top_k)
         for cls, _ in self.passes:
             if cls.needs_calibration and calibration is None:
                 raise BadInputError(f"pass '{cls.name}' needs calibration data (--calib)")
@@ -207,7 +209,7 @@ class Pipeline:
             if self.verify and feeds is not None:
                 cand = V.run_model(model, feeds)
                 vs_prev = V.compare_outputs(ref_prev, cand)
-                vs_orig = V.compare_outputs(ref_orig, cand, labels)
+                vs_orig = V.compare_outputs(ref_orig, cand, labels, self.top_k)
                 if p.exact:
                     if not vs_prev.within(V.EXACT_RTOL):
                         worst = max(vs_prev.outputs, key=lambda o: o.rel if not math.isnan(o.rel) else math.inf)

@@ -59,6 +59,7 @@ class PassContext:
     calibration: Any = None  # compiler.calibration.CalibrationSet
     seed: int = 0
     labels: Any = None  # labels of the calibration samples, when given (accuracy-driven passes)
+    top_k: int = 1  # accuracy with labels: top-1 or top-5
     # Activation statistics of the *input* model, keyed by tensor name, that a caller running many
     # variants of one model (sensitivity analysis) computed once; passes may read them instead of
     # running the collector again. Only valid while the model a pass receives is that input model.

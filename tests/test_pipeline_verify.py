@@ -252,3 +252,22 @@ def test_collector_on_a_model_with_external_data(tmp_path):
         ActivationCollector(m, calib).collect({name: [r]})
         got[label] = (r.min, r.max)
     assert got["memory"] == got["external"]
+
+
+def test_top5_metric_from_the_cli(cli, tmp_path, resnet_path):
+    """--metric top5 with labels: the accuracy reported is top-5 (≥ top-1 on the same data)."""
+    from compiler.ir_utils import load_model
+    from compiler.verify import run_model
+
+    data = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    logits = next(iter(run_model(load_model(resnet_path), [{"input": data}]).values()))
+    labels = np.argsort(-logits, axis=1)[:, 3]  # the 4th-ranked class: top-5 hits all, top-1 none
+    np.save(tmp_path / "y.npy", labels)
+    acc = {}
+    for metric in ("top1", "top5"):
+        r = cli("verify", resnet_path, resnet_path, "--data", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+                "--samples", "16", "--metric", metric, "--json")
+        assert r.code == 0, r.err
+        acc[metric] = json.loads(r.out)["accuracy_ref"]
+    assert acc == {"top1": 0.0, "top5": 1.0}

@@ -134,7 +134,8 @@ class PrunePass(OnnxccPass):
                 continue
             # With reconstruction the curves are measured reconstructed: what is cheap to cut then differs.
             sens = sensitivity.analyse(model, self.context.calibration, labels=self.context.labels, ratios=cfg.sensitivity_ratios,
-                                       criterion=cfg.criterion, samples=cfg.calib_samples, reconstruct=cfg.reconstruct)
+                                       criterion=cfg.criterion, samples=cfg.calib_samples, reconstruct=cfg.reconstruct,
+                                       top_k=self.context.top_k)
             frac = goal / now
             for attempt in range(4):
                 trial = clone_model(model)

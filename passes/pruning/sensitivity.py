@@ -103,6 +103,7 @@ def analyse(
     reconstruct: bool = False,
     samples: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    top_k: int = 1,
 ) -> Sensitivity:
     """Prune each space alone at each ratio; ``model`` should be folded. The model is not modified."""
     t0 = time.perf_counter()
@@ -121,9 +122,9 @@ def analyse(
 
     cache = {node.inputs[i].name: ChannelStats(cg.tracked[node.inputs[i]].axis) for node, i in cg.consumers}
     ActivationCollector(base, calibration).collect({k: [v] for k, v in cache.items()}, limit=samples)
-    context = PassContext(calibration=calibration, labels=labels, stats_cache=cache)
+    context = PassContext(calibration=calibration, labels=labels, stats_cache=cache, top_k=top_k)
     before = analyze(base, stats=False)
-    metric = "accuracy drop (points)" if lab is not None else "top-1 disagreement with the original (points)"
+    metric = f"top-{top_k} accuracy drop (points)" if lab is not None else "top-1 disagreement with the original (points)"
     curves = []
     total = len(keys) * len(ratios)
     done = 0
@@ -138,7 +139,7 @@ def analyse(
 
             PrunePass(make_config(PrunePass, opts), context)(m)
             after = analyze(m, stats=False)
-            comp = V.compare_outputs(ref, V.run_model(m, feeds, optimize=True), lab)
+            comp = V.compare_outputs(ref, V.run_model(m, feeds, optimize=True), lab, top_k)
             curve.loss.append(round(_loss(comp), 4))
             curve.macs_saved.append(before.macs - after.macs)
             curve.params_saved.append(before.params - after.params)
