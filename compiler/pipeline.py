@@ -184,6 +184,7 @@ class Pipeline:
         for cls, _ in self.passes:
             if cls.needs_calibration and calibration is None:
                 raise BadInputError(f"pass '{cls.name}' needs calibration data (--calib)")
+        _refuse_non_finite_weights(model)
         feeds = None
         ref_orig = ref_prev = None
         labels = self.labels
@@ -194,6 +195,12 @@ class Pipeline:
             if labels is not None:
                 labels = np.asarray(labels)[: sum(next(iter(f.values())).shape[0] for f in feeds)]
             ref_orig = ref_prev = V.run_model(model, feeds)
+            bad = [k for k, v in ref_orig.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+            if bad:
+                raise BadInputError(
+                    f"the input model produces NaN/Inf in output '{bad[0]}' on the verification inputs; "
+                    "nothing can be verified against it (check its weights and the data)"
+                )
         steps: list[StepRecord] = []
         for cls, config in self.passes:
             p = cls(config, context)
@@ -234,6 +241,22 @@ class Pipeline:
             )
             logger.info("%s: %d changed, %d skipped (%.2fs)", cls.name, len(report.changed), len(report.skipped), elapsed)
         return PipelineResult(model, steps)
+
+
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu"}
+
+
+def _refuse_non_finite_weights(model: ir.Model) -> None:
+    """NaN/Inf in a layer's weights make every output meaningless: refuse up front, naming the layer."""
+    from compiler.ir_utils import const_array, node_label
+
+    for node in model.graph.all_nodes():
+        if node.op_type not in _WEIGHTED:
+            continue
+        for v in node.inputs[1:]:
+            arr = const_array(v) if v is not None else None
+            if arr is not None and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+                raise BadInputError(f"weight '{v.name}' of layer {node_label(node)} contains NaN/Inf")
 
 
 def _config_json(config: Any) -> dict[str, Any]:
