@@ -232,6 +232,7 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
 @click.option("--reconstruct", is_flag=True, help="refit the layers after each cut by least squares on --calib data")
 @click.option("--target-macs", type=float, default=None, help="automatic per-space ratios so MACs <= this fraction (sensitivity on --calib)")
 @click.option("--target-params", type=float, default=None, help="automatic per-space ratios so parameters <= this fraction")
+@click.option("--target-latency", type=float, default=None, help="automatic per-space ratios so measured latency <= this fraction (batch 1, 2 threads)")
 @click.option("--steps", type=int, default=1, show_default=True, help="reach the ratio/target in N prune(+reconstruct) increments")
 @click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
 @click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
@@ -241,7 +242,7 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, target_macs, target_params, steps, samples, budget, force, report, in_place, input_shapes, metric):
+def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, target_macs, target_params, target_latency, steps, samples, budget, force, report, in_place, input_shapes, metric):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""
     from compiler.pipeline import Budget
 
@@ -249,7 +250,7 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
         "ratio": ratio, "criterion": criterion, "global_ranking": global_ranking, "max_space_ratio": max_space_ratio,
         "round_to": round_to, "exclude": tuple(exclude), "layer_ratio": tuple(layer_ratio),
         "allow_lossy": allow_lossy, "compensate": not no_compensate, "reconstruct": reconstruct, "calib_samples": samples,
-        "target_macs": target_macs, "target_params": target_params, "steps": steps,
+        "target_macs": target_macs, "target_params": target_params, "target_latency": target_latency, "steps": steps,
     }
     run_transform(
         ctx, src, out, [("fold", {}), ("prune", opts)], calib=calib, labels=labels,

@@ -88,3 +88,23 @@ def test_prune_cli_target_macs_and_budget(cli, tmp_path, resnet_path):
     assert r.code == 1 and "budget" in r.err and not out.exists()
     r = cli("prune", resnet_path, "-o", out, "--target-macs", "0.6", "--calib", calib, "--samples", "16", "--budget", "0", "--force")
     assert r.code == 0 and out.exists()
+
+
+def test_target_latency_steps_until_the_measured_latency_is_met(folded, monkeypatch):
+    """The allocation loop for --target-latency, with latency replaced by a deterministic stand-in (MACs)."""
+    import passes.pruning.prune as P
+
+    monkeypatch.setattr(P, "measured_latency_ms", lambda m: analyze(m, stats=False).macs / 1e6 + 0.05)
+    model = folded("resnet_bottleneck")
+    base = P.measured_latency_ms(model)
+    opts = {"target_latency": 0.6, "calib_samples": 8, "sensitivity_ratios": (0.25, 0.5, 0.75)}
+    res = Pipeline([("prune", opts)], verify=False).run(model, _calib(model))
+    assert P.measured_latency_ms(model) <= 0.6 * base * 1.02
+    assert res.steps[0].report.stats["latency_ratio"] <= 0.6 * 1.02
+
+
+def test_only_one_target_at_a_time():
+    from compiler.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="one of"):
+        Pipeline([("prune", {"target_macs": 0.5, "target_latency": 0.5})])
