@@ -12,6 +12,8 @@ Variants, all at about half the MACs:
 
 * ``l1``: uniform L1 pruning at ratio 0.3 (≈ 0.5× MACs), no recovery;
 * ``l1+recon``: the same channels, then least-squares reconstruction;
+* ``lsq-criterion+recon``: channels chosen by the ``reconstruction`` criterion (what least squares can
+  best absorb), then reconstruction;
 * ``auto+recon``: per-space ratios from sensitivity for ``--target-macs 0.5``, reconstruction;
 * ``progressive``: ratio 0.3 reached in 3 steps, reconstructing after each.
 
@@ -32,6 +34,7 @@ import numpy as np
 VARIANTS = {
     "l1": {"ratio": 0.3, "compensate": False},
     "l1+recon": {"ratio": 0.3, "reconstruct": True},
+    "lsq-criterion+recon": {"ratio": 0.3, "criterion": "reconstruction", "reconstruct": True},
     "auto+recon": {"target_macs": 0.5, "reconstruct": True, "sensitivity_ratios": (0.2, 0.4, 0.6)},
     "progressive": {"ratio": 0.3, "steps": 3, "reconstruct": True},
 }

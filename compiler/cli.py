@@ -219,7 +219,7 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
 @click.argument("src", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path())
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="fraction of channels to remove per space (overall with --global)")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn_scale", "fpgm", "activation", "zero"]), default="l1", show_default=True)
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn_scale", "fpgm", "activation", "zero", "reconstruction"]), default="l1", show_default=True)
 @click.option("--global", "global_ranking", is_flag=True, help="rank channels across spaces (each capped by --max-space-ratio)")
 @click.option("--max-space-ratio", type=float, default=0.9, show_default=True)
 @click.option("--round-to", type=int, default=1, show_default=True, help="keep channel counts a multiple of N")

@@ -16,7 +16,10 @@ ranking); a group's score is the mean over its sources.
 * ``activation``: mean ``|x|`` of the group's channels where the next layers
   read them, from calibration data;
 * ``zero``: groups that are provably dead: every producing filter is exactly
-  zero, or every consuming weight slice is exactly zero.
+  zero, or every consuming weight slice is exactly zero;
+* ``reconstruction``: greedy removal of the channels whose loss the next
+  layers' least squares can best absorb (:func:`reconstruction_scores`), from
+  calibration data; meant to be used with reconstruction.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from compiler.ir_utils import const_array
 from passes.fold import BN_SCALE_META
 from passes.pruning.dependency import ChannelGraph
 
-CRITERIA = ("l1", "l2", "bn_scale", "fpgm", "activation", "zero")
+CRITERIA = ("l1", "l2", "bn_scale", "fpgm", "activation", "zero", "reconstruction")
 
 
 def filter_rows(node: ir.Node) -> np.ndarray:
@@ -245,3 +248,84 @@ def select(cg: ChannelGraph, score: np.ndarray, s: Strategy) -> set[int]:
                 mine = sorted((g for g in removed if cg.groups[g].space == sp_id), key=lambda g: -score[g])
                 removed.difference_update(mine[:excess])
     return removed
+
+
+# ---------------------------------------------------------------------------- reconstruction criterion
+class CovarianceReducer:
+    """Streaming channel covariance of a consumer input (rows: every position of every sample)."""
+
+    def __init__(self, axis: int):
+        self.axis = axis
+        self.n = 0
+        self.s = self.ss = None
+
+    def update(self, x: np.ndarray) -> None:
+        rows = np.moveaxis(x, self.axis, -1).reshape(-1, x.shape[self.axis]).astype(np.float64)
+        if self.s is None:
+            self.s = np.zeros(rows.shape[1])
+            self.ss = np.zeros((rows.shape[1], rows.shape[1]))
+        self.s += rows.sum(0)
+        self.ss += rows.T @ rows
+        self.n += rows.shape[0]
+
+    def covariance(self) -> np.ndarray:
+        m = self.s / max(self.n, 1)
+        return self.ss / max(self.n, 1) - np.outer(m, m)
+
+
+def reconstruction_scores(cg: ChannelGraph, covariances: Mapping[str, np.ndarray], *, ridge: float = 1e-3, exact_limit: int = 1024) -> np.ndarray:
+    """Greedy removal order by the output error least squares cannot absorb (optimal brain surgeon on channels).
+
+    For a consumer with input covariance Σ (channels, centred: the refit bias absorbs means) and
+    weight energy ``e_c = ‖W[:, c]‖²``, removing channel c and refitting the others costs about
+    ``e_c / (Σ⁻¹)_cc``: a channel the others predict well (large ``(Σ⁻¹)_cc``) is cheap even if its
+    weights are large. Groups are removed one at a time, cheapest first, and Σ⁻¹ is downdated
+    after each removal (spaces wider than ``exact_limit`` use the one-shot costs). The score of a
+    group is its position in that order, normalised to (0, 1], so strategies take the first ones.
+    """
+    score = np.full(len(cg.groups), np.nan)
+    by_space: dict[int, list[tuple]] = {}
+    for node, idx in cg.consumers:
+        x = node.inputs[idx]
+        cov = covariances.get(x.name)
+        if cov is None:
+            continue
+        rows = consumer_slices(node)
+        energy = (rows * rows).sum(1)
+        groups = cg.value_groups(x)
+        c = cov + ridge * (np.trace(cov) / max(len(cov), 1) + 1e-12) * np.eye(len(cov))
+        prec = np.linalg.inv(c)
+        for sp in {cg.groups[g].space for g in groups}:
+            by_space.setdefault(sp, []).append((prec, energy, np.array(groups)))
+    for sp_id, consumers in by_space.items():
+        sp = cg.spaces[sp_id]
+        alive = [g for g in sp.groups if cg.groups[g].blocked is None]
+        order: list[int] = []
+        exact = all(p.shape[0] <= exact_limit for p, _, _ in consumers)
+        state = [(p.copy(), e, grp, np.ones(len(grp), dtype=bool)) for p, e, grp in consumers]
+        remaining = set(alive)
+        while remaining:
+            costs = {g: 0.0 for g in remaining}
+            for p, e, grp, keep in state:
+                diag = np.diag(p)
+                for i in np.nonzero(keep)[0]:
+                    g = grp[i]
+                    if g in costs:
+                        costs[g] += e[i] / max(diag[i], 1e-30)
+            g_min = min(costs, key=lambda g: (costs[g], g))
+            order.append(g_min)
+            remaining.discard(g_min)
+            for k, (p, e, grp, keep) in enumerate(state):
+                for i in np.nonzero((grp == g_min) & keep)[0]:
+                    keep[i] = False
+                    if exact and p[i, i] > 0:  # Schur-complement downdate: Σ⁻¹ of the channels left
+                        p -= np.outer(p[:, i], p[i, :]) / p[i, i]
+                        p[i, :] = 0.0
+                        p[:, i] = 0.0
+                        p[i, i] = 1.0
+            if not exact:  # one-shot: the initial costs give the whole order
+                order.extend(sorted(remaining, key=lambda g: (costs[g], g)))
+                break
+        for rank, g in enumerate(order):
+            score[g] = (rank + 1) / len(order)
+    return score

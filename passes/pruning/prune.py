@@ -47,8 +47,8 @@ class PrunePass(OnnxccPass):
     @dataclasses.dataclass(frozen=True)
     class Config:
         ratio: float = dataclasses.field(default=0.5, metadata={"help": "fraction of channels to remove per space (or overall with global_ranking)"})
-        criterion: Literal["l1", "l2", "bn_scale", "fpgm", "activation", "zero"] = dataclasses.field(
-            default="l1", metadata={"help": "importance: l1, l2, bn_scale, fpgm, activation (needs calib) or zero (lossless)"}
+        criterion: Literal["l1", "l2", "bn_scale", "fpgm", "activation", "zero", "reconstruction"] = dataclasses.field(
+            default="l1", metadata={"help": "importance: l1, l2, bn_scale, fpgm, activation / reconstruction (need calib) or zero (lossless)"}
         )
         global_ranking: bool = dataclasses.field(default=False, metadata={"help": "rank channels across spaces instead of a uniform ratio"})
         max_space_ratio: float = dataclasses.field(default=0.9, metadata={"help": "with global ranking: most any one space may lose"})
@@ -88,8 +88,8 @@ class PrunePass(OnnxccPass):
 
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
-        if self.config.criterion == "activation" and self.context.calibration is None:
-            raise ir.passes.PreconditionError("criterion 'activation' needs calibration data (--calib)")
+        if self.config.criterion in ("activation", "reconstruction") and self.context.calibration is None:
+            raise ir.passes.PreconditionError(f"criterion '{self.config.criterion}' needs calibration data (--calib)")
         if self.config.reconstruct and self.context.calibration is None:
             raise ir.passes.PreconditionError("reconstruction needs calibration data (--calib)")
         if (self.config.target_macs or self.config.target_params or self.config.target_latency) and self.context.calibration is None:
@@ -205,8 +205,14 @@ class PrunePass(OnnxccPass):
         if cfg.criterion == "zero":
             removed, why_kept = _dead_selection(cg)
         else:
-            acts = _activation_scores(model, cg, calib, cfg) if cfg.criterion == "activation" else None
-            score = importance.scores(cg, cfg.criterion, acts)
+            if cfg.criterion == "reconstruction":
+                values = {node.inputs[idx] for node, idx in cg.consumers}
+                covs = {v.name: importance.CovarianceReducer(cg.tracked[v].axis) for v in values}
+                ActivationCollector(model, calib).collect({k: [r] for k, r in covs.items()}, limit=cfg.calib_samples)
+                score = importance.reconstruction_scores(cg, {k: r.covariance() for k, r in covs.items()}, ridge=cfg.ridge)
+            else:
+                acts = _activation_scores(model, cg, calib, cfg) if cfg.criterion == "activation" else None
+                score = importance.scores(cg, cfg.criterion, acts)
             strat = importance.Strategy(ratio, cfg.global_ranking, cfg.max_space_ratio, cfg.round_to, 1, ratios)
             removed = importance.select(cg, score, strat)
             why_kept = {}

@@ -72,3 +72,39 @@ def test_prune_cli_reconstruct(cli, tmp_path, resnet_path):
     assert r.code == 0, r.err
     r = cli("prune", resnet_path, "-o", tmp_path / "q.onnx", "--reconstruct")
     assert r.code == 2 and "calibration" in r.err and not (tmp_path / "q.onnx").exists()
+
+
+def test_reconstruction_criterion_removes_the_channel_others_can_replace():
+    """Channel 3 = 2 × channel 1: either can be rebuilt from the other. `reconstruction` removes one of the pair
+    (losslessly after the refit); l1 removes the smallest filter, which nothing can replace."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    w1[3] = 2.0 * w1[1]
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+        a = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (x, w1)
+        r = Relu (a)
+        y = Conv <kernel_shape=[1,1]> (r, w2, b2)
+    }"""
+    model = model_from_text(text, w1=w1, w2=rng.normal(size=(4, 6, 1, 1)).astype(np.float32), b2=np.zeros(4, np.float32))
+    for n in model.graph:
+        n.name = n.outputs[0].name
+    calib = CalibrationSet({"x": rng.standard_normal((32, 3, 8, 8)).astype(np.float32)})
+    test = [{"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)}]
+    ref = run_model(model, test)
+    kept_rows, sq = {}, {}
+    for crit in ("l1", "reconstruction"):
+        m = clone_model(model)
+        Pipeline([("prune", {"ratio": 1 / 6, "criterion": crit, "reconstruct": True})], verify=False).run(m, calib)
+        w = const_array(next(n for n in m.graph if n.name == "a").inputs[1])
+        kept_rows[crit] = [i for i in range(6) if any(np.allclose(w1[i], row, atol=1e-6) for row in w)]
+        sq[crit] = compare_outputs(ref, run_model(m, test)).min_sqnr
+    assert {1, 3} <= set(kept_rows["l1"]) and len({1, 3} & set(kept_rows["reconstruction"])) == 1
+    assert sq["reconstruction"] > 40 > sq["l1"], sq
+
+
+def test_reconstruction_criterion_on_a_family(folded):
+    model = folded("resnet_bottleneck")
+    calib = CalibrationSet({"input": np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)})
+    res = Pipeline([("prune", {"ratio": 0.3, "criterion": "reconstruction", "reconstruct": True, "calib_samples": 16})], verify_samples=8).run(model, calib)
+    assert res.steps[0].report.stats["groups_removed"] > 0
