@@ -117,6 +117,7 @@ def run_transform(
     verify: bool = True,
     seed: int = 0,
     metric: str = "top1",
+    verify_samples: int = 8,
 ) -> None:
     from compiler.analysis import analyze, compare_table
     from compiler.calibration import CalibrationSet, parse_input_shapes
@@ -129,7 +130,7 @@ def run_transform(
     shapes = parse_input_shapes(input_shapes)
     pipeline = Pipeline(
         specs, budget=budget, input_shapes=shapes, labels=_load_labels(labels), verify=verify, seed=seed,
-        top_k=5 if metric == "top5" else 1,
+        top_k=5 if metric == "top5" else 1, verify_samples=verify_samples,
     )
     model = load_model(src)
     calibration = CalibrationSet.load(calib, model) if calib else None
@@ -369,10 +370,13 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percen
         specs.append(("quantize", {
             "method": method, "percentile": percentile, "per_channel": per_channel, "activations": activations,
             "bias_correction": bias_correction, "exclude": tuple(exclude), "calib_samples": samples, "speed_guard": speed_guard,
+            # --budget drives mixed precision: the most harmful layers stay float until the drop fits
+            "max_drop": budget, "eval_samples": 64,
         }))
     run_transform(
         ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
         report=report, in_place=in_place, input_shapes=input_shapes, metric=metric,
+        verify_samples=64 if budget is not None else 8,  # the samples mixed precision measured its drop on
     )
 
 

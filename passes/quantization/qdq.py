@@ -76,6 +76,8 @@ class QuantizePass(OnnxccPass):
         calib_samples: int = dataclasses.field(default=256, metadata={"help": "calibration samples used at most"})
         bias_correction: bool = dataclasses.field(default=False, metadata={"help": "correct each layer's bias for its weights' quantization error, from input channel means"})
         check_fusion: bool = dataclasses.field(default=True, metadata={"help": "report the layers onnxruntime leaves in float"})
+        max_drop: float | None = dataclasses.field(default=None, metadata={"help": "mixed precision: keep the layers adding the most error in float until the top-1 agreement (accuracy with labels) drop on calibration samples is at most this many points"})
+        eval_samples: int = dataclasses.field(default=64, metadata={"help": "mixed precision: calibration samples the drop is measured on"})
         speed_guard: bool = dataclasses.field(default=False, metadata={"help": "time INT8 against fp32 (batch 1, 2 threads) and keep the model in float if INT8 is slower; the result then depends on timing"})
         decompose_hard_activations: bool = dataclasses.field(default=True, metadata={"help": "HardSigmoid/HardSwish as Add/Clip/Mul so they run in uint8"})
 
@@ -92,7 +94,8 @@ class QuantizePass(OnnxccPass):
             raise ir.passes.PreconditionError("the model is already quantized")
 
     def call(self, model: ir.Model) -> PassReport:
-        if not self.config.speed_guard:
+        cfg = self.config
+        if not cfg.speed_guard and cfg.max_drop is None:
             return self._quantize(model)
         from compiler.bench import bench_models
         from compiler.ir_utils import clone_model
@@ -100,7 +103,9 @@ class QuantizePass(OnnxccPass):
 
         fp32 = clone_model(model)
         report = self._quantize(model)
-        if not report.modified:
+        if report.modified and cfg.max_drop is not None:
+            report = self._mixed_precision(model, fp32, report)
+        if not report.modified or not cfg.speed_guard:
             return report
         res = bench_models([("fp32", fp32), ("int8", model)], threads=2, batch=1, rounds=3, block=8, measure_memory=False)
         ratio = res.entries[1].median_ms / res.entries[0].median_ms
@@ -110,6 +115,105 @@ class QuantizePass(OnnxccPass):
         _replace_contents(model, fp32)
         why = f"INT8 measured {ratio:.2f}x the fp32 latency (batch 1, 2 threads): the model is kept in float"
         return PassReport(model, False, skipped=[Skipped("model", why)], stats={"speed_guard": report.stats["speed_guard"]})
+
+    def _mixed_precision(self, model: ir.Model, fp32: ir.Model, report: PassReport) -> PassReport:
+        """Keep the weighted layers that add the most error in float until the metric drop fits ``max_drop``.
+
+        Layers are ranked once by the SQNR they lose between their input and their output
+        (quantized vs float, first calibration batch); the number kept in float doubles until the
+        drop fits, then a bisection finds the smallest such number. Each try re-quantizes the
+        float model with those layers excluded.
+        """
+        from compiler import verify as V
+        from compiler.calibration import ActivationCollector
+        from compiler.ir_utils import clone_model
+        from passes.fold import _replace_contents
+
+        cfg = self.config
+        calib = self.context.calibration
+        feeds = list(calib.batches(calib.batch_size_for(fp32, 16), limit=cfg.eval_samples))
+        n = sum(next(iter(f.values())).shape[0] for f in feeds)
+        labels = None if self.context.labels is None else np.asarray(self.context.labels)[:n]
+        ref = V.run_model(fp32, feeds)
+
+        def drop(m: ir.Model) -> float:
+            d = V.compare_outputs(ref, V.run_model(m, feeds), labels, self.context.top_k).metric_drop()
+            return 0.0 if d is None else d
+
+        d0 = drop(model)
+        info = {"budget": cfg.max_drop, "drop_all_int8": round(d0, 3), "float_layers": [], "tries": 1}
+        if d0 <= cfg.max_drop:
+            report.stats["mixed_precision"] = dict(info, drop=round(d0, 3))
+            return report
+        quantized = set(report.changed)  # every quantized node: weighted layers, then Add/Mul/Concat/pools
+        layers = {n_.name: n_ for n_ in fp32.graph if n_.name in quantized and n_.inputs and n_.inputs[0] is not None}
+        names = {}
+        for name, node in layers.items():
+            names[name] = (node.inputs[0].name, node.outputs[0].name)
+        tensors = sorted({t for pair in names.values() for t in pair})
+
+        class First:
+            def __init__(self):
+                self.x = None
+
+            def update(self, x):
+                if self.x is None:
+                    self.x = x
+
+        got = {}
+        for label, m in (("f", fp32), ("q", model)):
+            red = {t: [First()] for t in tensors}
+            ActivationCollector(m, calib).collect(red, limit=calib.batch_size_for(fp32, 16))
+            got[label] = {t: r[0].x for t, r in red.items()}
+
+        def sqnr(t: str) -> float:
+            a, b = got["f"][t].astype(np.float64), got["q"][t].astype(np.float64)
+            err = float(np.sum((a - b) ** 2))
+            return 200.0 if err == 0 else 10 * np.log10(max(float(np.sum(a * a)), 1e-30) / err)
+
+        local = {name: sqnr(i) - sqnr(o) for name, (i, o) in names.items()}
+        weighted = [k_ for k_ in local if layers[k_].op_type in WEIGHTED]
+        # Weighted layers first (they carry the integer speed-up), activation-only nodes last.
+        order = sorted(weighted, key=lambda k_: -local[k_]) + sorted(set(local) - set(weighted), key=lambda k_: -local[k_])
+
+        def attempt(k: int) -> tuple[ir.Model, PassReport, float]:
+            trial = clone_model(fp32)
+            c = dataclasses.replace(cfg, exclude=cfg.exclude + tuple(order[:k]), max_drop=None, speed_guard=False)
+            rep = QuantizePass(c, self.context)._quantize(trial)
+            return trial, rep, drop(trial)
+
+        best = None
+        k, lo = 1, 0
+        while True:
+            trial, rep, d = attempt(k)
+            info["tries"] += 1
+            if d <= cfg.max_drop:
+                best = (k, trial, rep, d)
+                break
+            lo = k
+            if k >= len(order):
+                best = (k, trial, rep, d)
+                break
+            k = min(2 * k, len(order))
+        hi = best[0]
+        while best[3] <= cfg.max_drop and hi - lo > 1:  # smallest k that still fits
+            mid = (lo + hi) // 2
+            trial, rep, d = attempt(mid)
+            info["tries"] += 1
+            if d <= cfg.max_drop:
+                best, hi = (mid, trial, rep, d), mid
+            else:
+                lo = mid
+        k, trial, rep, d = best
+        _replace_contents(model, trial)
+        rep.model = model
+        info.update(drop=round(d, 3), float_layers=order[:k], local_sqnr_loss_db={n_: round(local[n_], 2) for n_ in order[:k]})
+        rep.stats["mixed_precision"] = info
+        if d > cfg.max_drop:
+            rep.skipped.append(Skipped("budget", f"drop {d:.2f} points exceeds {cfg.max_drop} even with every layer in float"))
+        for name in order[:k]:
+            rep.skipped.append(Skipped(name, f"kept in float for the accuracy budget (adds {local[name]:.1f} dB of error)"))
+        return rep
 
     def _quantize(self, model: ir.Model) -> PassReport:
         cfg = self.config

@@ -341,3 +341,27 @@ def test_speed_guard_keeps_float_when_int8_is_slower(folded, monkeypatch, int8_m
     if kept_float:
         assert "kept in float" in res.steps[0].report.skipped[0].reason
     assert res.steps[0].report.stats["speed_guard"]["int8_over_fp32_batch1"] == int8_ms
+
+
+def test_mixed_precision_keeps_the_worst_layers_float_until_the_budget_holds(folded):
+    model = folded("mobilenet_v2")  # random weights: INT8 flips ~30% of its top-1 predictions
+    calib = calib_for(model, 64)
+    res = Pipeline([("quantize", {"max_drop": 10.0, "check_fusion": False})], verify_samples=64).run(model, calib)
+    step = res.steps[0]
+    mp = step.report.stats["mixed_precision"]
+    assert mp["drop_all_int8"] > 10.0 >= mp["drop"]
+    assert step.vs_original.metric_drop() <= 10.0  # the pipeline measures the same samples
+    assert mp["float_layers"] and all(
+        any(s.layer == name and "accuracy budget" in s.reason for s in step.report.skipped) for name in mp["float_layers"]
+    )
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph)  # not everything went back to float
+
+
+def test_quantize_cli_budget_drives_mixed_precision(cli, tmp_path, resnet_path):
+    calib = tmp_path / "c.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32))
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    r = cli("quantize", resnet_path, "-o", out, "--calib", calib, "--budget", "5", "--report", rep)
+    assert r.code == 0, r.err
+    q = json.loads(rep.read_text())["passes"][-1]
+    assert q["verify_vs_original"]["outputs"][0]["top1"] >= 0.95
