@@ -365,5 +365,38 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     return model
 
 
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... : a name no initializer, graph input or node output uses."""
+    taken = set(graph.initializers)
+    taken.update(v.name for v in graph.inputs)
+    for node in graph:
+        taken.update(o.name for o in node.outputs if o.name)
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_initializer(graph: ir.Graph, name: str, value: "np.ndarray | ir.TensorProtocol") -> ir.Value:
+    """Register a new initializer (numpy array or onnx_ir tensor) under a unique name based on ``name``."""
+    if isinstance(value, ir.TensorProtocol):
+        tensor = value
+    else:
+        arr = np.asarray(value)  # not ascontiguousarray: it turns a 0-d scale into shape (1,)
+        tensor = ir.tensor(arr if arr.flags.c_contiguous else arr.copy(order="C"))
+    v = ir.Value(name=unique_name(graph, name), shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(v)
+    return v
+
+
+def replace_contents(model: ir.Model, new: ir.Model) -> None:
+    """Move ``new``'s graph, IR version and functions into ``model`` (passes must return the same object)."""
+    model.graph = new.graph
+    model.ir_version = new.ir_version
+    model.functions.clear()
+    model.functions.update(new.functions)
+
+
 def node_label(node: ir.Node) -> str:
     return node.name or f"{node.op_type}({', '.join(v.name or '?' for v in node.outputs)})"

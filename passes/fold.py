@@ -45,7 +45,16 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript import optimizer, rewriter
 
-from compiler.ir_utils import check_model, convert_opset, infer_shapes, const_array, default_opset, node_label
+from compiler.ir_utils import (
+    add_initializer,
+    check_model,
+    const_array,
+    convert_opset,
+    default_opset,
+    infer_shapes,
+    node_label,
+    replace_contents,
+)
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
 
 logger = logging.getLogger(__name__)
@@ -85,7 +94,7 @@ class FoldPass(OnnxccPass):
 
         if cfg.opset is not None and default_opset(model) != cfg.opset:
             converted = convert_opset(model, cfg.opset)
-            _replace_contents(model, converted)
+            replace_contents(model, converted)
             stats["opset"] = cfg.opset
 
         lifted = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
@@ -199,10 +208,7 @@ def fold_batchnorms(model: ir.Model) -> int:
             prod.inputs[2].const_value = ir.tensor(new_b.astype(np.float32), name=b_name)
             prod.inputs[2].shape = ir.Shape([cout])
         else:
-            b_val = ir.Value(name=_unique_name(model.graph, b_name), const_value=ir.tensor(new_b.astype(np.float32)))
-            b_val.shape = ir.Shape([cout])
-            b_val.type = ir.TensorType(ir.DataType.FLOAT)
-            model.graph.register_initializer(b_val)
+            b_val = add_initializer(model.graph, b_name, new_b.astype(np.float32))
             if len(prod.inputs) < 3:
                 prod.resize_inputs(3)
             prod.replace_input_with(2, b_val)
@@ -246,10 +252,7 @@ def fold_static_shape_gathers(model: ir.Model) -> int:
         out = node.outputs[0]
         if out.is_graph_output():
             continue
-        const = ir.Value(name=_unique_name(model.graph, f"{out.name or 'shape'}_folded"), const_value=ir.tensor(value))
-        const.shape = ir.Shape(value.shape)
-        const.type = ir.TensorType(ir.DataType.INT64)
-        model.graph.register_initializer(const)
+        const = add_initializer(model.graph, f"{out.name or 'shape'}_folded", value)
         out.replace_all_uses_with(const)
         model.graph.remove(node, safe=True)
         count += 1
@@ -300,14 +303,6 @@ def reduce_mean_to_global_pool(model: ir.Model, *, squeezed: bool = False) -> in
     return count
 
 
-def _unique_name(graph: ir.Graph, base: str) -> str:
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
 def _why_bn_stays(node: ir.Node, strict: bool = False) -> str | None:
     x = node.inputs[0]
     prod = x.producer() if x is not None else None
@@ -350,11 +345,3 @@ def _drop_attributes_newer_than_opset(model: ir.Model) -> None:
             if node.attributes["allowzero"].as_int() != 0 and (shape is None or (shape == 0).any()):
                 raise ir.passes.PostconditionError("Reshape(allowzero=1) cannot be expressed before opset 14")
             del node.attributes["allowzero"]
-
-
-def _replace_contents(model: ir.Model, new: ir.Model) -> None:
-    """Move ``new``'s graph and opsets into ``model`` (keeps the in-place contract)."""
-    model.graph = new.graph
-    model.ir_version = new.ir_version
-    model.functions.clear()
-    model.functions.update(new.functions)

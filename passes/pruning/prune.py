@@ -30,7 +30,7 @@ import onnx_ir.passes.common as common
 
 from compiler.calibration import ActivationCollector, CalibrationSet, ChannelStats
 from compiler.errors import BadInputError
-from compiler.ir_utils import clone_model, infer_shapes, node_label
+from compiler.ir_utils import clone_model, infer_shapes, node_label, replace_contents
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
 from passes.pruning import importance, surgery
 from passes.pruning.dependency import ChannelGraph, _attr
@@ -162,7 +162,7 @@ class PrunePass(OnnxccPass):
                 if got <= goal * tolerance or attempt == 3:
                     break
                 frac *= goal / got  # savings overlapped: ask for more
-            _replace_graph(model, trial)
+            replace_contents(model, trial)
             last = report
             step_reports.append({"step": k, "goal": round(goal, 3), "reached": round(got, 3), "ratios": alloc, "sensitivity_seconds": round(sens.seconds, 1)})
         if last is None:
@@ -289,13 +289,6 @@ def measured_latency_ms(model: ir.Model) -> float:
     from compiler import bench
 
     return bench.bench_models([("m", model)], threads=2, batch=1, rounds=3, block=10, measure_memory=False).entries[0].median_ms
-
-
-def _replace_graph(model: ir.Model, other: ir.Model) -> None:
-    """Make ``model`` (in place, as passes must) hold ``other``'s graph."""
-    from passes.fold import _replace_contents
-
-    _replace_contents(model, other)
 
 
 def prepare(model: ir.Model) -> None:

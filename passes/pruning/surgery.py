@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from compiler.ir_utils import const_array, node_label
+from compiler.ir_utils import add_initializer, const_array, node_label, unique_name
 from passes.pruning.dependency import ChannelGraph, _attr
 
 
@@ -46,22 +46,10 @@ def _set_input_const(graph: ir.Graph, node: ir.Node, idx: int, arr: np.ndarray) 
         v.const_value = t
         v.shape = ir.Shape(arr.shape)
         return
-    new = ir.Value(name=_unique(graph, (v.name if v is not None and v.name else f"{node.name}_param")), shape=ir.Shape(arr.shape), type=ir.TensorType(t.dtype), const_value=t)
-    graph.register_initializer(new)
+    new = add_initializer(graph, f"{v.name if v is not None and v.name else node.name + '_param'}_pruned", t)
     if len(node.inputs) <= idx:
         node.resize_inputs(idx + 1)
     node.replace_input_with(idx, new)
-
-
-def _unique(graph: ir.Graph, base: str) -> str:
-    names = set(graph.initializers)
-    for n in graph:
-        names.update(o.name for o in n.outputs if o.name)
-    i, name = 0, f"{base}_pruned"
-    while name in names:
-        i += 1
-        name = f"{base}_pruned_{i}"
-    return name
 
 
 def compensation(node: ir.Node, removed: np.ndarray, means: np.ndarray) -> np.ndarray:
@@ -96,9 +84,8 @@ def _add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
         return
     # MatMul: an explicit Add after it.
     out = node.outputs[0]
-    c = ir.Value(name=_unique(graph, f"{out.name}_bias"), shape=ir.Shape([m]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(delta.astype(np.float32)))
-    graph.register_initializer(c)
-    add = ir.node("Add", [out, c], name=_unique(graph, f"{node.name or 'matmul'}_bias"))
+    c = add_initializer(graph, f"{out.name}_bias", delta.astype(np.float32))
+    add = ir.node("Add", [out, c], name=unique_name(graph, f"{node.name or 'matmul'}_bias"))
     graph.insert_after(node, add)
     new_out = add.outputs[0]
     new_out.type = out.type
@@ -108,11 +95,11 @@ def _add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
     outs = list(graph.outputs)
     if out in outs:
         name = out.name
-        out.name = _unique(graph, f"{name}_pre_bias")
+        out.name = unique_name(graph, f"{name}_pre_bias")
         new_out.name = name
         graph.outputs[outs.index(out)] = new_out
     else:
-        new_out.name = _unique(graph, f"{out.name}_biased")
+        new_out.name = unique_name(graph, f"{out.name}_biased")
 
 
 def apply(cg: ChannelGraph, removed_groups: set[int], deltas: dict[ir.Node, np.ndarray]) -> list[str]:

@@ -45,7 +45,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from compiler.ir_utils import const_array, infer_shapes, node_label
+from compiler.ir_utils import add_initializer, const_array, infer_shapes, node_label, replace_contents
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
 from passes.quantization import ranges as R
 
@@ -99,8 +99,6 @@ class QuantizePass(OnnxccPass):
             return self._quantize(model)
         from compiler.bench import bench_models
         from compiler.ir_utils import clone_model
-        from passes.fold import _replace_contents
-
         fp32 = clone_model(model)
         report = self._quantize(model)
         if report.modified and cfg.max_drop is not None:
@@ -112,7 +110,7 @@ class QuantizePass(OnnxccPass):
         report.stats["speed_guard"] = {"int8_over_fp32_batch1": round(ratio, 3), "fp32_ms": res.entries[0].median_ms}
         if ratio <= 1.0:
             return report
-        _replace_contents(model, fp32)
+        replace_contents(model, fp32)
         why = f"INT8 measured {ratio:.2f}x the fp32 latency (batch 1, 2 threads): the model is kept in float"
         return PassReport(model, False, skipped=[Skipped("model", why)], stats={"speed_guard": report.stats["speed_guard"]})
 
@@ -127,8 +125,6 @@ class QuantizePass(OnnxccPass):
         from compiler import verify as V
         from compiler.calibration import ActivationCollector
         from compiler.ir_utils import clone_model
-        from passes.fold import _replace_contents
-
         cfg = self.config
         calib = self.context.calibration
         feeds = list(calib.batches(calib.batch_size_for(fp32, 16), limit=cfg.eval_samples))
@@ -205,7 +201,7 @@ class QuantizePass(OnnxccPass):
             else:
                 lo = mid
         k, trial, rep, d = best
-        _replace_contents(model, trial)
+        replace_contents(model, trial)
         rep.model = model
         info.update(drop=round(d, 3), float_layers=order[:k], local_sqnr_loss_db={n_: round(local[n_], 2) for n_ in order[:k]})
         rep.stats["mixed_precision"] = info
@@ -424,17 +420,6 @@ def _small_float_const(v: ir.Value) -> bool:
     return c is not None and c.dtype == np.float32 and c.size <= 4096 and bool(np.all(np.isfinite(c)))
 
 
-def _add_init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    existing = set(graph.initializers)
-    base, i = name, 0
-    while name in existing:
-        i += 1
-        name = f"{base}_{i}"
-    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)), const_value=ir.tensor(arr))
-    graph.register_initializer(v)
-    return v
-
-
 def _dq_node(graph: ir.Graph, q: ir.Value, scale: ir.Value, zp: ir.Value, axis: int | None, name: str) -> ir.Node:
     attrs = {"axis": axis} if axis is not None else {}
     node = ir.node("DequantizeLinear", [q, scale, zp], attributes=attrs, name=name)
@@ -459,9 +444,9 @@ def _quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarr
     key = (id(w_val), axis)
     if key not in cache:
         base = w_val.name or f"{node.name}_w"
-        qv = _add_init(graph, f"{base}_int8", q)
-        sv = _add_init(graph, f"{base}_scale", s_w)
-        zv = _add_init(graph, f"{base}_zero_point", np.zeros(s_w.shape, np.int8))
+        qv = add_initializer(graph, f"{base}_int8", q)
+        sv = add_initializer(graph, f"{base}_scale", s_w)
+        zv = add_initializer(graph, f"{base}_zero_point", np.zeros(s_w.shape, np.int8))
         cache[key] = (qv, sv, zv)
     qv, sv, zv = cache[key]
     dq = _dq_node(graph, qv, sv, zv, axis if cfg.per_channel else None, f"{node.name or 'w'}_weight_dq")
@@ -500,9 +485,9 @@ def _quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarr
         info["bias"] = "kept in float (int32 overflow)"
         return info
     base = (b_val.name if b_val is not None and b_val.name else f"{node.name}_b")
-    bq = _add_init(graph, f"{base}_int32", qb.astype(np.int32))
-    bs = _add_init(graph, f"{base}_scale", s_b)
-    bz = _add_init(graph, f"{base}_zero_point", np.zeros(n_out, np.int32))
+    bq = add_initializer(graph, f"{base}_int32", qb.astype(np.int32))
+    bs = add_initializer(graph, f"{base}_scale", s_b)
+    bz = add_initializer(graph, f"{base}_zero_point", np.zeros(n_out, np.int32))
     dq = _dq_node(graph, bq, bs, bz, 0, f"{node.name or 'b'}_bias_dq")
     if len(node.inputs) < 3:
         node.resize_inputs(3)
@@ -554,9 +539,9 @@ def _quantize_constant_operand(graph: ir.Graph, node: ir.Node, idx: int, dtype: 
     info = np.iinfo(np_t)
     q = np.clip(np.round(c / scale) + zp, info.min, info.max).astype(np_t)
     base = v.name or f"{node.name}_const"
-    qv = _add_init(graph, f"{base}_q", q)
-    sv = _add_init(graph, f"{base}_q_scale", np.array(scale, np.float32))
-    zv = _add_init(graph, f"{base}_q_zero_point", np.array(zp, np_t))
+    qv = add_initializer(graph, f"{base}_q", q)
+    sv = add_initializer(graph, f"{base}_q_scale", np.array(scale, np.float32))
+    zv = add_initializer(graph, f"{base}_q_zero_point", np.array(zp, np_t))
     dq = _dq_node(graph, qv, sv, zv, None, f"{node.name or base}_const{idx}_dq")
     node.replace_input_with(idx, dq.outputs[0])
 
@@ -581,8 +566,8 @@ def batchnorm_to_depthwise(graph: ir.Graph) -> int:
         s = gamma / np.sqrt(var + eps)
         c = s.shape[0]
         base = node.name or node.outputs[0].name or "bn"
-        w = _add_init(graph, f"{base}_dw_w", s.astype(np.float32).reshape(c, 1, 1, 1))
-        b = _add_init(graph, f"{base}_dw_b", (beta - mean * s).astype(np.float32))
+        w = add_initializer(graph, f"{base}_dw_w", s.astype(np.float32).reshape(c, 1, 1, 1))
+        b = add_initializer(graph, f"{base}_dw_b", (beta - mean * s).astype(np.float32))
         conv = ir.node("Conv", [x, w, b], attributes={"group": c, "kernel_shape": [1, 1]}, name=base)
         graph.insert_before(node, conv)
         out = node.outputs[0]
@@ -612,10 +597,10 @@ def decompose_hard_activations(graph: ir.Graph) -> int:
         if alpha <= 0 or x is None:
             continue
         base = node.name or node.outputs[0].name or "hard"
-        c_shift = _add_init(graph, f"{base}_shift", np.array(beta / alpha, np.float32))
-        c_lo = _add_init(graph, f"{base}_lo", np.array(0.0, np.float32))
-        c_hi = _add_init(graph, f"{base}_hi", np.array(1.0 / alpha, np.float32))
-        c_alpha = _add_init(graph, f"{base}_alpha", np.array(alpha, np.float32))
+        c_shift = add_initializer(graph, f"{base}_shift", np.array(beta / alpha, np.float32))
+        c_lo = add_initializer(graph, f"{base}_lo", np.array(0.0, np.float32))
+        c_hi = add_initializer(graph, f"{base}_hi", np.array(1.0 / alpha, np.float32))
+        c_alpha = add_initializer(graph, f"{base}_alpha", np.array(alpha, np.float32))
         add = ir.node("Add", [x, c_shift], name=f"{base}_add")
         clip = ir.node("Clip", [add.outputs[0], c_lo, c_hi], name=f"{base}_clip")
         mul = ir.node("Mul", [clip.outputs[0], c_alpha], name=f"{base}_scale")
@@ -642,8 +627,8 @@ def _insert_qdq(graph: ir.Graph, v: ir.Value, scale: np.float32, zp: int, dtype:
         return
     base = v.name or "t"
     np_t = np.uint8 if dtype == "uint8" else np.int8
-    s = _add_init(graph, f"{base}_scale", np.array(scale, np.float32))
-    z = _add_init(graph, f"{base}_zero_point", np.array(zp, np_t))
+    s = add_initializer(graph, f"{base}_scale", np.array(scale, np.float32))
+    z = add_initializer(graph, f"{base}_zero_point", np.array(zp, np_t))
     qn = ir.node("QuantizeLinear", [v, s, z], name=f"{base}_Q")
     qn.outputs[0].name = f"{base}_quantized"
     qn.outputs[0].dtype = ir.DataType.UINT8 if dtype == "uint8" else ir.DataType.INT8

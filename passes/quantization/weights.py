@@ -28,9 +28,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from compiler.ir_utils import const_array, convert_opset, node_label
+from compiler.ir_utils import add_initializer, const_array, convert_opset, node_label, replace_contents
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
-from passes.quantization.qdq import _add_init, _sqnr
+from passes.quantization.qdq import _sqnr
 
 WEIGHTED = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": 1}
 
@@ -66,9 +66,7 @@ class WeightOnlyPass(OnnxccPass):
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
         if cfg.dtype == "int4" and model.opset_imports.get("", 0) < 21:
-            from passes.fold import _replace_contents
-
-            _replace_contents(model, convert_opset(model, 21))
+            replace_contents(model, convert_opset(model, 21))
         graph = model.graph
         skipped, changed, layers = [], [], {}
         done: dict[str, ir.Value] = {}
@@ -91,7 +89,7 @@ class WeightOnlyPass(OnnxccPass):
             axis = _out_axis(node)
             if cfg.dtype == "fp16":
                 h = w.astype(np.float16)
-                src = _add_init(graph, f"{w_val.name}_fp16", h)
+                src = add_initializer(graph, f"{w_val.name}_fp16", h)
                 rebuilt = ir.node("Cast", [src], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}_weight_cast")
                 layers[node_label(node)] = {"dtype": "fp16", "sqnr_db": _sqnr(w, h.astype(np.float32))}
             elif cfg.dtype == "int8":
@@ -101,9 +99,9 @@ class WeightOnlyPass(OnnxccPass):
                 shape = [1] * w.ndim
                 shape[axis] = -1
                 q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-                qv = _add_init(graph, f"{w_val.name}_int8", q)
-                sv = _add_init(graph, f"{w_val.name}_scale", scale)
-                zv = _add_init(graph, f"{w_val.name}_zero_point", np.zeros(scale.shape, np.int8))
+                qv = add_initializer(graph, f"{w_val.name}_int8", q)
+                sv = add_initializer(graph, f"{w_val.name}_scale", scale)
+                zv = add_initializer(graph, f"{w_val.name}_zero_point", np.zeros(scale.shape, np.int8))
                 rebuilt = ir.node("DequantizeLinear", [qv, sv, zv], attributes={"axis": axis}, name=f"{node.name}_weight_dq")
                 layers[node_label(node)] = {"dtype": "int8", "sqnr_db": _sqnr(w, q.astype(np.float32) * scale.reshape(shape))}
             else:
@@ -112,8 +110,8 @@ class WeightOnlyPass(OnnxccPass):
                 if q is None:
                     skipped.append(Skipped(node_label(node), f"input axis of {w.shape[block_axis]} is not a multiple of block_size {cfg.block_size}"))
                     continue
-                qv = _add_init(graph, f"{w_val.name}_int4", q)
-                sv = _add_init(graph, f"{w_val.name}_scale", scale)
+                qv = add_initializer(graph, f"{w_val.name}_int4", q)
+                sv = add_initializer(graph, f"{w_val.name}_scale", scale)
                 rebuilt = ir.node("DequantizeLinear", [qv, sv], attributes={"axis": block_axis, "block_size": cfg.block_size}, name=f"{node.name}_weight_dq")
                 layers[node_label(node)] = {"dtype": "int4", "block_size": cfg.block_size, "sqnr_db": _sqnr(w, rec)}
             rebuilt.outputs[0].name = f"{w_val.name}_rebuilt"
