@@ -103,40 +103,33 @@ def _run_child(*args: str) -> dict:
 
 
 def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False):
-    from compiler.ir_utils import save_model
+    """(label, path of the folded fp32 model) for every model of the run."""
+    from compiler.ir_utils import load_model, save_model
     from compiler.pipeline import Pipeline
     from models.builders import build
 
-    for fam in families:
-        m = build(fam, size, seed=0)
+    def folded(m, stem: str) -> Path:
         Pipeline(["fold"], verify=False).run(m)
-        p = tmp / f"{fam}.onnx"
+        p = tmp / f"{stem}.onnx"
         save_model(m, p)
-        yield f"builder/{fam}", p
-    if trained_models:
+        return p
+
+    for fam in families:
+        yield f"builder/{fam}", folded(build(fam, size, seed=0), fam)
+    if trained_models or use_torch:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from compiler.ir_utils import load_model
+    if trained_models:
         from tests.trained import trained
 
         for name in ("resnet", "mobilenet_v2"):
-            m = load_model(trained(name)[0])
-            Pipeline(["fold"], verify=False).run(m)
-            p = tmp / f"digits_{name}.onnx"
-            save_model(m, p)
-            yield f"digits/{name}", p
+            yield f"digits/{name}", folded(load_model(trained(name)[0]), f"digits_{name}")
     if use_torch:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from compiler.ir_utils import load_model
         from tests import torch_zoo as Z
 
         for name in Z.ZOO:
             module, hw = Z.make(name)
             raw = Z.export(module, hw, tmp / f"torch_{name}_raw.onnx", dynamo=False, optimize=False)
-            m = load_model(raw)
-            Pipeline(["fold"], verify=False).run(m)
-            p = tmp / f"torch_{name}.onnx"
-            save_model(m, p)
-            yield f"torch/{name}", p
+            yield f"torch/{name}", folded(load_model(raw), f"torch_{name}")
 
 
 def run(args) -> tuple[str, list[dict]]:

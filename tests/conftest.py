@@ -52,6 +52,14 @@ def model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
+def named_model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
+    """``model_from_text``, with every unnamed node named after its first output (reports and patterns use names)."""
+    m = model_from_text(text, **initializers)
+    for n in m.graph:
+        n.name = n.name or n.outputs[0].name
+    return m
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """Tiny builder models by family (built once per session)."""

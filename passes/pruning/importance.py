@@ -101,7 +101,6 @@ def scores(
     count = np.zeros(len(cg.groups))
 
     def add(value: ir.Value, stat: np.ndarray) -> None:
-        t = cg.tracked[value]
         norm = _normalised(np.asarray(stat, dtype=np.float64))
         # Groups spanning several channels of one tensor (grouped convs) take the sum.
         per_group: dict[int, float] = {}
@@ -110,7 +109,6 @@ def scores(
         for g, v in per_group.items():
             total[g] += v
             count[g] += 1
-        del t
 
     if criterion == "activation":
         for name, stat in (activations or {}).items():

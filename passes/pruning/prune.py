@@ -201,6 +201,9 @@ class PrunePass(OnnxccPass):
                 ratios[sp.id] = r
         skipped: list[Skipped] = []
         calib = self.context.calibration
+        # Calibration statistics of consumer inputs of *this* model: what a caller (sensitivity) computed
+        # once, plus what this cut collects, so the activation criterion and compensation share one run.
+        calib_stats = dict(self.context.stats_cache)
 
         if cfg.criterion == "zero":
             removed, why_kept = _dead_selection(cg)
@@ -211,7 +214,10 @@ class PrunePass(OnnxccPass):
                 ActivationCollector(model, calib).collect({k: [r] for k, r in covs.items()}, limit=cfg.calib_samples)
                 score = importance.reconstruction_scores(cg, {k: r.covariance() for k, r in covs.items()}, ridge=cfg.ridge)
             else:
-                acts = _activation_scores(model, cg, calib, cfg) if cfg.criterion == "activation" else None
+                acts = None
+                if cfg.criterion == "activation":  # the statistics also serve the bias compensation below
+                    calib_stats.update(_consumer_input_stats(model, cg, calib, cfg, calib_stats))
+                    acts = {name: st.mean_abs for name, st in calib_stats.items()}
                 score = importance.scores(cg, cfg.criterion, acts)
             strat = importance.Strategy(ratio, cfg.global_ranking, cfg.max_space_ratio, cfg.round_to, 1, ratios)
             removed = importance.select(cg, score, strat)
@@ -222,8 +228,8 @@ class PrunePass(OnnxccPass):
         lossy_notes: list[str] = []
         data = calib if calib is not None else (_random_set(model) if cfg.criterion == "zero" else None)
         if removed and (cfg.compensate or cfg.criterion == "zero") and data is not None:
-            cached = self.context if data is calib else None  # cached stats are calibration statistics
-            removed, deltas, lossy_notes, more_kept = _compensate(model, cg, removed, data, cfg, exact=self.exact, context=cached)
+            cached = calib_stats if data is calib else {}  # cached stats are calibration statistics
+            removed, deltas, lossy_notes, more_kept = _compensate(model, cg, removed, data, cfg, exact=self.exact, cache=cached)
             why_kept.update(more_kept)
         elif removed and cfg.criterion != "zero":
             lossy_notes.append("no calibration data: removed channels' mean activations not compensated")
@@ -343,11 +349,14 @@ def _random_set(model: ir.Model) -> CalibrationSet:
     return CalibrationSet({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}, source="random inputs")
 
 
-def _activation_scores(model, cg: ChannelGraph, calib: CalibrationSet, cfg) -> dict[str, np.ndarray]:
+def _consumer_input_stats(model, cg: ChannelGraph, calib: CalibrationSet, cfg, cache: dict) -> dict[str, ChannelStats]:
+    """Channel statistics of every consumer input on the calibration data (entries of ``cache`` are reused)."""
     values = {node.inputs[idx] for node, idx in cg.consumers}
-    reducers = {v.name: [ChannelStats(cg.tracked[v].axis)] for v in values}
-    ActivationCollector(model, calib).collect(reducers, limit=cfg.calib_samples)
-    return {name: r[0].mean_abs for name, r in reducers.items()}
+    stats = {v.name: cache.get(v.name) or ChannelStats(cg.tracked[v].axis) for v in values}
+    missing = {k: [r] for k, r in stats.items() if k not in cache}
+    if missing:
+        ActivationCollector(model, calib).collect(missing, limit=cfg.calib_samples)
+    return stats
 
 
 def _has_padding(node: ir.Node) -> bool:
@@ -360,7 +369,7 @@ def _has_padding(node: ir.Node) -> bool:
     return any(p != 0 for p in (_attr(node, "pads") or []))
 
 
-def _compensate(model, cg: ChannelGraph, removed: set[int], data: CalibrationSet, cfg, *, exact: bool, context=None):
+def _compensate(model, cg: ChannelGraph, removed: set[int], data: CalibrationSet, cfg, *, exact: bool, cache: dict):
     """Bias deltas per consumer; in exact mode, groups that cannot be compensated exactly are kept."""
     work = []
     for node, idx in cg.consumers:
@@ -374,7 +383,6 @@ def _compensate(model, cg: ChannelGraph, removed: set[int], data: CalibrationSet
             work.append((node, x, r))
     if not work:
         return removed, {}, [], {}
-    cache = getattr(context, "stats_cache", {}) if context is not None else {}
     reducers = {x.name: [cache[x.name]] if x.name in cache else [ChannelStats(cg.tracked[x].axis)] for _, x, _ in work}
     missing = {k: v for k, v in reducers.items() if k not in cache}
     if missing:

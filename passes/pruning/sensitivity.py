@@ -26,11 +26,12 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler.analysis import analyze
-from compiler.calibration import CalibrationSet
+from compiler.calibration import ActivationCollector, CalibrationSet, ChannelStats
 from compiler.ir_utils import clone_model
 from compiler import verify as V
+from compiler.registry import PassContext, make_config
 from passes.pruning.dependency import ChannelGraph
-from passes.pruning.prune import prepare
+from passes.pruning.prune import PrunePass, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +118,6 @@ def analyse(
     lab = None if labels is None else np.asarray(labels)[:n_eval]
     ref = V.run_model(base, feeds, optimize=True)  # metric runs may use onnxruntime's optimised graph
     # Channel statistics of every consumer input, computed once and shared by all cuts (bias compensation).
-    from compiler.calibration import ActivationCollector, ChannelStats
-    from compiler.registry import PassContext
-
     cache = {node.inputs[i].name: ChannelStats(cg.tracked[node.inputs[i]].axis) for node, i in cg.consumers}
     ActivationCollector(base, calibration).collect({k: [v] for k, v in cache.items()}, limit=samples)
     context = PassContext(calibration=calibration, labels=labels, stats_cache=cache, top_k=top_k)
@@ -134,9 +132,6 @@ def analyse(
         for r in ratios:
             m = clone_model(base)
             opts = {"ratio": 0.0, "criterion": criterion, "space_ratio": (f"{key}={r}",), "reconstruct": reconstruct, "calib_samples": samples}
-            from compiler.registry import make_config
-            from passes.pruning.prune import PrunePass
-
             PrunePass(make_config(PrunePass, opts), context)(m)
             after = analyze(m, stats=False)
             comp = V.compare_outputs(ref, V.run_model(m, feeds, optimize=True), lab, top_k)

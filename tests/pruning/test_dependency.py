@@ -15,18 +15,10 @@ from compiler.pipeline import Pipeline
 from compiler.verify import EXACT_RTOL, compare_outputs, run_model
 from passes.pruning.dependency import ChannelGraph
 from passes.pruning.prune import prepare
-from tests.conftest import model_from_text as _from_text
+from tests.conftest import named_model_from_text as model_from_text
 
 HEAD = '<ir_version: 8, opset_import: ["" : {opset}]>\n'
 RNG = np.random.default_rng(0)
-
-
-def model_from_text(text, **inits):
-    """Parse, and name every node after its first output (reports and patterns use node names)."""
-    m = _from_text(text, **inits)
-    for n in m.graph:
-        n.name = n.name or n.outputs[0].name
-    return m
 
 
 def w(*shape, zero_out=(), zero_in=()):

@@ -9,7 +9,7 @@ from compiler.calibration import CalibrationSet
 from compiler.ir_utils import clone_model, const_array
 from compiler.pipeline import Pipeline
 from compiler.verify import compare_outputs, run_model
-from tests.conftest import model_from_text
+from tests.conftest import named_model_from_text as model_from_text
 
 
 def _redundant_model():
@@ -22,10 +22,7 @@ def _redundant_model():
         a = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (x, w1)
         y = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (a, w2, b2)
     }"""
-    m = model_from_text(text, w1=w1, w2=rng.normal(size=(4, 6, 3, 3)).astype(np.float32), b2=np.zeros(4, np.float32))
-    for n in m.graph:
-        n.name = n.outputs[0].name
-    return m
+    return model_from_text(text, w1=w1, w2=rng.normal(size=(4, 6, 3, 3)).astype(np.float32), b2=np.zeros(4, np.float32))
 
 
 def test_reconstruction_recovers_a_linearly_redundant_channel():
@@ -87,8 +84,6 @@ def test_reconstruction_criterion_removes_the_channel_others_can_replace():
         y = Conv <kernel_shape=[1,1]> (r, w2, b2)
     }"""
     model = model_from_text(text, w1=w1, w2=rng.normal(size=(4, 6, 1, 1)).astype(np.float32), b2=np.zeros(4, np.float32))
-    for n in model.graph:
-        n.name = n.outputs[0].name
     calib = CalibrationSet({"x": rng.standard_normal((32, 3, 8, 8)).astype(np.float32)})
     test = [{"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)}]
     ref = run_model(model, test)
