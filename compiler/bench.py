@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -222,3 +223,110 @@ def _reset_peak_rss() -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--memprobe":
         _memprobe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+
+
+_TOKEN = re.compile(r"(_token_\d+|_nchwc|_kernel_time)+$")
+
+
+def layer_name(node_name: str) -> str:
+    """The graph node a profiled onnxruntime kernel came from.
+
+    onnxruntime renames the nodes it fuses or converts (``conv_12`` becomes
+    ``conv_12_token_4`` after a QDQ fusion, ``..._nchwc`` after the NCHWc layout
+    transform); the original name is what is left after those suffixes.
+    """
+    return _TOKEN.sub("", node_name)
+
+
+def profile_nodes(
+    model: str | os.PathLike | ir.Model,
+    *,
+    threads: int = 2,
+    batch: int = 1,
+    runs: int = 20,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Median time of every kernel onnxruntime runs, by original node name: ``{name: {"op", "us"}}``.
+
+    Uses onnxruntime's own profiler (``enable_profiling``) on the session that
+    ``bench_models`` would build; kernels that onnxruntime derived from one node
+    (a fused Conv+Relu, a QLinearConv from a QDQ unit) are summed under that
+    node's name. Times include the profiler's small per-kernel overhead.
+    """
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="onnxcc-profile-") as tmp:
+        if isinstance(model, ir.Model):
+            p = Path(tmp) / "m.onnx"
+            save_model(model, p)
+            m = model
+        else:
+            p = Path(model)
+            m = load_model(p, check=False)
+        feed = random_inputs(input_specs(m), n=1, seed=seed, batch=batch, overrides=input_shapes)[0]
+        sess = _session(str(p), threads)
+        for _ in range(3):
+            sess.run(None, feed)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "prof")
+        del sess
+        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            sess.run(None, feed)
+        for _ in range(runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        kernel = e["name"][: -len("_kernel_time")]
+        counts[kernel] = counts.get(kernel, 0) + 1
+        if counts[kernel] <= 3:  # the three warm-up runs inside the profiled session
+            continue
+        per.setdefault(kernel, {"op": e.get("args", {}).get("op_name", "?"), "t": []})["t"].append(float(e["dur"]))
+    out: dict[str, dict[str, Any]] = {}
+    for kernel, d in per.items():
+        name = layer_name(kernel)
+        entry = out.setdefault(name, {"op": d["op"], "us": 0.0, "kernels": []})
+        entry["us"] += statistics.median(d["t"])
+        entry["kernels"].append(d["op"])
+    for entry in out.values():
+        entry["us"] = round(entry["us"], 2)
+    return out
+
+
+_FUSED_INTO_PRODUCER = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Add", "Sum", "QuantizeLinear", "DequantizeLinear"}
+
+
+def layer_times(model: ir.Model, profile: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Profiled kernel times attributed to the nodes of ``model`` (µs by node name).
+
+    onnxruntime names a kernel after the node it came from, or (NCHWc convs)
+    after the tensor it writes, which may be the output of an activation or
+    residual Add it fused into the conv: such a time goes to the conv that
+    produced the fused chain. Kernels with no counterpart (layout reorders) are
+    left out.
+    """
+    by_name = {n.name: n for n in model.graph if n.name}
+    by_output = {v.name: n for n in model.graph for v in n.outputs if v.name}
+    out: dict[str, float] = {}
+    for key, entry in profile.items():
+        node = by_name.get(key) or by_output.get(key)
+        while node is not None and node.op_type in _FUSED_INTO_PRODUCER and node.inputs and node.inputs[0] is not None:
+            prev = node.inputs[0].producer()
+            if prev is None:
+                break
+            node = prev
+        if node is not None and node.name:
+            out[node.name] = out.get(node.name, 0.0) + float(entry["us"])
+    return out

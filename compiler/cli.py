@@ -335,13 +335,14 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.option("--weight-only", type=click.Choice(["int8", "int4"]), default=None, help="compress weights only (float compute, no calibration)")
 @click.option("--block-size", type=int, default=32, show_default=True, help="--weight-only int4: weights per scale")
 @click.option("--fp16", is_flag=True, help="store weights as float16 (float32 compute, inputs and outputs)")
+@click.option("--dynamic", is_flag=True, help="dynamic INT8 for MatMul/Gemm (activations quantized at run time, no calibration)")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
 @click.option("--percentile", type=float, default=99.999, show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True)
 @click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
 @click.option("--equalize", is_flag=True, help="cross-layer equalization first (exact in float)")
 @click.option("--bias-correction", is_flag=True, help="correct biases for the weights' quantization error")
-@click.option("--speed-guard", is_flag=True, help="keep the model in float when INT8 measures slower than fp32 (timing-dependent)")
+@click.option("--speed-guard", is_flag=True, help="profile INT8 against fp32: layers whose integer kernel is slower stay float, and the model stays float if still slower (timing-dependent)")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="keep matching node names in float (repeatable)")
 @click.option("--samples", type=int, default=256, show_default=True, help="calibration samples used at most")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
@@ -351,20 +352,22 @@ def _sensitivity_plot(res, path: str) -> None:
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def quantize(ctx, src, out, calib, weight_only, block_size, fp16, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, samples, labels, budget, report, in_place, input_shapes, metric):
+def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, samples, labels, budget, report, in_place, input_shapes, metric):
     """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first); or weight-only INT8/INT4/FP16."""
     from compiler.ir_utils import default_opset, load_model
     from compiler.pipeline import Budget
 
-    if weight_only and fp16:
-        raise BadInputError("--weight-only and --fp16 are alternatives: give one")
+    if sum(map(bool, (weight_only, fp16, dynamic))) > 1:
+        raise BadInputError("--weight-only, --fp16 and --dynamic are alternatives: give one")
     opset = default_opset(load_model(src, check=False))
     specs: list = [("fold", {"opset": 13} if opset is not None and opset < 13 else {})]
     if weight_only or fp16:
         specs.append(("weight-only", {"dtype": "fp16" if fp16 else weight_only, "block_size": block_size, "exclude": tuple(exclude)}))
+    elif dynamic:
+        specs.append(("quantize-dynamic", {"exclude": tuple(exclude)}))
     else:
         if not calib:
-            raise BadInputError("INT8 quantization needs calibration data: give --calib (or --weight-only / --fp16)")
+            raise BadInputError("INT8 quantization needs calibration data: give --calib (or --weight-only / --fp16 / --dynamic)")
         if equalize:
             specs.append(("equalize", {}))
         specs.append(("quantize", {

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -78,7 +78,8 @@ class QuantizePass(OnnxccPass):
         check_fusion: bool = dataclasses.field(default=True, metadata={"help": "report the layers onnxruntime leaves in float"})
         max_drop: float | None = dataclasses.field(default=None, metadata={"help": "mixed precision: keep the layers adding the most error in float until the top-1 agreement (accuracy with labels) drop on calibration samples is at most this many points"})
         eval_samples: int = dataclasses.field(default=64, metadata={"help": "mixed precision: calibration samples the drop is measured on"})
-        speed_guard: bool = dataclasses.field(default=False, metadata={"help": "time INT8 against fp32 (batch 1, 2 threads) and keep the model in float if INT8 is slower; the result then depends on timing"})
+        speed_guard: bool = dataclasses.field(default=False, metadata={"help": "profile INT8 against fp32 (batch 1, 2 threads): layers whose integer kernel is slower stay float, and the whole model stays float if INT8 is still slower; the result then depends on timing"})
+        layer_errors: bool = dataclasses.field(default=True, metadata={"help": "report each quantized layer's error contribution (dB of SQNR lost across it, first calibration batch)"})
         decompose_hard_activations: bool = dataclasses.field(default=True, metadata={"help": "HardSigmoid/HardSwish as Add/Clip/Mul so they run in uint8"})
 
         def __post_init__(self):
@@ -95,58 +96,70 @@ class QuantizePass(OnnxccPass):
 
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
-        if not cfg.speed_guard and cfg.max_drop is None:
-            return self._quantize(model)
-        from compiler.bench import bench_models
         from compiler.ir_utils import clone_model
-        fp32 = clone_model(model)
+
+        fp32 = clone_model(model) if (cfg.speed_guard or cfg.max_drop is not None or cfg.layer_errors) else None
         report = self._quantize(model)
         if report.modified and cfg.max_drop is not None:
             report = self._mixed_precision(model, fp32, report)
+        all_int8 = None
+        if report.modified and cfg.speed_guard:
+            all_int8 = (clone_model(model), report)
+            report = self._layer_speed_guard(model, fp32, report)
+            if not report.stats["speed_guard"]["slower_layers"]:
+                all_int8 = None
         if not report.modified or not cfg.speed_guard:
+            if report.modified and cfg.layer_errors:
+                self._record_layer_errors(model, fp32, report)
             return report
-        res = bench_models([("fp32", fp32), ("int8", model)], threads=2, batch=1, rounds=3, block=8, measure_memory=False)
-        ratio = res.entries[1].median_ms / res.entries[0].median_ms
-        report.stats["speed_guard"] = {"int8_over_fp32_batch1": round(ratio, 3), "fp32_ms": res.entries[0].median_ms}
-        if ratio <= 1.0:
-            return report
-        replace_contents(model, fp32)
-        why = f"INT8 measured {ratio:.2f}x the fp32 latency (batch 1, 2 threads): the model is kept in float"
-        return PassReport(model, False, skipped=[Skipped("model", why)], stats={"speed_guard": report.stats["speed_guard"]})
+        # Whole model: fp32, the layer-guarded INT8 model and (when the layer guard changed
+        # anything) the all-INT8 model, timed side by side; the fastest is kept. Moving layers
+        # back to float adds Q/DQ boundaries, so the layer-guarded model is not always faster.
+        from compiler.bench import bench_models
 
-    def _mixed_precision(self, model: ir.Model, fp32: ir.Model, report: PassReport) -> PassReport:
-        """Keep the weighted layers that add the most error in float until the metric drop fits ``max_drop``.
+        candidates = [("fp32", fp32), ("int8", model)] + ([("int8-no-layer-guard", all_int8[0])] if all_int8 else [])
+        res = bench_models(candidates, threads=2, batch=1, rounds=3, block=8, measure_memory=False)
+        ms = [e.median_ms for e in res.entries]
+        guard = report.stats["speed_guard"]
+        guard.update(fp32_ms=ms[0], int8_over_fp32_batch1=round(ms[1] / ms[0], 3))
+        if all_int8:
+            guard["unguarded_int8_over_fp32_batch1"] = round(ms[2] / ms[0], 3)
+            if ms[2] < ms[1]:
+                replace_contents(model, all_int8[0])
+                report = all_int8[1]
+                report.model = model
+                report.stats["speed_guard"] = dict(guard, kept="INT8 without the layer guard: faster than with the slower layers in float")
+                guard = report.stats["speed_guard"]
+        ratio = min(ms[1:]) / ms[0]
+        if ratio > 1.0:
+            replace_contents(model, fp32)
+            why = f"INT8 measured {ratio:.2f}x the fp32 latency (batch 1, 2 threads): the model is kept in float"
+            return PassReport(model, False, skipped=[Skipped("model", why)], stats={"speed_guard": guard})
+        if cfg.layer_errors:
+            self._record_layer_errors(model, fp32, report)
+        return report
 
-        Layers are ranked once by the SQNR they lose between their input and their output
-        (quantized vs float, first calibration batch); the number kept in float doubles until the
-        drop fits, then a bisection finds the smallest such number. Each try re-quantizes the
-        float model with those layers excluded.
-        """
-        from compiler import verify as V
-        from compiler.calibration import ActivationCollector
+    def _requantize(self, fp32: ir.Model, extra_exclude: Sequence[str]) -> tuple[ir.Model, PassReport]:
         from compiler.ir_utils import clone_model
-        cfg = self.config
+
+        trial = clone_model(fp32)
+        c = dataclasses.replace(self.config, exclude=self.config.exclude + tuple(extra_exclude), max_drop=None, speed_guard=False)
+        return trial, QuantizePass(c, self.context)._quantize(trial)
+
+    def _local_losses(self, fp32: ir.Model, model: ir.Model, names: Sequence[str]) -> dict[str, float]:
+        """dB of SQNR each node loses between its input and its output (quantized vs float, first batch).
+
+        The error a layer *adds* to what reached it: SQNR(input) − SQNR(output),
+        both measured against the float model on the first calibration batch.
+        """
+        from compiler.calibration import ActivationCollector
+
         calib = self.context.calibration
-        feeds = list(calib.batches(calib.batch_size_for(fp32, 16), limit=cfg.eval_samples))
-        n = sum(next(iter(f.values())).shape[0] for f in feeds)
-        labels = None if self.context.labels is None else np.asarray(self.context.labels)[:n]
-        ref = V.run_model(fp32, feeds)
-
-        def drop(m: ir.Model) -> float:
-            d = V.compare_outputs(ref, V.run_model(m, feeds), labels, self.context.top_k).metric_drop()
-            return 0.0 if d is None else d
-
-        d0 = drop(model)
-        info = {"budget": cfg.max_drop, "drop_all_int8": round(d0, 3), "float_layers": [], "tries": 1}
-        if d0 <= cfg.max_drop:
-            report.stats["mixed_precision"] = dict(info, drop=round(d0, 3))
-            return report
-        quantized = set(report.changed)  # every quantized node: weighted layers, then Add/Mul/Concat/pools
-        layers = {n_.name: n_ for n_ in fp32.graph if n_.name in quantized and n_.inputs and n_.inputs[0] is not None}
-        names = {}
-        for name, node in layers.items():
-            names[name] = (node.inputs[0].name, node.outputs[0].name)
-        tensors = sorted({t for pair in names.values() for t in pair})
+        layers = {n.name: n for n in fp32.graph if n.name in set(names) and n.inputs and n.inputs[0] is not None and n.outputs}
+        pairs = {name: (node.inputs[0].name, node.outputs[0].name) for name, node in layers.items()}
+        present = {v.name for v in model.graph.inputs} | {v.name for n in model.graph for v in n.outputs}
+        pairs = {k: p for k, p in pairs.items() if p[0] in present and p[1] in present}
+        tensors = sorted({t for pair in pairs.values() for t in pair})
 
         class First:
             def __init__(self):
@@ -167,15 +180,90 @@ class QuantizePass(OnnxccPass):
             err = float(np.sum((a - b) ** 2))
             return 200.0 if err == 0 else 10 * np.log10(max(float(np.sum(a * a)), 1e-30) / err)
 
-        local = {name: sqnr(i) - sqnr(o) for name, (i, o) in names.items()}
-        weighted = [k_ for k_ in local if layers[k_].op_type in WEIGHTED]
+        return {name: sqnr(i) - sqnr(o) for name, (i, o) in pairs.items()}
+
+    def _record_layer_errors(self, model: ir.Model, fp32: ir.Model, report: PassReport) -> None:
+        """Every quantized node's error contribution (dB of SQNR lost across it) in ``stats["layers"]``."""
+        by_name = {n.name: n for n in fp32.graph if n.name}
+        losses = self._local_losses(fp32, model, [c for c in report.changed if c in by_name])
+        layers = report.stats.setdefault("layers", {})
+        heavy = set(report.stats.get("fusion", {}).get("float_heavy", []))
+        for name, loss in losses.items():
+            entry = layers.setdefault(name, {"op": by_name[name].op_type})
+            entry["error_db"] = round(float(loss), 3)
+            if "fusion" in report.stats and by_name[name].op_type in WEIGHTED:
+                entry["fused"] = not any(name == h or h.startswith(name + "_token") for h in heavy)
+        report.stats["error_ranking"] = sorted(losses, key=lambda k: -losses[k])[:10]
+
+    def _layer_speed_guard(self, model: ir.Model, fp32: ir.Model, report: PassReport) -> PassReport:
+        """Keep in float each layer whose integer kernel measures slower than its float kernel.
+
+        Both models are profiled by onnxruntime (batch 1, 2 threads) twice, interleaved; a
+        layer's time is the smaller of its two medians. A layer goes back to float when its
+        integer kernel takes more than ``1.15 × float + 3 µs``; the model is then re-quantized
+        once without those layers. The Q/DQ nodes around a layer are not charged to it: the
+        whole-model guard that follows catches a model that is slower overall.
+        """
+        from compiler.bench import layer_times, profile_nodes
+
+        def times(m: ir.Model) -> dict[str, float]:
+            return layer_times(m, profile_nodes(m, threads=2, batch=1, runs=20))
+
+        runs = [times(fp32), times(model), times(fp32), times(model)]
+        f = {k: min(runs[0].get(k, np.inf), runs[2].get(k, np.inf)) for k in runs[0]}
+        q = {k: min(runs[1].get(k, np.inf), runs[3].get(k, np.inf)) for k in runs[1]}
+        quantized = set(report.changed)
+        per_layer = {k: {"fp32_us": round(f[k], 1), "int8_us": round(q[k], 1)} for k in quantized if k in f and k in q and np.isfinite(f[k]) and np.isfinite(q[k])}
+        slower = sorted(k for k, t in per_layer.items() if t["int8_us"] > 1.15 * t["fp32_us"] + 3.0)
+        guard = {"layers": per_layer, "slower_layers": slower}
+        if slower:
+            trial, rep = self._requantize(fp32, slower)
+            replace_contents(model, trial)
+            rep.model = model
+            if "mixed_precision" in report.stats:
+                rep.stats["mixed_precision"] = report.stats["mixed_precision"]
+                rep.skipped.extend(s for s in report.skipped if "accuracy budget" in s.reason)
+            for k in slower:
+                t = per_layer[k]
+                rep.skipped.append(Skipped(k, f"kept in float: its integer kernel measured {t['int8_us']:.0f} us vs {t['fp32_us']:.0f} us in float"))
+            report = rep
+        report.stats["speed_guard"] = guard
+        return report
+
+    def _mixed_precision(self, model: ir.Model, fp32: ir.Model, report: PassReport) -> PassReport:
+        """Keep the weighted layers that add the most error in float until the metric drop fits ``max_drop``.
+
+        Layers are ranked once by the SQNR they lose between their input and their output
+        (quantized vs float, first calibration batch); the number kept in float doubles until the
+        drop fits, then a bisection finds the smallest such number. Each try re-quantizes the
+        float model with those layers excluded.
+        """
+        from compiler import verify as V
+
+        cfg = self.config
+        calib = self.context.calibration
+        feeds = list(calib.batches(calib.batch_size_for(fp32, 16), limit=cfg.eval_samples))
+        n = sum(next(iter(f.values())).shape[0] for f in feeds)
+        labels = None if self.context.labels is None else np.asarray(self.context.labels)[:n]
+        ref = V.run_model(fp32, feeds)
+
+        def drop(m: ir.Model) -> float:
+            d = V.compare_outputs(ref, V.run_model(m, feeds), labels, self.context.top_k).metric_drop()
+            return 0.0 if d is None else d
+
+        d0 = drop(model)
+        info = {"budget": cfg.max_drop, "drop_all_int8": round(d0, 3), "float_layers": [], "tries": 1}
+        if d0 <= cfg.max_drop:
+            report.stats["mixed_precision"] = dict(info, drop=round(d0, 3))
+            return report
+        local = self._local_losses(fp32, model, report.changed)
+        kinds = {n_.name: n_.op_type for n_ in fp32.graph}
+        weighted = [k_ for k_ in local if kinds.get(k_) in WEIGHTED]
         # Weighted layers first (they carry the integer speed-up), activation-only nodes last.
         order = sorted(weighted, key=lambda k_: -local[k_]) + sorted(set(local) - set(weighted), key=lambda k_: -local[k_])
 
         def attempt(k: int) -> tuple[ir.Model, PassReport, float]:
-            trial = clone_model(fp32)
-            c = dataclasses.replace(cfg, exclude=cfg.exclude + tuple(order[:k]), max_drop=None, speed_guard=False)
-            rep = QuantizePass(c, self.context)._quantize(trial)
+            trial, rep = self._requantize(fp32, order[:k])
             return trial, rep, drop(trial)
 
         best = None

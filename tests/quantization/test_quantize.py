@@ -334,6 +334,7 @@ def test_speed_guard_keeps_float_when_int8_is_slower(folded, monkeypatch, int8_m
         entries = [Entry(1.0), Entry(int8_ms)]
 
     monkeypatch.setattr(B, "bench_models", lambda *a, **k: Result())
+    monkeypatch.setattr(B, "profile_nodes", lambda *a, **k: {})  # no layer is slower on its own
     model = folded("resnet")
     res = Pipeline([("quantize", {"speed_guard": True, "check_fusion": False})], verify=False).run(model, calib_for(model))
     has_int8 = any(n.op_type == "DequantizeLinear" for n in model.graph)
@@ -341,6 +342,45 @@ def test_speed_guard_keeps_float_when_int8_is_slower(folded, monkeypatch, int8_m
     if kept_float:
         assert "kept in float" in res.steps[0].report.skipped[0].reason
     assert res.steps[0].report.stats["speed_guard"]["int8_over_fp32_batch1"] == int8_ms
+
+
+def test_layer_speed_guard_keeps_the_slower_layers_float(folded, monkeypatch):
+    """Per-layer guard: a conv whose integer kernel profiles slower than its float kernel goes back to float."""
+    import compiler.bench as B
+
+    model = folded("resnet")
+    convs = [n.name for n in model.graph if n.op_type == "Conv"]
+    slow = set(convs[1:3])
+
+    def fake_profile(m, **k):
+        int8 = any(n.op_type == "QuantizeLinear" for n in m.graph)
+        return {c: {"op": "x", "us": (30.0 if int8 and c in slow else 10.0 if int8 else 20.0)} for c in convs}
+
+    monkeypatch.setattr(B, "profile_nodes", fake_profile)
+    monkeypatch.setattr(B, "bench_models", lambda *a, **k: type("R", (), {"entries": [type("E", (), {"median_ms": 1.0})()] * 3})())
+    res = Pipeline([("quantize", {"speed_guard": True})], verify=False).run(model, calib_for(model))
+    rep = res.steps[0].report
+    assert rep.stats["speed_guard"]["slower_layers"] == sorted(slow)
+    assert {s.layer for s in rep.skipped if "integer kernel measured" in s.reason} == slow
+    by_name = {n.name: n for n in model.graph}
+    float_weights = {c for c in convs if by_name[c].inputs[1].producer() is None}  # no DequantizeLinear before W
+    assert float_weights == slow
+    assert rep.stats["speed_guard"]["int8_over_fp32_batch1"] == 1.0
+
+
+def test_report_gives_every_quantized_layer_its_error_contribution(folded):
+    model = folded("mobilenet_v2")
+    res = Pipeline([("quantize", {})], verify=False).run(model, calib_for(model))
+    rep = res.steps[0].report
+    layers = rep.stats["layers"]
+    assert set(rep.changed) <= set(layers)
+    for name in rep.changed:
+        assert np.isfinite(layers[name]["error_db"])
+    weighted = [k for k, v in layers.items() if v["op"] in ("Conv", "Gemm", "MatMul")]
+    assert weighted and all(layers[k]["fused"] for k in weighted) and all("input_scale" in layers[k] for k in weighted)
+    # the ranking is by error contribution
+    ranked = rep.stats["error_ranking"]
+    assert [layers[k]["error_db"] for k in ranked] == sorted((layers[k]["error_db"] for k in ranked), reverse=True)
 
 
 def test_mixed_precision_keeps_the_worst_layers_float_until_the_budget_holds(folded):

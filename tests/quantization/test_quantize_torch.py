@@ -40,3 +40,16 @@ def test_quantize_exported_networks(tmp_path, name, dynamo):
         assert fusion["dequantize_linear"] == 0 and fusion["quantize_linear"] == 1  # only the input
     assert step.vs_original.min_sqnr > 30.0, step.vs_original.to_json()  # measured 34-48 dB
     assert step.vs_original.top1 >= 0.9
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("name", ["vgg", "convnext"])
+def test_dynamic_quantization_of_exported_heads(tmp_path, name, dynamo):
+    """Linear layers (Gemm from the legacy exporter, MatMul+Add from dynamo) become DynamicQuantizeMatMul."""
+    module, hw = Z.make(name)
+    model = load_model(Z.export(module, hw, tmp_path / f"{name}.onnx", dynamo=dynamo, optimize=False))
+    res = Pipeline(["fold", ("quantize-dynamic", {"min_size": 256})], verify_samples=16).run(model)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    step = res.steps[1]
+    assert step.report.changed and step.report.stats["fusion"]["fused"] == len(step.report.changed)
+    assert step.vs_original.min_sqnr > 20.0, step.vs_original.to_json()

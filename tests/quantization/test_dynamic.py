@@ -1,0 +1,109 @@
+"""Dynamic INT8 (MatMul/Gemm): the subgraph onnxruntime fuses into DynamicQuantizeMatMul, agreement with fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from compiler.calibration import input_specs, random_inputs
+from compiler.ir_utils import clone_model
+from compiler.pipeline import Pipeline
+from compiler.verify import compare_outputs, run_model
+from passes.quantization.fusion import fusion_report
+from tests.conftest import named_model_from_text
+
+MLP = """
+<ir_version: 8, opset_import: ["" : 17]>
+mlp (float[N, T, 64] x) => (float[N, T, 10] y) {
+    h = MatMul(x, W1)
+    hb = Add(h, b1)
+    r = Relu(hb)
+    g = MatMul(r, W2)
+    y = Add(g, b2)
+}
+"""
+
+
+def _mlp() -> ir.Model:
+    rng = np.random.default_rng(0)
+    return named_model_from_text(
+        MLP,
+        W1=rng.normal(0, 0.2, (64, 128)).astype(np.float32),
+        b1=rng.normal(0, 0.1, 128).astype(np.float32),
+        W2=rng.normal(0, 0.1, (128, 10)).astype(np.float32),
+        b2=np.zeros(10, np.float32),
+    )
+
+
+def _run(model: ir.Model, batch: int = 8, **options):
+    ref = clone_model(model)
+    res = Pipeline([("quantize-dynamic", options)], verify=False).run(model)
+    feeds = random_inputs(input_specs(ref), batch=batch, seed=3, overrides={"x": (batch, 5, 64)} if ref.graph.inputs[0].name == "x" else None)
+    return res.steps[0].report, compare_outputs(run_model(ref, feeds), run_model(model, feeds))
+
+
+def test_matmul_chain_fuses_into_dynamic_quantize_matmul_and_agrees():
+    model = _mlp()
+    rep, cmp = _run(model)
+    assert sorted(rep.changed) == ["g", "h"]
+    assert rep.stats["fusion"]["fused"] == 2  # onnxruntime ran both as DynamicQuantizeMatMul
+    assert not any(n.op_type == "MatMul" for n in model.graph)
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert cmp.outputs[0].sqnr_db > 30  # stated: >30 dB on this 3-D MLP
+    w8 = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8 and v.const_value.shape.rank() == 2]
+    assert len(w8) == 2
+
+
+def test_gemm_head_with_transb_alpha_beta(folded):
+    model = folded("vgg")
+    n_gemm = sum(n.op_type == "Gemm" for n in model.graph)
+    rep, cmp = _run(model, min_size=16)
+    assert n_gemm >= 2 and len(rep.changed) == n_gemm
+    assert rep.stats["fusion"]["fused"] == n_gemm
+    assert all("Conv stays float" in s.reason for s in rep.skipped if s.layer != "model")
+    assert cmp.outputs[0].sqnr_db > 15 and cmp.outputs[0].cosine > 0.99
+
+
+def test_gemm_alpha_beta_and_transb_are_folded_exactly_in_the_weights():
+    rng = np.random.default_rng(1)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 48] x) => (float[N, 32] y) {
+        y = Gemm <alpha: float = 0.5, beta: float = 2.0, transB: int = 1> (x, W, C)
+    }
+    """
+    model = named_model_from_text(text, W=rng.normal(size=(32, 48)).astype(np.float32), C=rng.normal(size=32).astype(np.float32))
+    ref = clone_model(model)
+    Pipeline([("quantize-dynamic", {"min_size": 16})], verify=False).run(model)
+    feeds = random_inputs(input_specs(ref), batch=4, seed=0)
+    assert compare_outputs(run_model(ref, feeds), run_model(model, feeds)).outputs[0].sqnr_db > 30
+
+
+def test_refuses_quantized_models_and_skips_non_constant_weights():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 48] x, float[48, 32] w) => (float[N, 32] y) {
+        y = MatMul(x, w)
+    }
+    """
+    model = named_model_from_text(text)
+    res = Pipeline([("quantize-dynamic", {})], verify=False).run(model)
+    assert not res.steps[0].report.modified
+    assert "not a constant" in res.steps[0].report.skipped[0].reason
+
+
+def test_cli_dynamic_needs_no_calibration(cli, tmp_path):
+    from compiler.ir_utils import save_model
+
+    src = tmp_path / "mlp.onnx"
+    save_model(_mlp(), src)
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", src, "-o", out, "--dynamic", "--input-shape", "x:4x5x64")
+    assert r.code == 0, r.err
+    from compiler.ir_utils import load_model
+
+    fused = fusion_report(load_model(out))["ops"].get("com.microsoft:DynamicQuantizeMatMul", 0)
+    assert fused == 2
+    r = cli("quantize", src, "-o", tmp_path / "x.onnx", "--dynamic", "--fp16")
+    assert r.code == 2 and "alternatives" in r.err
