@@ -262,6 +262,46 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path())
+@click.option("--method", type=click.Choice(["svd", "spatial-svd", "tucker", "cp", "depthwise"]), default="tucker", show_default=True,
+              help="svd: Gemm/MatMul/1x1 conv; the others: kxk convs")
+@click.option("--rank", type=float, default=None, help=">=1: absolute rank (depthwise: multiplier); <1: fraction of each layer's MACs kept [default 0.5]")
+@click.option("--energy", type=float, default=None, help="rank keeping this fraction of the squared singular values")
+@click.option("--vbmf", is_flag=True, help="ranks by empirical VBMF")
+@click.option("--target-macs", type=float, default=None, help="whole-model MACs ratio to reach")
+@click.option("--layer-rank", multiple=True, metavar="PATTERN=R", help="per-layer rank (repeatable)")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="leave matching node names alone (repeatable)")
+@click.option("--calib", type=click.Path(), help="calibration data: refit each layer's last factor by least squares")
+@click.option("--no-refit", is_flag=True, help="with --calib: do not refit")
+@click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
+@click.option("--keep-if-faster", is_flag=True, help="keep only the factorizations onnxruntime measures faster (timing-dependent)")
+@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--in-place", is_flag=True)
+@_apply(common_model_options)
+@metric_option
+@click.pass_context
+def factorize(ctx, src, out, method, rank, energy, vbmf, target_macs, layer_rank, exclude, calib, no_refit, samples, keep_if_faster, labels, budget, report, in_place, input_shapes, metric):
+    """Low-rank (SVD, spatial SVD, Tucker-2, CP) or depthwise-separable factorization (runs fold first)."""
+    from compiler.pipeline import Budget
+
+    if sum(x is not None and x is not False for x in (rank, energy, target_macs)) + bool(vbmf) > 1:
+        raise BadInputError("--rank, --energy, --vbmf and --target-macs are alternatives: give one")
+    opts = {
+        "method": method, "rank": 0.5 if rank is None else rank, "energy": energy, "vbmf": vbmf, "target_macs": target_macs,
+        "layer_rank": tuple(layer_rank), "exclude": tuple(exclude), "refit": not no_refit, "calib_samples": samples,
+        "keep_if_faster": keep_if_faster,
+    }
+    run_transform(
+        ctx, src, out, [("fold", {}), ("factorize", opts)], calib=calib, labels=labels,
+        budget=Budget(max_drop=budget) if budget is not None else None, report=report, in_place=in_place,
+        input_shapes=input_shapes, metric=metric,
+    )
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
 @click.option("--calib", type=click.Path(), required=True, help="calibration data: the evaluation samples")
 @click.option("--labels", type=click.Path(), help="labels (.npy): metric is accuracy drop, else top-1 disagreement")
 @click.option("--ratios", default="0.1,0.3,0.5,0.7", show_default=True)

@@ -1,3 +1,3 @@
 """onnxcc passes, one module per rewrite family. Importing this package registers them."""
 
-from passes import fold, pruning, quantization  # noqa: F401
+from passes import factorization, fold, pruning, quantization  # noqa: F401
