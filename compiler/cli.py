@@ -148,6 +148,9 @@ def run_transform(
                     drop = step.vs_original.metric_drop()
                     sq = step.vs_original.min_sqnr
                     verdict += f", SQNR {sq:.1f} dB vs original" + (f", metric drop {drop:.2f} pts" if drop is not None else "")
+            size = step.report.stats.get("size_after") if isinstance(step.report.stats, dict) else None
+            if size:
+                verdict += f", {size['bytes'] / 1e6:.2f} MB, zipped {size['zipped_bytes'] / 1e6:.2f} MB"
             click.echo(
                 f"{step.name}: {'exact' if step.exact else 'lossy'}, {len(step.report.changed)} changes, "
                 f"{len(step.report.skipped)} skipped{verdict}"
@@ -372,7 +375,7 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.argument("src", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path())
 @click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder); not needed for --weight-only/--fp16")
-@click.option("--weight-only", type=click.Choice(["int8", "int4"]), default=None, help="compress weights only (float compute, no calibration)")
+@click.option("--weight-only", type=click.Choice(["int8", "int4", "binary", "ternary"]), default=None, help="compress weights only (float compute, no calibration); binary/ternary lose much accuracy without fine-tuning")
 @click.option("--block-size", type=int, default=32, show_default=True, help="--weight-only int4: weights per scale")
 @click.option("--fp16", is_flag=True, help="store weights as float16 (float32 compute, inputs and outputs)")
 @click.option("--dynamic", is_flag=True, help="dynamic INT8 for MatMul/Gemm (activations quantized at run time, no calibration)")
@@ -421,6 +424,80 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, metho
         report=report, in_place=in_place, input_shapes=input_shapes, metric=metric,
         verify_samples=64 if budget is not None else 8,  # the samples mixed precision measured its drop on
     )
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path())
+@click.option("--sparsity", type=float, required=True, help="fraction of weights set to zero")
+@click.option("--global", "global_threshold", is_flag=True, help="one magnitude threshold over all layers")
+@click.option("--steps", type=int, default=1, show_default=True)
+@click.option("--calib", type=click.Path(), help="calibration data: refit the kept weights (sparsity pattern kept)")
+@click.option("--exclude", multiple=True, metavar="PATTERN")
+@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--in-place", is_flag=True)
+@_apply(common_model_options)
+@metric_option
+@click.pass_context
+def sparsify(ctx, src, out, sparsity, global_threshold, steps, calib, exclude, labels, budget, report, in_place, input_shapes, metric):
+    """Unstructured magnitude sparsity; the report gives the zipped size."""
+    from compiler.pipeline import Budget
+
+    opts = {"sparsity": sparsity, "global_threshold": global_threshold, "steps": steps, "reconstruct": bool(calib), "exclude": tuple(exclude)}
+    run_transform(ctx, src, out, [("fold", {}), ("sparsify", opts)], calib=calib, labels=labels,
+                  budget=Budget(max_drop=budget) if budget is not None else None, report=report, in_place=in_place,
+                  input_shapes=input_shapes, metric=metric)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path())
+@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True, help="2^bits shared values per layer")
+@click.option("--layers", multiple=True, metavar="PATTERN", help="compress only matching node names (repeatable)")
+@click.option("--exclude", multiple=True, metavar="PATTERN")
+@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy (with --calib)")
+@click.option("--calib", type=click.Path(), help="data to verify on (default: random inputs)")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--in-place", is_flag=True)
+@_apply(common_model_options)
+@metric_option
+@click.pass_context
+def codebook(ctx, src, out, bits, layers, exclude, labels, calib, budget, report, in_place, input_shapes, metric):
+    """k-means weight sharing: packed indices + codebook, rebuilt in-graph (same speed)."""
+    from compiler.pipeline import Budget
+
+    run_transform(ctx, src, out, [("fold", {}), ("codebook", {"bits": bits, "layers": tuple(layers), "exclude": tuple(exclude)})],
+                  calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
+                  report=report, in_place=in_place, input_shapes=input_shapes, metric=metric)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path())
+@click.option("--calib", type=click.Path(), required=True, help="calibration data (reconstruction and verification)")
+@click.option("--prune", "prune_ratio", type=float, default=0.0, show_default=True, help="structured channel ratio (0: no pruning)")
+@click.option("--sparsity", type=float, default=0.6, show_default=True)
+@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@_apply(common_model_options)
+@metric_option
+@click.pass_context
+def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, labels, budget, report, input_shapes, metric):
+    """Deep-Compression-style: prune (structured) → sparsify → codebook, sizes and metric at each stage."""
+    from compiler.pipeline import Budget
+
+    specs: list = [("fold", {})]
+    if prune_ratio > 0:
+        specs.append(("prune", {"ratio": prune_ratio, "reconstruct": True, "round_to": 1}))
+    specs.append(("sparsify", {"sparsity": sparsity, "reconstruct": True, "steps": 2}))
+    specs.append(("codebook", {"bits": bits}))
+    run_transform(ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
+                  report=report, input_shapes=input_shapes, metric=metric, verify_samples=64)
 
 
 # --------------------------------------------------------------------------- read-only commands

@@ -1,3 +1,3 @@
 """onnxcc passes, one module per rewrite family. Importing this package registers them."""
 
-from passes import factorization, fold, pruning, quantization  # noqa: F401
+from passes import compression, factorization, fold, pruning, quantization  # noqa: F401

@@ -127,10 +127,14 @@ def reconstruct(
     calibration: CalibrationSet,
     layers: dict[str, np.ndarray | None],
     options: ReconstructOptions = ReconstructOptions(),
+    masks: dict[str, np.ndarray] | None = None,
 ) -> tuple[list[str], list[Skipped], dict]:
     """Refit the consumer layers of ``pruned`` in topological order; returns (changed, skipped, stats).
 
     ``layers`` maps a layer name to the original output channels it kept (None: all).
+    ``masks`` (optional, per layer) is a boolean ``outputs × inputs`` matrix in the layout of
+    :func:`_weight_as_matrix`: only those weights are refit, the others stay zero (a sparse
+    layer stays exactly as sparse), each output solved on its own support.
     """
     changed: list[str] = []
     skipped: list[Skipped] = []
@@ -166,7 +170,8 @@ def reconstruct(
         reg = lam * np.eye(d)
         reg[-1, -1] = 0.0  # the bias is not shrunk
         before = _residual(eq, np.concatenate([w_mat.T.astype(np.float64), _bias(node, w_mat.shape[0])[None, :]], axis=0))
-        sol = np.linalg.solve(eq.ata + reg, eq.aty)
+        mask = None if masks is None else masks.get(name)
+        sol = np.linalg.solve(eq.ata + reg, eq.aty) if mask is None else _masked_solve(eq.ata + reg, eq.aty, mask)
         after = _residual(eq, sol)
         if not np.all(np.isfinite(sol)) or after > before:
             skipped.append(Skipped(node_label(node), "not reconstructed: the least-squares fit did not reduce the layer's error"))
@@ -182,6 +187,16 @@ def reconstruct(
         changed.append(node_label(node))
         stats[node_label(node)] = {"rows": eq.rows, "inputs": d - 1, "residual_before": before, "residual_after": after}
     return changed, skipped, stats
+
+
+def _masked_solve(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per output column j: least squares on the inputs ``mask[j]`` allows (plus the bias row)."""
+    sol = np.zeros_like(b)
+    n_in = a.shape[0] - 1
+    for j in range(b.shape[1]):
+        idx = np.concatenate([np.flatnonzero(mask[j, :n_in]), [n_in]])
+        sol[idx, j] = np.linalg.solve(a[np.ix_(idx, idx)], b[idx, j])
+    return sol
 
 
 def _why_not(node: ir.Node) -> str | None:

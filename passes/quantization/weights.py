@@ -50,7 +50,8 @@ class WeightOnlyPass(OnnxccPass):
 
     @dataclasses.dataclass(frozen=True)
     class Config:
-        dtype: Literal["int8", "int4", "fp16"] = dataclasses.field(default="int8", metadata={"help": "storage type of the weights"})
+        dtype: Literal["int8", "int4", "fp16", "binary", "ternary"] = dataclasses.field(default="int8", metadata={"help": "storage type of the weights (binary/ternary: sign·α / {-α, 0, α} per output channel, large accuracy cost without fine-tuning)"})
+        ternary_threshold: float = dataclasses.field(default=0.7, metadata={"help": "ternary: weights below this × mean|W| (per output channel) become 0"})
         block_size: int = dataclasses.field(default=32, metadata={"help": "int4: weights per scale along the input axis"})
         min_size: int = dataclasses.field(default=1024, metadata={"help": "leave tensors with fewer elements alone"})
         exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "node-name patterns left in float"})
@@ -65,7 +66,7 @@ class WeightOnlyPass(OnnxccPass):
 
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
-        if cfg.dtype == "int4" and model.opset_imports.get("", 0) < 21:
+        if cfg.dtype in ("int4", "binary", "ternary") and model.opset_imports.get("", 0) < 21:
             replace_contents(model, convert_opset(model, 21))
         graph = model.graph
         skipped, changed, layers = [], [], {}
@@ -104,6 +105,14 @@ class WeightOnlyPass(OnnxccPass):
                 zv = add_initializer(graph, f"{w_val.name}_zero_point", np.zeros(scale.shape, np.int8))
                 rebuilt = ir.node("DequantizeLinear", [qv, sv, zv], attributes={"axis": axis}, name=f"{node.name}_weight_dq")
                 layers[node_label(node)] = {"dtype": "int8", "sqnr_db": _sqnr(w, q.astype(np.float32) * scale.reshape(shape))}
+            elif cfg.dtype in ("binary", "ternary"):
+                q, scale = _binary_ternary(w, axis, cfg.dtype, cfg.ternary_threshold)
+                shape = [1] * w.ndim
+                shape[axis] = -1
+                qv = add_initializer(graph, f"{w_val.name}_{cfg.dtype}", q.astype(ml_dtypes.int4))
+                sv = add_initializer(graph, f"{w_val.name}_scale", scale)
+                rebuilt = ir.node("DequantizeLinear", [qv, sv], attributes={"axis": axis}, name=f"{node.name}_weight_dq")
+                layers[node_label(node)] = {"dtype": cfg.dtype, "sqnr_db": _sqnr(w, q.astype(np.float32) * scale.reshape(shape)), "zeros": round(float(np.mean(q == 0)), 4)}
             else:
                 block_axis = 1 - axis if w.ndim == 2 else 1  # the input-channel axis
                 q, scale, rec = _int4_blocks(w, block_axis, cfg.block_size)
@@ -124,7 +133,32 @@ class WeightOnlyPass(OnnxccPass):
         import onnx_ir.passes.common as common
 
         common.RemoveUnusedNodesPass()(model)
-        return PassReport(model, bool(changed), changed=changed, skipped=skipped, stats={"dtype": cfg.dtype, "layers": layers})
+        stats = {"dtype": cfg.dtype, "layers": layers}
+        if cfg.dtype in ("binary", "ternary") and changed:
+            stats["warning"] = f"{cfg.dtype} weights without fine-tuning lose most of a network's accuracy; compare the verification metrics"
+        return PassReport(model, bool(changed), changed=changed, skipped=skipped, stats=stats)
+
+
+def _binary_ternary(w: np.ndarray, axis: int, kind: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(values in {-1, +1} or {-1, 0, +1}, per-output-channel float32 α) minimising ‖W − α·Q‖ per channel.
+
+    Binary: Q = sign(W), α = mean|W| (Rastegari et al. 2016). Ternary: Δ = threshold · mean|W|,
+    Q = sign(W)·[|W| > Δ], α = mean of |W| over the kept weights (Li & Liu 2016).
+    """
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    a = np.abs(w)
+    if kind == "binary":
+        q = np.where(w >= 0, 1, -1).astype(np.int8)
+        alpha = a.mean(axis=red)
+    else:
+        delta = threshold * a.mean(axis=red)
+        keep = a > delta.reshape(shape)
+        q = (np.sign(w) * keep).astype(np.int8)
+        alpha = np.where(keep.sum(axis=red) > 0, (a * keep).sum(axis=red) / np.maximum(keep.sum(axis=red), 1), 0.0)
+    alpha = np.where(alpha > 0, alpha, 1.0).astype(np.float32)
+    return q, alpha
 
 
 def _int4_blocks(w: np.ndarray, axis: int, block: int):
