@@ -1,6 +1,6 @@
 """Factorization: MACs, measured latency and accuracy per method, with and without the least-squares refit.
 
-    python -m benchmarks.factorize [--rank 0.25] [--size small] [--methods spatial-svd,tucker,...]
+    python -m benchmarks.factorize [--rank 0.25] [--size small] [--methods spatial-svd,tucker,...] [--models digits-vgg,...]
                                    [--no-trained] [--keep-if-faster] [--json out.json]
 
 Models: the digits-trained VGG-, ResNet- and MobileNetV2-style networks
@@ -55,6 +55,8 @@ def run(args):
         evalx = random_inputs(input_specs(m), batch=64, seed=2)[0]
         models.append((f"{fam}-{args.size}", m, CalibrationSet(feeds), evalx, None))
 
+    if args.models:
+        models = [m for m in models if any(k in m[0] for k in args.models.split(","))]
     rows, records = [], []
     for label, base, calib, evalx, labels in models:
         ref = run_model(base, [evalx])
@@ -107,6 +109,7 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-trained", action="store_true")
+    ap.add_argument("--models", default="", help="comma-separated substrings of the model labels to run (default: all)")
     ap.add_argument("--keep-if-faster", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)

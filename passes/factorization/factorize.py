@@ -35,7 +35,7 @@ matches the original layer's output, layer by layer in topological order
 ``keep_if_faster`` profiles the original and the factorized model in
 onnxruntime (per-kernel, twice, interleaved) and keeps only the layers whose
 factors take less than 0.95× the original layer's time; the whole model is
-then timed against the input and given back unchanged if it is not faster.
+then timed against the input and given back unchanged unless it is at least 5% faster.
 """
 
 from __future__ import annotations
@@ -359,7 +359,10 @@ def _decompose(layer: _Layer, method: str, r, seed: int) -> tuple[tuple[np.ndarr
         f, c, l = D.tucker2(w, r[0], r[1], seed=seed)
         return (f, c, l), D.tucker2_rebuild(f, c, l), ""
     if method == "cp":
-        factors, err = D.cp(w, r, seed=seed)
+        try:
+            factors, err = D.cp(w, r, seed=seed)
+        except (np.linalg.LinAlgError, ValueError) as e:  # tensorly's ALS on tiny or rank-deficient tensors
+            return (), None, f"CP fit failed ({str(e).splitlines()[0][:80]})"
         norms = np.linalg.norm(factors[0].reshape(factors[0].shape[0], -1), axis=1) * np.linalg.norm(factors[3].reshape(factors[3].shape[0], -1), axis=0)
         if not np.isfinite(err) or err >= 1.0:
             return factors, None, f"CP fit degenerate (relative error {err:.2f})"
@@ -479,12 +482,14 @@ class FactorizePass(OnnxccPass):
         if cfg.keep_if_faster and changed:
             from compiler.bench import bench_models
 
-            res = bench_models([("original", original), ("factorized", model)], threads=2, batch=1, rounds=3, block=8, measure_memory=False)
+            res = bench_models([("original", original), ("factorized", model)], threads=2, batch=1, rounds=5, block=10, measure_memory=False)
             ratio = res.entries[1].median_ms / res.entries[0].median_ms
             stats["latency_ratio_batch1"] = round(ratio, 3)
-            if ratio >= 1.0:
+            # A 5% margin: on sub-millisecond models run-to-run noise is of that order, and a
+            # factorization that is not clearly faster is not worth its accuracy cost.
+            if ratio > 0.95:
                 replace_contents(model, original)
-                skipped.append(Skipped("model", f"factorized model measured {ratio:.2f}x the original latency: the input is returned unchanged"))
+                skipped.append(Skipped("model", f"factorized model measured {ratio:.2f}x the original latency (not 5% faster): the input is returned unchanged"))
                 return PassReport(model, False, skipped=skipped, stats=stats)
         stats["factorized_layers"] = len(changed)
         stats["macs_before"] = int(sum(v["macs_before"] for k, v in stats["layers"].items() if k in changed)) if changed else 0

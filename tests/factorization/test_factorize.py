@@ -22,8 +22,8 @@ def _calib(model, n=32):
     return CalibrationSet(random_inputs(input_specs(model), batch=n, seed=5)[0])
 
 
-@pytest.mark.parametrize("family", ["vgg", "resnet", "mobilenet_v2"])
-@pytest.mark.parametrize("method", METHODS)
+# CP's ALS on every ResNet conv takes ~40 s: CP is covered on VGG and MobileNetV2.
+@pytest.mark.parametrize("family, method", [(f, m) for f in ("vgg", "resnet", "mobilenet_v2") for m in METHODS if (f, m) != ("resnet", "cp")])
 def test_every_method_gives_a_valid_graph_with_fewer_macs(folded, family, method):
     model = folded(family)
     before = analyze(model)

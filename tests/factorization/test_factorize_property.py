@@ -95,7 +95,7 @@ def test_cp_graph_computes_exactly_its_factors(g, r):
     w = const_array(next(iter(model.graph)).inputs[1])
     info = factorize_layer(model.graph, next(iter(model.graph)), "cp", r)
     if isinstance(info, str):
-        assert "degenerate" in info
+        assert "degenerate" in info or "CP fit failed" in info
         return
     by_name = {n.name: n for n in model.graph}
     factors = [const_array(by_name[f].inputs[1]) for f in info["factors"]]
