@@ -451,6 +451,10 @@ class ActivationCollector:
         names = list(reducers)
         session = self._session(names)
         n = len(self.calibration) if limit is None else min(limit, len(self.calibration))
+        if progress is None:
+            from compiler.progress import bar
+
+            progress = bar("calibration")
         done = 0
         for feed in self.calibration.batches(self.batch_size, n):
             outs = session.run(names, feed)

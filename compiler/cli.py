@@ -97,6 +97,9 @@ def _apply(options):
 def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """onnxcc: make exported ONNX CNNs smaller and faster, verified by onnxruntime."""
     _setup_logging(verbose, quiet)
+    from compiler import progress
+
+    progress.enable(not quiet)
     ctx.obj = {"verbose": verbose, "quiet": quiet}
 
 
@@ -186,22 +189,41 @@ def fold(ctx, src, out, opset, no_bn, report, in_place, external_data, input_sha
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path())
-@click.option("--recipe", type=click.Path(), help="YAML/JSON recipe: a list of passes with options")
+@click.option("--recipe", help="a shipped recipe (lossless, int8-x86, faster-2x, smallest) or a YAML/JSON file")
 @click.option("--pass", "pass_names", multiple=True, metavar="NAME[:k=v,...]", help="add a pass (repeatable)")
-@click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder)")
+@click.option("--prune", "prune_ratio", type=float, default=None, help="shortcut: structured pruning at this channel ratio (+ reconstruction with --calib)")
+@click.option("--factorize", "factorize_spec", metavar="METHOD[:RANK]", default=None, help="shortcut: e.g. spatial-svd:0.25")
+@click.option("--sparsify", "sparsity", type=float, default=None, help="shortcut: magnitude sparsity")
+@click.option("--codebook", "codebook_bits", type=click.IntRange(2, 8), default=None, help="shortcut: k-means weight sharing with this many bits")
+@click.option("--quantize", "quant_method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default=None, help="shortcut: INT8 QDQ (equalize first)")
+@click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder), read once for every pass")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
 @click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--html", "html_path", type=click.Path(), help="write a self-contained HTML report with plots (report extra)")
+@click.option("--no-latency", is_flag=True, help="do not time the model before and after")
 @click.option("--in-place", is_flag=True)
 @click.option("--seed", type=int, default=0)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in_place, seed, input_shapes, metric):  # noqa: A001
-    """Run a pipeline of passes from a recipe and/or --pass flags, verifying each."""
-    from compiler.pipeline import Budget, PassSpec, load_recipe
+def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, sparsity, codebook_bits, quant_method, calib, labels, budget, report, html_path, no_latency, in_place, seed, input_shapes, metric):  # noqa: A001
+    """Run a verified pipeline from a recipe, --pass entries and/or shortcut flags (sound order)."""
+    from compiler.api import compile_model, json_report, resolve_recipe, specs_from_flags
+    from compiler.calibration import CalibrationSet, parse_input_shapes
+    from compiler.ir_utils import check_output_path, load_model, save_model
+    from compiler.pipeline import PassSpec
 
-    specs: list[PassSpec] = list(load_recipe(recipe)) if recipe else []
+    check_output_path(out, src, in_place=in_place)
+    for extra in (report, html_path):
+        if extra:
+            check_output_path(extra, src)
+    if html_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise BadInputError("--html needs matplotlib: pip install 'onnxcc[report]'") from e
+    specs: list[PassSpec] = resolve_recipe(recipe) if recipe else []
     for item in pass_names:
         name, _, rest = item.partition(":")
         opts = {}
@@ -211,12 +233,42 @@ def compile(ctx, src, out, recipe, pass_names, calib, labels, budget, report, in
                 raise BadInputError(f"--pass {item}: options are k=v pairs")
             opts[k] = v
         specs.append(PassSpec(name, opts))
+    if any(x is not None for x in (prune_ratio, factorize_spec, sparsity, codebook_bits, quant_method)):
+        flags = specs_from_flags(prune=prune_ratio, factorize=factorize_spec, sparsify=sparsity, codebook=codebook_bits,
+                                 quantize=quant_method, calibrated=bool(calib))
+        specs += flags[1:] if specs else flags  # a recipe already folds first
     if not specs:
-        raise BadInputError("nothing to do: give --recipe or --pass")
-    run_transform(
-        ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
-        report=report, in_place=in_place, input_shapes=input_shapes, seed=seed, metric=metric,
+        raise BadInputError("nothing to do: give --recipe, --pass or a shortcut flag")
+    model = load_model(src)
+    calibration = CalibrationSet.load(calib, model) if calib else None
+    res = compile_model(
+        model, specs, calibration=calibration, labels=_load_labels(labels), budget=budget, seed=seed,
+        input_shapes=parse_input_shapes(input_shapes), top_k=5 if metric == "top5" else 1,
+        measure_latency=not no_latency, profile_layers=bool(html_path), verify_samples=64 if budget is not None else 8,
     )
+    res.report.update(input=str(src), output=str(out))
+    page = None
+    if html_path:  # rendered before anything is written: a failure leaves no output behind
+        from compiler.report_html import render
+
+        page = render(res.report, res.report["_models"]["before"], res.model)
+    save_model(res.model, out)
+    quiet = ctx.obj.get("quiet") if ctx.obj else False
+    if not quiet:
+        for step in res.result.steps:
+            v = step.vs_original
+            extra = "" if v is None else f", SQNR {v.min_sqnr:.1f} dB" + (f", drop {v.metric_drop():.2f} pts" if v.metric_drop() is not None else "")
+            click.echo(f"{step.name}: {'exact' if step.exact else 'lossy'}, {len(step.report.changed)} changed, {len(step.report.skipped)} skipped{extra}")
+        b, a = res.report["before"], res.report["after"]
+        lat = f", latency {res.report['latency_ratio']:.2f}x" if "latency_ratio" in res.report else ""
+        click.echo(f"MACs {a['macs'] / max(b['macs'], 1):.2f}x, parameters {a['params'] / max(b['params'], 1):.2f}x, file {a['file_bytes'] / max(b['file_bytes'], 1):.2f}x{lat}")
+        click.echo(f"wrote {out}")
+    if report:
+        write_json_atomic(report, json_report(res.report))
+    if page is not None:
+        tmp = f"{html_path}.tmp-{os.getpid()}"
+        Path(tmp).write_text(page, encoding="utf-8")
+        os.replace(tmp, html_path)
 
 
 @cli.command()

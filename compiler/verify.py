@@ -190,6 +190,9 @@ class Comparison:
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"outputs": [o.to_json() for o in self.outputs]}
+        sq = self.min_sqnr
+        d["min_sqnr_db"] = None if math.isnan(sq) else (sq if math.isfinite(sq) else "inf")
+        d["metric_drop"] = self.metric_drop()
         if self.accuracy_ref is not None:
             d["accuracy_ref"] = self.accuracy_ref
             d["accuracy_cand"] = self.accuracy_cand

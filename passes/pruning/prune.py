@@ -164,7 +164,12 @@ class PrunePass(OnnxccPass):
                 frac *= goal / got  # savings overlapped: ask for more
             replace_contents(model, trial)
             last = report
-            step_reports.append({"step": k, "goal": round(goal, 3), "reached": round(got, 3), "ratios": alloc, "sensitivity_seconds": round(sens.seconds, 1)})
+            step_reports.append({
+                "step": k, "goal": round(goal, 3), "reached": round(got, 3), "ratios": alloc, "sensitivity_seconds": round(sens.seconds, 1),
+                "sensitivity": {"metric": sens.metric, "curves": [
+                    {"space": c.key, "layer": c.members[0] if c.members else c.key, "ratios": c.ratios, "loss": c.loss} for c in sens.curves
+                ]},
+            })
         if last is None:
             return PassReport(model, False, stats={"steps": step_reports, "note": "already at or below the target"})
         final = count(model) if target is not None else None

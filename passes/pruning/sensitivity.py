@@ -126,6 +126,10 @@ def analyse(
     curves = []
     total = len(keys) * len(ratios)
     done = 0
+    if progress is None:
+        from compiler.progress import bar
+
+        progress = bar("sensitivity")
     for sp_id, key in keys.items():
         sp = cg.spaces[sp_id]
         curve = SpaceCurve(sp_id, key, sp.names(), sp.channels, list(ratios), [], [], [])

@@ -1,0 +1,200 @@
+"""``compile_model``: one verified pipeline from a recipe, as a Python call.
+
+    from compiler import compile_model
+    result = compile_model("resnet.onnx", recipe="int8-x86", calibration="calib.npz", budget=1.0)
+    result.save("resnet.int8.onnx")
+    result.report["after"]["latency_ms"]
+
+``model`` may be a path, bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model``
+(a given ``onnx_ir.Model`` is not modified: the pipeline works on a copy).
+``recipe`` is a shipped recipe name (:func:`shipped_recipes`), a YAML/JSON
+path, or a list of passes (names, ``(name, options)`` pairs or dicts).
+``calibration`` may be a :class:`~compiler.calibration.CalibrationSet`, a
+numpy array or dict of arrays, a ``.npy``/``.npz``/image-folder path, or an
+onnxruntime ``CalibrationDataReader``, so existing onnxruntime quantization
+code plugs in. The data is read once and shared by every pass.
+
+The report (a JSON-ready dict) has, per pass, what changed, the layers
+skipped with reasons, the verification metrics and the time, and before/after
+totals: parameters, MACs, file size, measured latency and the metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.errors import BadInputError
+from compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, load_recipe, specs_from_data
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def specs_from_flags(
+    *, prune: float | None = None, factorize: str | None = None, sparsify: float | None = None,
+    codebook: int | None = None, quantize: str | None = None, calibrated: bool = False,
+) -> list[PassSpec]:
+    """Passes for ``onnxcc compile``'s shortcut flags, in the order they compose soundly.
+
+    fold → prune (+ least-squares reconstruction with data) → factorize (+ refit) → fold →
+    sparsify → codebook | equalize → quantize. A codebook and INT8 QDQ both own the weights'
+    storage: asking for both is refused.
+    """
+    if codebook is not None and quantize is not None:
+        raise BadInputError("--codebook and --quantize both rewrite the weights' storage: give one")
+    specs = [PassSpec("fold", {})]
+    if prune:
+        specs.append(PassSpec("prune", {"ratio": prune, "reconstruct": calibrated}))
+    if factorize:
+        method, _, rank = factorize.partition(":")
+        specs.append(PassSpec("factorize", {"method": method, **({"rank": float(rank)} if rank else {})}))
+    if prune or factorize:
+        specs.append(PassSpec("fold", {}))
+    if sparsify:
+        specs.append(PassSpec("sparsify", {"sparsity": sparsify, "reconstruct": calibrated, "steps": 2 if calibrated else 1}))
+    if codebook:
+        specs.append(PassSpec("codebook", {"bits": codebook}))
+    if quantize:
+        specs += [PassSpec("equalize", {}), PassSpec("quantize", {"method": quantize})]
+    return specs
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name → path of the recipes shipped with onnxcc (``compiler/recipes/*.yaml``)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def resolve_recipe(recipe: Any) -> list[PassSpec]:
+    if recipe is None:
+        return []
+    if isinstance(recipe, (str, os.PathLike)):
+        shipped = shipped_recipes()
+        if str(recipe) in shipped:
+            return load_recipe(shipped[str(recipe)])
+        if not Path(recipe).exists():
+            raise BadInputError(f"recipe '{recipe}': no such file, and not a shipped recipe ({', '.join(shipped)})")
+        return load_recipe(recipe)
+    if isinstance(recipe, (list, tuple, Mapping)):
+        if isinstance(recipe, (list, tuple)) and all(isinstance(r, (PassSpec, tuple)) for r in recipe):
+            return [r if isinstance(r, PassSpec) else PassSpec(r[0], dict(r[1] or {})) for r in recipe]
+        return specs_from_data(recipe)
+    raise BadInputError(f"recipe: cannot use a {type(recipe).__name__}")
+
+
+def as_calibration(calibration: Any, model: ir.Model):
+    from compiler.calibration import CalibrationSet
+
+    if calibration is None or isinstance(calibration, CalibrationSet):
+        return calibration
+    if isinstance(calibration, np.ndarray):
+        if len(model.graph.inputs) != 1:
+            raise BadInputError("calibration: an array fits a single-input model; give a dict of arrays")
+        return CalibrationSet({model.graph.inputs[0].name: calibration}, source="array")
+    if isinstance(calibration, Mapping):
+        return CalibrationSet({k: np.asarray(v) for k, v in calibration.items()}, source="arrays")
+    if isinstance(calibration, (str, os.PathLike)):
+        return CalibrationSet.load(str(calibration), model)
+    if hasattr(calibration, "get_next"):  # onnxruntime CalibrationDataReader
+        return CalibrationSet._from_reader(calibration)
+    raise BadInputError(f"calibration: cannot use a {type(calibration).__name__}")
+
+
+@dataclasses.dataclass
+class CompileResult:
+    model: ir.Model
+    report: dict[str, Any]
+    result: PipelineResult
+
+    def save(self, path: str | os.PathLike, **kwargs: Any) -> None:
+        from compiler.ir_utils import save_model
+
+        save_model(self.model, path, **kwargs)
+
+
+def totals(model: ir.Model, *, latency: bool = True, threads: int = 2) -> dict[str, Any]:
+    """Parameters, MACs, serialized size and (measured, batch 1) latency of ``model``.
+
+    Parameters are counted per layer element by element, also when stored as int8/int4, FP16 or a
+    codebook (one parameter per weight, whatever its storage); ``file_bytes`` shows the storage.
+    """
+    from compiler.analysis import analyze
+    from compiler.report_html import _per_layer
+
+    s = analyze(model, stats=False)
+    params = sum(v["params"] for v in _per_layer(model).values())
+    out: dict[str, Any] = {"params": params, "macs": s.macs, "nodes": s.nodes, "file_bytes": len(ir.to_proto(model).SerializeToString())}
+    if latency:
+        from compiler.bench import bench_models
+
+        res = bench_models([("m", model)], threads=threads, batch=1, rounds=3, block=10, measure_memory=False)
+        out["latency_ms"] = round(res.entries[0].median_ms, 4)
+    return out
+
+
+def compile_model(
+    model: Any,
+    recipe: Any = None,
+    *,
+    calibration: Any = None,
+    labels: Any = None,
+    budget: float | Budget | None = None,
+    seed: int = 0,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    verify_samples: int = 8,
+    top_k: int = 1,
+    measure_latency: bool = True,
+    profile_layers: bool = False,
+) -> CompileResult:
+    """Run ``recipe`` on ``model``, verifying every pass; raises on bad input (BadInputError) or budget (BudgetError)."""
+    from compiler.ir_utils import clone_model, load_model
+
+    specs = resolve_recipe(recipe)
+    if not specs:
+        raise BadInputError("nothing to do: give a recipe")
+    m = clone_model(model) if isinstance(model, ir.Model) else load_model(model)
+    calib = as_calibration(calibration, m)
+    if calib is not None:
+        calib.validate(m)
+    if isinstance(budget, (int, float)):
+        budget = Budget(max_drop=float(budget))
+    if labels is not None and not isinstance(labels, np.ndarray):
+        labels = np.load(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
+    pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, top_k=top_k)
+    original = clone_model(m)
+    before = totals(original, latency=measure_latency)
+    t0 = time.perf_counter()
+    result = pipeline.run(m, calib)
+    elapsed = time.perf_counter() - t0
+    after = totals(result.model, latency=measure_latency)
+    report: dict[str, Any] = {"recipe": [{"name": s.name, "options": dict(s.options)} for s in specs], "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
+    last = next((s.vs_original for s in reversed(result.steps) if s.vs_original is not None), None)
+    if last is not None:
+        report["metric"] = {
+            "top1_agreement": last.outputs[0].top1 if last.outputs else None,
+            "min_sqnr_db": last.min_sqnr,
+            "accuracy_before": last.accuracy_ref,
+            "accuracy_after": last.accuracy_cand,
+            "drop_points": last.metric_drop(),
+        }
+    if measure_latency and before.get("latency_ms"):
+        report["latency_ratio"] = round(after["latency_ms"] / before["latency_ms"], 3)
+    if profile_layers:
+        from compiler.bench import layer_times, profile_nodes
+
+        report["layer_latency_us"] = {
+            "before": layer_times(original, profile_nodes(original, runs=10)),
+            "after": layer_times(result.model, profile_nodes(result.model, runs=10)),
+        }
+    report["_models"] = {"before": original}  # for the HTML report; dropped by json writers
+    return CompileResult(result.model, report, result)
+
+
+def json_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report without in-memory objects (what ``--report`` writes)."""
+    return {k: v for k, v in report.items() if not k.startswith("_")}

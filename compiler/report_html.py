@@ -1,0 +1,275 @@
+"""A single self-contained HTML page for a compile run: tables and matplotlib plots inlined as PNG.
+
+Plots (each only when its data exists):
+
+* per-layer MACs and parameters, before and after (factor nodes ``L_f1``,
+  ``L_f2``, … are summed under their original layer ``L``);
+* weight histograms of the largest layers, before and after (quantized,
+  codebook and FP16 weights are rebuilt from their constants for the plot);
+* sensitivity curves, when pruning computed them;
+* per-layer latency before and after, from onnxruntime's profiler;
+* the metric after each pass (SQNR against the input model, top-1 agreement
+  or accuracy).
+
+The page checks itself when it loads: every ``<img>`` must have decoded, and
+then the title becomes ``onnxcc report: N plots rendered`` (or ``... ERROR``),
+which the headless-browser test reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+_FACTOR = re.compile(r"_f\d+$")
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}img{max-width:100%}
+.skip{font-size:85%;color:#555}
+"""
+_CHECK = """
+<script>
+window.addEventListener('error', function () { document.title = 'onnxcc report: ERROR'; });
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img'), ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
+  document.title = ok === imgs.length ? 'onnxcc report: ' + ok + ' plots rendered' : 'onnxcc report: ERROR ' + ok + '/' + imgs.length;
+});
+</script>
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _weight(node: ir.Node) -> np.ndarray | None:
+    """A layer's float weight, also when stored quantized (DequantizeLinear), as a codebook (Gather) or FP16 (Cast)."""
+    from compiler.ir_utils import const_array
+
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    v = node.inputs[1]
+    w = const_array(v)
+    if w is not None:
+        return w.astype(np.float32) if np.issubdtype(w.dtype, np.floating) else None
+    p = v.producer()
+    if p is None:
+        return None
+    if p.op_type == "Cast":
+        w = const_array(p.inputs[0])
+        return None if w is None else w.astype(np.float32)
+    if p.op_type == "Gather":
+        book = const_array(p.inputs[0])
+        cast = p.inputs[1].producer()
+        idx = const_array(cast.inputs[0] if cast is not None and cast.op_type == "Cast" else p.inputs[1])
+        return None if book is None or idx is None else book[idx.astype(np.int64)]
+    if p.op_type == "DequantizeLinear":
+        q, scale = const_array(p.inputs[0]), const_array(p.inputs[1])
+        zp = const_array(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else None
+        if q is None or scale is None:
+            return None
+        zp = np.zeros_like(scale) if zp is None else zp.astype(np.float32)
+        if scale.ndim == 1 and q.ndim > 1:
+            a = p.attributes.get("axis")
+            axis = a.value if a is not None else 1
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        elif scale.ndim == q.ndim and scale.shape != q.shape:  # blocked (int4)
+            bs = p.attributes["block_size"].value
+            axis = p.attributes["axis"].value
+            scale, zp = np.repeat(scale, bs, axis=axis), np.repeat(zp, bs, axis=axis)
+        q = q.astype(np.float32) - zp
+        return (q * scale).astype(np.float32)
+    return None
+
+
+def _per_layer(model: ir.Model) -> dict[str, dict[str, Any]]:
+    from compiler.analysis import analyze
+
+    weighted = {n.name: n for n in model.graph if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    out: dict[str, dict[str, Any]] = {}
+    for layer in analyze(model, stats=False).layers:
+        if not layer.macs:
+            continue
+        params = layer.params
+        if layer.name in weighted:  # weights stored quantized or as a codebook count too
+            w = _weight(weighted[layer.name])
+            params = max(params, 0 if w is None else int(w.size))
+        key = _FACTOR.sub("", layer.name)
+        e = out.setdefault(key, {"macs": 0, "params": 0})
+        e["macs"] += layer.macs or 0
+        e["params"] += params
+    return out
+
+
+def _bars(names, before, after, title, xlabel):
+    import matplotlib.pyplot as plt
+
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.22 * len(names) + 1)))
+    ax.barh(y - 0.2, before, 0.4, label="before")
+    ax.barh(y + 0.2, after, 0.4, label="after")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model | None) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: list[tuple[str, str]] = []
+    if before is not None and after is not None:
+        b, a = _per_layer(before), _per_layer(after)
+        names = sorted(b, key=lambda k: -b[k]["macs"])[:40]
+        if names:
+            figs.append(("Per-layer MACs (largest 40 layers of the input model)",
+                         _bars(names, [b[n]["macs"] for n in names], [a.get(n, {}).get("macs", 0) for n in names], "MACs per layer", "MACs (batch 1)")))
+            figs.append(("Per-layer parameters",
+                         _bars(names, [b[n]["params"] for n in names], [a.get(n, {}).get("params", 0) for n in names], "Parameters per layer", "parameters")))
+        nb = {n.name: n for n in before.graph if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")}
+        na = {n.name: n for n in after.graph if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")}
+        big = sorted((k for k in nb if _weight(nb[k]) is not None), key=lambda k: -_weight(nb[k]).size)[:12]
+        if big:
+            cols = 4
+            rows = math.ceil(len(big) / cols)
+            fig, axes = plt.subplots(rows, cols, figsize=(11, 2.3 * rows), squeeze=False)
+            for ax, name in zip(axes.flat, big):
+                wb = _weight(nb[name]).reshape(-1)
+                lo, hi = float(wb.min()), float(wb.max())
+                bins = np.linspace(lo, hi, 60) if hi > lo else 10
+                ax.hist(wb, bins=bins, alpha=0.6, label="before")
+                wa = _weight(na[name]) if name in na else None
+                if wa is not None:
+                    ax.hist(wa.reshape(-1), bins=bins, alpha=0.6, label="after")
+                ax.set_title(name if name in na else f"{name} (replaced)", fontsize=8)
+                ax.set_yscale("log")
+                ax.tick_params(labelsize=6)
+            for ax in list(axes.flat)[len(big):]:
+                ax.axis("off")
+            axes.flat[0].legend(fontsize=7)
+            fig.tight_layout()
+            figs.append(("Weight histograms of the 12 largest layers (log counts)", _png(fig)))
+    curves = [c for p in report.get("passes", []) for s in (p.get("stats") or {}).get("steps", []) if isinstance(s, dict) and "sensitivity" in s for c in s["sensitivity"]["curves"]]
+    if curves:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for c in curves[:30]:
+            ax.plot(c["ratios"], c["loss"], marker="o", label=c["layer"])
+        ax.set_xlabel("channels removed (ratio)")
+        ax.set_ylabel("metric loss")
+        ax.set_title("Pruning sensitivity per channel space")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        figs.append(("Sensitivity curves (each channel space pruned alone)", _png(fig)))
+    lat = report.get("layer_latency_us")
+    if lat:
+        lb, la = lat["before"], lat["after"]
+        agg: dict[str, float] = {}
+        for k, v in la.items():
+            agg[_FACTOR.sub("", k)] = agg.get(_FACTOR.sub("", k), 0.0) + v
+        names = sorted(lb, key=lambda k: -lb[k])[:40]
+        if names:
+            figs.append(("Per-layer latency from onnxruntime's profiler (batch 1, 2 threads; largest 40 layers)",
+                         _bars(names, [lb[n] for n in names], [agg.get(n, 0.0) for n in names], "Kernel time per layer", "µs")))
+    passes = [p for p in report.get("passes", []) if p.get("verify_vs_original")]
+    if passes:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        xs = np.arange(len(passes))
+        sq = [min(float(p["verify_vs_original"].get("min_sqnr_db") or 0.0), 120.0) for p in passes]
+        ax.plot(xs, sq, marker="o", color="tab:blue")
+        ax.set_ylabel("SQNR vs input (dB, capped at 120)", color="tab:blue")
+        ax.set_xticks(xs, [f"{i}:{p['pass']}" for i, p in enumerate(passes)], rotation=20, fontsize=8)
+        ax2 = ax.twinx()
+        acc = [p["verify_vs_original"].get("accuracy_cand") for p in passes]
+        agree = [p["verify_vs_original"]["outputs"][0].get("top1") if p["verify_vs_original"].get("outputs") else None for p in passes]
+        series, label = (acc, "accuracy") if all(a is not None for a in acc) else (agree, "top-1 agreement")
+        if all(v is not None for v in series):
+            ax2.plot(xs, [100 * v for v in series], marker="s", color="tab:orange")
+            ax2.set_ylabel(f"{label} (%)", color="tab:orange")
+        ax.set_title("Metric after each pass")
+        fig.tight_layout()
+        figs.append(("Metric after each pass, against the input model", _png(fig)))
+    return figs
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return html.escape(str(v))
+
+
+def render(report: Mapping[str, Any], before: ir.Model | None = None, after: ir.Model | None = None, title: str = "onnxcc compile report") -> str:
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"]
+    parts.append(f"<h1>{html.escape(title)}</h1>")
+    if report.get("input"):
+        parts.append(f"<p>{html.escape(str(report.get('input')))} → {html.escape(str(report.get('output', '')))}</p>")
+    b, a = report.get("before", {}), report.get("after", {})
+    if b:
+        rows = []
+        for key, label in (("params", "parameters"), ("macs", "MACs"), ("nodes", "nodes"), ("file_bytes", "file bytes"), ("latency_ms", "latency ms (batch 1)")):
+            if key in b:
+                ratio = a.get(key) / b[key] if b.get(key) and a.get(key) is not None else None
+                rows.append(f"<tr><td>{label}</td><td>{_fmt(b[key])}</td><td>{_fmt(a.get(key))}</td><td>{'-' if ratio is None else f'{ratio:.3f}x'}</td></tr>")
+        parts.append("<h2>Totals</h2><table><tr><th></th><th>before</th><th>after</th><th>ratio</th></tr>" + "".join(rows) + "</table>")
+    metric = report.get("metric")
+    if metric:
+        parts.append("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in metric) + "</tr><tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in metric.values()) + "</tr></table>")
+    passes = report.get("passes", [])
+    if passes:
+        rows = []
+        for p in passes:
+            v = p.get("verify_vs_original") or {}
+            rows.append(
+                f"<tr><td>{html.escape(p['pass'])}</td><td>{'exact' if p.get('exact') else 'lossy'}</td><td>{_fmt(p.get('seconds'))}</td>"
+                f"<td>{len(p.get('changed', []))}</td><td>{len(p.get('skipped', []))}</td><td>{_fmt(v.get('min_sqnr_db'))}</td><td>{_fmt(v.get('metric_drop'))}</td></tr>"
+            )
+        parts.append("<h2>Passes</h2><table><tr><th>pass</th><th>kind</th><th>seconds</th><th>changed</th><th>skipped</th><th>SQNR vs input (dB)</th><th>metric drop (pts)</th></tr>" + "".join(rows) + "</table>")
+        for p in passes:
+            sk = p.get("skipped", [])
+            if sk:
+                items = "".join(f"<li>{html.escape(str(s.get('layer')))}: {html.escape(str(s.get('reason')))}</li>" for s in sk[:50])
+                more = f"<li>… {len(sk) - 50} more in the JSON report</li>" if len(sk) > 50 else ""
+                parts.append(f"<details class='skip'><summary>{html.escape(p['pass'])}: {len(sk)} skipped</summary><ul>{items}{more}</ul></details>")
+    figs = _figures(report, before, after)
+    if figs:
+        parts.append("<h2>Plots</h2>")
+        for caption, data in figs:
+            parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append(_CHECK + "</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(path: str | os.PathLike, report: Mapping[str, Any], before: ir.Model | None = None, after: ir.Model | None = None) -> None:
+    """Write the page atomically (a temporary file renamed into place)."""
+    text = render(report, before, after)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,118 @@
+"""`onnxcc compile` and `compiler.compile_model`: recipes, sound order, reports, the budget gate, the HTML page."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from compiler import compile_model, shipped_recipes
+from compiler.calibration import input_specs, random_inputs
+from compiler.errors import BudgetError
+from compiler.ir_utils import clone_model, load_model, save_model
+
+
+def _calib(model, n=16):
+    return random_inputs(input_specs(model), batch=n, seed=0)[0]
+
+
+def test_compile_model_accepts_paths_protos_ir_models_and_ort_readers(tmp_path, tiny_models):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    model = tiny_models["resnet"]
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    data = _calib(model)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{k: v[i : i + 4] for k, v in data.items()} for i in range(0, 16, 4)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    before = ir.to_proto(clone_model(model)).SerializeToString()
+    results = [
+        compile_model(path, "int8-x86", calibration=data, measure_latency=False),
+        compile_model(onnx.load(str(path)), [("fold", {}), ("quantize", {})], calibration=Reader(), measure_latency=False),
+        compile_model(model, {"passes": ["fold", {"name": "quantize"}]}, calibration=str(_save_npz(tmp_path, data)), measure_latency=False),
+    ]
+    assert ir.to_proto(model).SerializeToString() == before  # an ir.Model given is not modified
+    for res in results:
+        assert any(n.op_type == "DequantizeLinear" for n in res.model.graph)
+        rep = res.report
+        assert rep["passes"][-1]["pass"] == "quantize" and rep["passes"][-1]["verify_vs_original"]["min_sqnr_db"] is not None
+        assert rep["after"]["file_bytes"] < 0.35 * rep["before"]["file_bytes"] and rep["after"]["macs"] == rep["before"]["macs"]
+
+
+def _save_npz(tmp_path, data):
+    p = tmp_path / "c.npz"
+    np.savez(p, **data)
+    return p
+
+
+def test_report_has_totals_latency_and_every_pass(tiny_models):
+    res = compile_model(tiny_models["vgg"], "faster-2x", calibration=_calib(tiny_models["vgg"], 32))
+    rep = res.report
+    for key in ("params", "macs", "nodes", "file_bytes", "latency_ms"):
+        assert key in rep["before"] and key in rep["after"]
+    assert rep["latency_ratio"] > 0 and [p["pass"] for p in rep["passes"]] == ["fold", "factorize", "fold"]
+    for p in rep["passes"]:
+        assert {"seconds", "changed", "skipped", "stats", "verify_vs_original"} <= set(p)
+    json.dumps({k: v for k, v in rep.items() if not k.startswith("_")})  # JSON-ready
+
+
+def test_shipped_recipes_exist_and_parse():
+    from compiler.api import resolve_recipe
+
+    assert set(shipped_recipes()) == {"lossless", "int8-x86", "faster-2x", "smallest"}
+    for name in shipped_recipes():
+        assert resolve_recipe(name)[0].name == "fold"
+
+
+def test_cli_shortcut_flags_run_in_sound_order(cli, tmp_path, resnet_path):
+    np.save(tmp_path / "c.npy", _calib(load_model(resnet_path))["input"])
+    rep = tmp_path / "r.json"
+    r = cli("compile", resnet_path, "-o", tmp_path / "o.onnx", "--quantize", "minmax", "--prune", "0.25", "--calib", tmp_path / "c.npy", "--report", rep, "--no-latency")
+    assert r.code == 0, r.err
+    assert [p["pass"] for p in json.loads(rep.read_text())["passes"]] == ["fold", "prune", "fold", "equalize", "quantize"]
+    r = cli("compile", resnet_path, "-o", tmp_path / "x.onnx", "--quantize", "minmax", "--codebook", "4", "--calib", tmp_path / "c.npy")
+    assert r.code == 2 and "give one" in r.err and not (tmp_path / "x.onnx").exists()
+    r = cli("compile", resnet_path, "-o", tmp_path / "y.onnx", "--recipe", "no-such-recipe")
+    assert r.code == 2 and "shipped recipe" in r.err
+
+
+def test_budget_gate_exits_1_names_the_pass_and_writes_nothing(cli, tmp_path, resnet_path):
+    np.save(tmp_path / "c.npy", _calib(load_model(resnet_path))["input"])
+    outs = [tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "r.html"]
+    r = cli("compile", resnet_path, "-o", outs[0], "--recipe", "faster-2x", "--calib", tmp_path / "c.npy", "--budget", "0.5", "--report", outs[1], "--html", outs[2])
+    assert r.code == 1 and "pass 'factorize'" in r.err, r.err
+    assert not any(p.exists() for p in outs) and not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(BudgetError):
+        compile_model(resnet_path, "faster-2x", calibration=str(tmp_path / "c.npy"), budget=0.5, measure_latency=False)
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium (.ci/run installs Debian's chromium)")
+def test_html_report_loads_in_headless_chromium_with_every_plot(cli, tmp_path, resnet_path):
+    pytest.importorskip("matplotlib")
+    np.save(tmp_path / "c.npy", _calib(load_model(resnet_path), 32)["input"])
+    html = tmp_path / "r.html"
+    r = cli("compile", resnet_path, "-o", tmp_path / "o.onnx", "--prune", "0.3", "--quantize", "minmax", "--calib", tmp_path / "c.npy", "--html", html)
+    assert r.code == 0, r.err
+    text = html.read_text()
+    n_img = text.count("<img ")
+    assert n_img >= 5 and "http://" not in text and "https://" not in text  # self-contained
+    dom = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", html.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert f"<title>onnxcc report: {n_img} plots rendered</title>" in dom, dom[:300]

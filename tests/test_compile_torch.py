@@ -1,0 +1,65 @@
+"""End to end: torch-exported ResNet- and MobileNetV2-style models (both exporters) through every shipped recipe.
+
+Marked ``slow`` and ``torch``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from compiler import shipped_recipes  # noqa: E402
+from compiler.ir_utils import load_model  # noqa: E402
+from tests import torch_zoo as Z  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zoo")
+    out = {}
+    for name in ("resnet18", "mobilenet_v2"):
+        module, hw = Z.make(name)
+        for dynamo in (False, True):
+            p = Z.export(module, hw, d / f"{name}-{'dynamo' if dynamo else 'legacy'}.onnx", dynamo=dynamo, optimize=False)
+            calib = d / f"{name}.npy"
+            np.save(calib, np.random.default_rng(0).standard_normal((32, 3, hw, hw)).astype(np.float32))
+            out[(name, dynamo)] = (p, calib)
+    return out
+
+
+@pytest.mark.parametrize("recipe", sorted(shipped_recipes()))
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_every_recipe_compiles_exported_models(cli, tmp_path, exported, name, dynamo, recipe):
+    src, calib = exported[(name, dynamo)]
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = cli("compile", src, "-o", out, "--recipe", recipe, "--calib", calib, "--report", rep, "--no-latency")
+    assert r.code == 0, r.err
+    onnx.checker.check_model(str(out), full_check=True)
+    data = json.loads(rep.read_text())
+    assert data["passes"] and all("verify_vs_original" in p and "seconds" in p for p in data["passes"])
+    assert data["before"]["macs"] > 0 and data["after"]["file_bytes"] > 0
+    if recipe == "lossless":
+        assert all(p["exact"] for p in data["passes"]) and data["passes"][-1]["verify_vs_original"]["outputs"][0]["rel"] < 1e-4
+    if recipe == "smallest":
+        assert data["after"]["file_bytes"] < 0.25 * data["before"]["file_bytes"]
+    if recipe == "int8-x86":
+        q = data["passes"][-1]
+        assert q["pass"] == "quantize" and q["stats"]["fusion"]["float_heavy"] == []  # every conv runs in integer
+        assert data["after"]["file_bytes"] < 0.5 * data["before"]["file_bytes"]  # tiny nets: biases and scales weigh
+    load_model(out)
+
+
+def test_budget_gate_on_an_exported_model(cli, tmp_path, exported):
+    src, calib = exported[("mobilenet_v2", True)]
+    out = tmp_path / "o.onnx"
+    r = cli("compile", src, "-o", out, "--recipe", "smallest", "--calib", calib, "--budget", "0.1", "--report", tmp_path / "r.json")
+    assert r.code == 1 and "budget" in r.err
+    assert not out.exists() and not (tmp_path / "r.json").exists()
