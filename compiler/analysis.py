@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,18 @@ def layer_macs(node: ir.Node, batch: int = 1) -> int | None:
     return 0
 
 
+def _const_meta(v: ir.Value) -> tuple[int, np.dtype] | None:
+    """(element count, numpy dtype) of a constant operand, read from its metadata when it is an initializer."""
+    t = v.const_value
+    if t is not None and not v.is_graph_input():
+        try:
+            return int(np.prod(t.shape.numpy())) if t.shape.rank() else 1, t.dtype.numpy()
+        except (TypeError, ValueError, AttributeError):
+            pass
+    arr = const_array(v)
+    return None if arr is None else (int(arr.size), arr.dtype)
+
+
 def analyze(model: ir.Model, *, path: str | os.PathLike | None = None, stats: bool = True) -> ModelSummary:
     """Layer table of ``model`` (a shape-inferred copy is analysed; the model is not touched)."""
     m = clone_model(model)
@@ -119,23 +132,28 @@ def analyze(model: ir.Model, *, path: str | os.PathLike | None = None, stats: bo
         for i, v in enumerate(node.inputs):
             if i == 0 or v is None:
                 continue
-            arr = const_array(v)
-            if arr is None or arr.size <= 1 or not np.issubdtype(arr.dtype, np.number):
+            meta = _const_meta(v)  # size and dtype without loading the data
+            if meta is None:
                 continue
-            if node.op_type in ("Reshape", "Slice", "Pad", "Resize", "Expand", "Tile", "Gather") and i > 0 and np.issubdtype(arr.dtype, np.integer):
+            size, dtype = meta
+            if size <= 1 or not np.issubdtype(dtype, np.number):
+                continue
+            if node.op_type in ("Reshape", "Slice", "Pad", "Resize", "Expand", "Tile", "Gather") and i > 0 and np.issubdtype(dtype, np.integer):
                 continue  # shape/index operands, not parameters
-            params += int(arr.size)
+            params += size
             if id(v) not in seen_params:
                 seen_params.add(id(v))
-                total_params += int(arr.size)
+                total_params += size
             if stats and i == 1 and node.op_type in WEIGHTED_OPS + ("DequantizeLinear",):
-                wstats = weight_stats(arr)
+                wstats = weight_stats(const_array(v))
+                if isinstance(v.const_value, ir.ExternalTensor):
+                    v.const_value.release()  # external weights: one at a time in memory
         if node.op_type == "DequantizeLinear":
-            arr = const_array(node.inputs[0])
-            if arr is not None and id(node.inputs[0]) not in seen_params:
+            meta = _const_meta(node.inputs[0])
+            if meta is not None and id(node.inputs[0]) not in seen_params:
                 seen_params.add(id(node.inputs[0]))
-                total_params += int(arr.size)
-                params += int(arr.size)
+                total_params += meta[0]
+                params += meta[0]
         macs = layer_macs(node)
         if macs is None:
             unknown.append(node_label(node))
@@ -153,7 +171,11 @@ def analyze(model: ir.Model, *, path: str | os.PathLike | None = None, stats: bo
                     weight_stats=wstats,
                 )
             )
-    size = os.path.getsize(path) if path is not None and os.path.isfile(path) else None
+    size = None
+    if path is not None and os.path.isfile(path):
+        from compiler.bench import _file_size  # the model file plus its external data
+
+        size = _file_size(Path(path))
     return ModelSummary(
         layers=layers,
         params=total_params,

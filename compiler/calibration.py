@@ -448,8 +448,10 @@ class ActivationCollector:
         limit: int | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        names = list(reducers)
-        session = self._session(names)
+        graph_inputs = {v.name for v in self.model.graph.inputs}
+        direct = [k for k in reducers if k in graph_inputs]  # read from the data, no session needed
+        names = [k for k in reducers if k not in graph_inputs]
+        session = self._session(names) if names else None
         n = len(self.calibration) if limit is None else min(limit, len(self.calibration))
         if progress is None:
             from compiler.progress import bar
@@ -457,8 +459,8 @@ class ActivationCollector:
             progress = bar("calibration")
         done = 0
         for feed in self.calibration.batches(self.batch_size, n):
-            outs = session.run(names, feed)
-            for name, arr in zip(names, outs):
+            outs = session.run(names, feed) if session is not None else []
+            for name, arr in [*zip(names, outs), *((k, feed[k]) for k in direct)]:
                 for r in reducers[name]:
                     r.update(arr)
             done += next(iter(feed.values())).shape[0]

@@ -243,6 +243,8 @@ def save_model(
     if external_data is None:
         external_data = model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data" if external_data else None
+    if not external_data:
+        _materialise_external(model)  # else the output would point at the input's data file
     try:
         tmpdir = tempfile.mkdtemp(prefix=".onnxcc-", dir=parent)
     except OSError as e:
@@ -295,11 +297,13 @@ def check_model(model: ir.Model) -> None:
     """Run the ONNX checker on an in-memory model (through a temp file when it has external data)."""
     if model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD:
         # Writing gigabytes just to check is not worth it; the structure is checked without weights.
+        # The weights become graph inputs of the same type and shape: a valid model without data.
         proto = ir.to_proto(model)
+        names = {i.name for i in proto.graph.input}
         for t in proto.graph.initializer:
-            t.ClearField("external_data")
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = b""
+            if t.name not in names:
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        del proto.graph.initializer[:]
         onnx.checker.check_model(proto)
     elif has_external_tensors(model):
         with saved_copy(model) as p:
@@ -309,8 +313,36 @@ def check_model(model: ir.Model) -> None:
 
 
 def clone_model(model: ir.Model) -> ir.Model:
-    """Deep copy through the proto (external tensors stay lazily referenced)."""
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    """Deep copy through the proto (external tensors stay lazily referenced, in the same folders).
+
+    The proto keeps an external tensor's relative location but not the folder it is relative to,
+    so each cloned external tensor gets back its original's base directory.
+    """
+    clone = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    dirs = {(t.location, t.offset): t.base_dir for t in _external_tensors(model.graph)}
+    if dirs:
+        for t in _external_tensors(clone.graph):
+            base = dirs.get((t.location, t.offset))
+            if base is not None:
+                t.base_dir = base
+    return clone
+
+
+def _materialise_external(model: ir.Model) -> None:
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            v.const_value = ir.tensor(t.numpy(), name=t.name)
+
+
+def _external_tensors(graph: ir.Graph):
+    for v in graph.initializers.values():
+        if isinstance(v.const_value, ir.ExternalTensor):
+            yield v.const_value
+    for node in graph.all_nodes():
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                yield attr.value
 
 
 # --------------------------------------------------------------------------- graph helpers

@@ -214,7 +214,10 @@ class Pipeline:
             elapsed = time.perf_counter() - t0
             vs_prev = vs_orig = None
             if self.verify and feeds is not None:
-                cand = V.run_model(model, feeds)
+                try:
+                    cand = V.run_model(model, feeds)
+                except BadInputError as e:  # the input ran: a model onnxruntime rejects now is this pass's fault
+                    raise VerificationError(f"pass '{cls.name}' produced a model onnxruntime rejects: {e}") from e
                 vs_prev = V.compare_outputs(ref_prev, cand)
                 vs_orig = V.compare_outputs(ref_orig, cand, labels, self.top_k)
                 if p.exact:

@@ -112,6 +112,8 @@ def _kl(counts: np.ndarray, edges: np.ndarray, c_lo: float, c_hi: float, zero_bi
     cnt = np.add.reduceat(nz.astype(np.float64), bounds[:-1])
     q = np.repeat(np.where(cnt > 0, sums / np.maximum(cnt, 1), 0.0), np.diff(bounds)) * nz
     mask = p > 0
+    if q.sum() <= 0:  # nothing left inside this range: it represents none of the distribution
+        return float("inf")
     ps, qs = p[mask] / p.sum(), q[mask] / q.sum()
     qs = np.maximum(qs, 1e-12)
     return float((ps * np.log(ps / qs)).sum())

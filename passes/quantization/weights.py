@@ -68,6 +68,8 @@ class WeightOnlyPass(OnnxccPass):
         cfg = self.config
         if cfg.dtype in ("int4", "binary", "ternary") and model.opset_imports.get("", 0) < 21:
             replace_contents(model, convert_opset(model, 21))
+        elif cfg.dtype == "int8" and model.opset_imports.get("", 0) < 13:  # per-axis DequantizeLinear
+            replace_contents(model, convert_opset(model, 13))
         graph = model.graph
         skipped, changed, layers = [], [], {}
         done: dict[str, ir.Value] = {}

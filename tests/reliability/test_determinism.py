@@ -18,8 +18,17 @@ from tests.conftest import digest
         ["quantize", "--calib", "{calib}", "--method", "entropy"],
         ["quantize", "--calib", "{calib}", "--equalize", "--bias-correction"],
         ["quantize", "--weight-only", "int4"],
+        ["quantize", "--weight-only", "ternary"],
+        ["quantize", "--dynamic"],
+        ["factorize", "--method", "tucker", "--calib", "{calib}"],
+        ["factorize", "--method", "cp", "--rank", "0.3"],
+        ["sparsify", "--sparsity", "0.6", "--global", "--steps", "2", "--calib", "{calib}"],
+        ["codebook", "--bits", "3"],
+        ["compress", "--calib", "{calib}", "--prune", "0.2"],
+        ["compile", "--recipe", "int8-x86", "--calib", "{calib}", "--no-latency"],
     ],
-    ids=["fold", "prune", "prune-reconstruct", "prune-target", "quantize", "quantize-eq-bc", "weight-only-int4"],
+    ids=["fold", "prune", "prune-reconstruct", "prune-target", "quantize", "quantize-eq-bc", "weight-only-int4", "ternary", "dynamic",
+         "factorize-tucker-refit", "factorize-cp", "sparsify-global-refit", "codebook", "compress", "compile-int8"],
 )
 def test_same_input_same_bytes(cli, tmp_path, resnet_path, args):
     calib = tmp_path / "calib.npy"

@@ -1,0 +1,136 @@
+"""Fuzzing every registered pass with random graphs (hypothesis).
+
+Random stacks of conv (1×1 / 3×3 / strided / dilated / depthwise / grouped) +
+BatchNorm + Relu/Relu6/HardSwish/SiLU, residual Add, SE Mul, Concat, Split,
+max/average pooling, Reshape(Flatten)→Gemm heads go through ``fold`` and then
+one registered pass with randomly drawn options, inside the verifying
+pipeline: an exact pass must agree with its input (else the pipeline raises
+VerificationError), a lossy pass must give a graph that passes the ONNX
+checker, runs in onnxruntime and keeps every output's shape. A pass may refuse
+a graph only with a clear BadInputError.
+
+CI runs a short seeded campaign (``ONNXCC_FUZZ_EXAMPLES``, default 6 per
+pass); a long one is the same test with a large value, e.g.
+``ONNXCC_FUZZ_EXAMPLES=300 python -m pytest tests/reliability/test_fuzz_passes.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from compiler.calibration import CalibrationSet, input_specs, random_inputs
+from compiler.errors import BadInputError
+from compiler.ir_utils import clone_model
+from compiler.pipeline import Pipeline
+from compiler.registry import registered_passes
+from compiler.verify import compare_outputs, run_model
+from models.builders import NetBuilder
+
+EXAMPLES = int(os.environ.get("ONNXCC_FUZZ_EXAMPLES", "6"))
+LOG = os.environ.get("ONNXCC_FUZZ_LOG")  # one line per example tried: pass, outcome (for long campaigns)
+
+
+def _log(name: str, outcome: str) -> None:
+    if LOG:
+        with open(LOG, "a") as f:
+            f.write(f"{name}\t{outcome}\n")
+BLOCKS = ["cba1", "cba3", "strided", "dilated", "dw", "grouped", "residual", "concat", "split", "pool", "se"]
+
+
+@st.composite
+def graphs(draw) -> ir.Model:
+    b = NetBuilder("fuzz", 16, in_ch=draw(st.sampled_from([1, 3, 4])), seed=draw(st.integers(0, 2**16)))
+    x = b.input
+    hw = 16
+    for kind in draw(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=7)):
+        c = b.ch[x]
+        act = draw(st.sampled_from(["relu", "relu6", "hardswish", "silu", None]))
+        if kind == "cba1":
+            x = b.cba(x, draw(st.integers(2, 12)), 1, act=act)
+        elif kind == "cba3":
+            x = b.cba(x, draw(st.integers(2, 12)), 3, act=act)
+        elif kind == "strided" and hw >= 4:
+            x = b.cba(x, draw(st.integers(2, 12)), draw(st.sampled_from([1, 3])), s=2, act=act)
+            hw //= 2
+        elif kind == "dilated" and hw >= 6:
+            x = b.act(b.bn(b.conv(x, draw(st.integers(2, 12)), 3, d=2)), act)
+        elif kind == "dw" and c > 1:
+            x = b.cba(x, c, 3, g=c, act=act)
+        elif kind == "grouped" and c % 2 == 0:
+            x = b.cba(x, c, 3, g=2, act=act)
+        elif kind == "residual":
+            y = b.cba(b.cba(x, draw(st.integers(2, 8)), 1, act="relu"), c, 3, act=None)
+            x = b.add(x, y)
+        elif kind == "concat":
+            x = b.concat([x, b.cba(x, draw(st.integers(2, 6)), 3, act=act)])
+        elif kind == "split" and c >= 2:
+            k = draw(st.integers(1, c - 1))
+            parts = b.tape.op_multi_out("Split", [x, b.const(np.array([k, c - k], np.int64), "split")], {"axis": 1}, num_outputs=2, name=b._name("split"))
+            for i, (v, n) in enumerate(zip(parts, (k, c - k))):
+                v.name = f"{parts[0].producer().name}_out{i}"
+                b.ch[v] = n
+            x = b.concat([b.cba(parts[0], draw(st.integers(2, 6)), 3, act=act), parts[1]])
+        elif kind == "pool" and hw >= 4:
+            x = b.maxpool(x) if draw(st.booleans()) else b.avgpool(x)
+            hw //= 2
+        elif kind == "se" and c >= 2:
+            x = b.se(x, max(1, c // 2))
+    if draw(st.booleans()):
+        x = b.gemm(b.flatten(x, spatial=hw * hw), draw(st.integers(2, 8)))
+        x = b.gemm(b.relu(x), 4)
+    else:
+        x = b.classifier(x, 4)
+    return b.finish(x, calibrate=False)
+
+
+OPTIONS = {
+    "fold": st.just({}),
+    "prune": st.fixed_dictionaries({"ratio": st.floats(0.1, 0.7), "criterion": st.sampled_from(["l1", "l2", "fpgm", "bn_scale", "zero"]), "round_to": st.sampled_from([1, 2])}),
+    "equalize": st.just({}),
+    "quantize": st.fixed_dictionaries({"method": st.sampled_from(["minmax", "percentile", "entropy", "mse"]), "per_channel": st.booleans(), "bias_correction": st.booleans(), "check_fusion": st.just(False)}),
+    "quantize-dynamic": st.fixed_dictionaries({"min_size": st.just(16)}),
+    "weight-only": st.fixed_dictionaries({"dtype": st.sampled_from(["int8", "int4", "fp16", "binary", "ternary"]), "min_size": st.just(64), "block_size": st.just(16)}),
+    "factorize": st.fixed_dictionaries({"method": st.sampled_from(["svd", "spatial-svd", "tucker", "depthwise", "cp"]), "rank": st.sampled_from([0.3, 0.6, 2.0]), "refit": st.booleans()}),
+    "sparsify": st.fixed_dictionaries({"sparsity": st.floats(0.1, 0.9), "global_threshold": st.booleans(), "min_size": st.just(16), "reconstruct": st.booleans()}),
+    "codebook": st.fixed_dictionaries({"bits": st.integers(2, 8), "min_size": st.just(16)}),
+}
+
+
+def test_every_registered_pass_is_fuzzed():
+    assert set(OPTIONS) == set(registered_passes())
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_fuzz_pass(name):
+    @seed(1234)
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(model=graphs(), opts=OPTIONS[name])
+    def run(model, opts):
+        ref = clone_model(model)
+        calib = CalibrationSet(random_inputs(input_specs(model), batch=16, seed=3)[0])
+        try:
+            res = Pipeline(["fold", (name, opts)], verify_samples=4).run(model, calib)  # exact passes are checked here
+        except BadInputError as e:  # a refusal must be one clear line, and never onnxruntime choking on our rewrite
+            assert "\n" not in str(e) and str(e)
+            run_model(ref, random_inputs(input_specs(ref), batch=2, seed=7))  # the input itself runs ...
+            assert not str(e).startswith("onnxruntime"), (name, opts, str(e)[:300])  # ... so this is a bug
+            _log(name, f"refused: {str(e)[:100]}")
+            return
+        onnx.checker.check_model(ir.to_proto(res.model), full_check=True)
+        feeds = random_inputs(input_specs(ref), batch=2, seed=7)
+        cmp = compare_outputs(run_model(ref, feeds), run_model(res.model, feeds))
+        assert cmp.ok_structure, cmp.to_json()
+        for o in cmp.outputs:
+            assert o.shape_ref == o.shape_cand
+        if res.steps[1].exact:
+            assert cmp.within(1e-4), (name, opts, cmp.to_json())
+        _log(name, f"ok: {len(res.steps[1].report.changed)} changed")
+
+    run()
