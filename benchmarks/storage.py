@@ -3,7 +3,8 @@
     python -m benchmarks.storage [--no-trained] [--size small] [--json out.json]
 
 Stages (each applied on top of the previous one): fp32 → sparsify 0.6 (2 steps,
-masked least-squares refit) → 4-bit codebook; beside them INT8 weight-only,
+masked least-squares refit) → 4-bit codebook, or → INT8 QDQ (activations too)
+→ 4-bit codebook of the int8 weights; beside them INT8 weight-only,
 and binary / ternary weights (no fine-tuning: the accuracy cost is reported as
 measured). Models: the digits-trained ResNet-, VGG- and MobileNetV2-style
 networks (accuracy on 500 held-out images; torch extra) and the builder
@@ -57,6 +58,9 @@ def run(args):
         cb = clone_model(sp)
         Pipeline([("codebook", {"bits": 4, "min_size": 256})], verify=False).run(cb)
         variants.append(("+ codebook 4b", cb))
+        qb = clone_model(sp)
+        Pipeline([("quantize", {"bias_correction": True}), ("codebook", {"bits": 4, "min_size": 256})], verify=False).run(qb, calib)
+        variants.append(("+ INT8 + codebook 4b", qb))
         for dtype in ("int8", "ternary", "binary"):
             w = clone_model(base)
             Pipeline([("weight-only", {"dtype": dtype, "min_size": 256})], verify=False).run(w)

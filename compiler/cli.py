@@ -533,20 +533,23 @@ def codebook(ctx, src, out, bits, layers, exclude, labels, calib, budget, report
 @click.option("--prune", "prune_ratio", type=float, default=0.0, show_default=True, help="structured channel ratio (0: no pruning)")
 @click.option("--sparsity", type=float, default=0.6, show_default=True)
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option("--int8", "int8", is_flag=True, help="INT8 activations too: quantize before the codebook, which then shares int8 levels (still fused)")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
 @click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, labels, budget, report, input_shapes, metric):
-    """Deep-Compression-style: prune (structured) → sparsify → codebook, sizes and metric at each stage."""
+def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, budget, report, input_shapes, metric):
+    """Deep-Compression-style: prune (structured) → sparsify → [INT8] → codebook, sizes and metric at each stage."""
     from compiler.pipeline import Budget
 
     specs: list = [("fold", {})]
     if prune_ratio > 0:
         specs.append(("prune", {"ratio": prune_ratio, "reconstruct": True, "round_to": 1}))
     specs.append(("sparsify", {"sparsity": sparsity, "reconstruct": True, "steps": 2}))
+    if int8:
+        specs.append(("quantize", {"method": "minmax", "bias_correction": True}))
     specs.append(("codebook", {"bits": bits}))
     run_transform(ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
                   report=report, input_shapes=input_shapes, metric=metric, verify_samples=64)

@@ -8,13 +8,17 @@ or ``uint8``, and the float32 codebook; the graph rebuilds the weight as
 inputs, so onnxruntime folds it once at session start and runs the layer on a
 plain float weight: inference speed is that of the float model. If the layer
 is sparse (exact zeros), zero is kept as an exact centroid and the zeros stay
-zeros. Deep Compression (Han et al. 2016) does the same before Huffman
+zeros. On an INT8 QDQ model the int8 weights feeding each DequantizeLinear
+are clustered into 2^bits int8 levels the same way: onnxruntime folds the
+Gather at session start and still fuses the layer into QLinearConv, so the
+codebook combines with INT8 activations. Deep Compression (Han et al. 2016) does the same before Huffman
 coding; here the zip of the file plays that part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 
 import ml_dtypes
 import numpy as np
@@ -75,6 +79,40 @@ def cluster(w: np.ndarray, bits: int, seed: int = 0) -> tuple[np.ndarray, np.nda
     return c.astype(np.float32), idx.reshape(w.shape)
 
 
+def _gather(graph: ir.Graph, before: ir.Node, base: str, book: np.ndarray, idx: np.ndarray, dtype: ir.DataType) -> ir.Value:
+    """``Gather(book, Cast(idx, int32))`` inserted before ``before``: the shared weight, shaped like ``idx``."""
+    iv = add_initializer(graph, f"{base}_idx", idx)
+    cv = add_initializer(graph, f"{base}_codebook", book)
+    cast = ir.node("Cast", [iv], attributes={"to": ir.DataType.INT32}, name=f"{before.name}_idx_cast")
+    gather = ir.node("Gather", [cv, cast.outputs[0]], attributes={"axis": 0}, name=f"{before.name}_codebook")
+    cast.outputs[0].name = f"{base}_idx_i32"
+    gather.outputs[0].name = f"{base}_shared"
+    gather.outputs[0].dtype = dtype
+    gather.outputs[0].shape = ir.Shape(idx.shape)
+    graph.insert_before(before, [cast, gather])
+    return gather.outputs[0]
+
+
+def _int8_weights(model: ir.Model, cfg) -> list[tuple[ir.Node, ir.Node, np.ndarray]]:
+    """(DequantizeLinear, weighted consumer, int8 weights) of an INT8 QDQ model's Conv/Gemm/MatMul weights."""
+    out = []
+    for node in model.graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        dq = node.inputs[1].producer()
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        t = dq.inputs[0].const_value
+        if t is None or t.dtype != ir.DataType.INT8 or dq.inputs[0].is_graph_input() or len(dq.inputs[0].uses()) > 1:
+            continue
+        q = t.numpy()
+        name = node.name or ""
+        if q.size < cfg.min_size or (cfg.layers and not any(fnmatch.fnmatchcase(name, p) for p in cfg.layers)) or any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
+            continue
+        out.append((dq, node, q))
+    return out
+
+
 @register
 class CodebookPass(OnnxccPass):
     name = "codebook"
@@ -92,40 +130,36 @@ class CodebookPass(OnnxccPass):
             if not 2 <= self.bits <= 8:
                 raise ValueError("bits must be in 2..8")
 
-    def requires(self, model: ir.Model) -> None:
-        super().requires(model)
-        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph):
-            raise ir.passes.PreconditionError("the model is already quantized")
-
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
         skipped: list[Skipped] = []
         before = storage_sizes(model)
         targets = weights(model, min_size=cfg.min_size, include=cfg.layers, exclude=cfg.exclude, skipped=skipped)
-        if not targets:
+        int8 = _int8_weights(model, cfg)
+        if not targets and not int8:
             return PassReport(model, False, skipped=skipped)
         packed = cfg.bits <= 4
         if packed and model.opset_imports.get("", 0) < 21:
             replace_contents(model, convert_opset(model, 21))
             targets = weights(model, min_size=cfg.min_size, include=cfg.layers, exclude=cfg.exclude)
+            int8 = _int8_weights(model, cfg)
         graph = model.graph
         layers, changed = {}, []
+        index_type = ml_dtypes.uint4 if packed else np.uint8
         for node, w in targets:
             codebook, idx = cluster(w, cfg.bits, seed=self.context.seed)
-            base = node.inputs[1].name or f"{node.name}_W"
-            iv = add_initializer(graph, f"{base}_idx", idx.astype(ml_dtypes.uint4 if packed else np.uint8))
-            cv = add_initializer(graph, f"{base}_codebook", codebook)
-            cast = ir.node("Cast", [iv], attributes={"to": ir.DataType.INT32}, name=f"{node.name}_idx_cast")
-            gather = ir.node("Gather", [cv, cast.outputs[0]], attributes={"axis": 0}, name=f"{node.name}_codebook")
-            cast.outputs[0].name = f"{base}_idx_i32"
-            gather.outputs[0].name = f"{base}_shared"
-            gather.outputs[0].dtype = ir.DataType.FLOAT
-            gather.outputs[0].shape = ir.Shape(w.shape)
-            graph.insert_before(node, [cast, gather])
-            node.replace_input_with(1, gather.outputs[0])
-            rebuilt = codebook[idx]
-            layers[node_label(node)] = {"centroids": int(codebook.size), "zero_centroid": bool((w == 0).any()), "sqnr_db": _sqnr(w, rebuilt)}
+            shared = _gather(graph, node, node.inputs[1].name or f"{node.name}_W", codebook, idx.astype(index_type), ir.DataType.FLOAT)
+            node.replace_input_with(1, shared)
+            layers[node_label(node)] = {"centroids": int(codebook.size), "zero_centroid": bool((w == 0).any()), "sqnr_db": _sqnr(w, codebook[idx])}
             changed.append(node_label(node))
+        for dq, consumer, q in int8:  # INT8 QDQ weights: shared int8 levels, still fused by onnxruntime
+            codebook, idx = cluster(q.astype(np.float32), cfg.bits, seed=self.context.seed)
+            book = np.clip(np.round(codebook), -127, 127).astype(np.int8)
+            shared = _gather(graph, dq, dq.inputs[0].name or f"{dq.name}_q", book, idx.astype(index_type), ir.DataType.INT8)
+            dq.replace_input_with(0, shared)
+            layers[node_label(consumer)] = {"centroids": int(np.unique(book).size), "int8": True, "zero_centroid": bool((q == 0).any()),
+                                            "sqnr_db": _sqnr(q.astype(np.float32), book[idx].astype(np.float32))}
+            changed.append(node_label(consumer))
         common.RemoveUnusedNodesPass()(model)
         stats = {"bits": cfg.bits, "index_type": "uint4" if packed else "uint8", "layers": layers, "size_before": before, "size_after": storage_sizes(model)}
         return PassReport(model, True, changed=changed, skipped=skipped, stats=stats)

@@ -146,3 +146,31 @@ def test_cli_sparsify_codebook_compress(cli, tmp_path, resnet_path):
     assert names == ["fold", "sparsify", "codebook"]
     r = cli("codebook", resnet_path, "-o", tmp_path / "bad.onnx", "--bits", "9")
     assert r.code == 2 and not (tmp_path / "bad.onnx").exists()
+
+
+def test_codebook_on_int8_weights_keeps_every_conv_fused(folded):
+    """INT8 activations + codebook: shared int8 levels, Gather folded at session start, QLinearConv kept."""
+    from passes.quantization.fusion import fusion_report
+
+    model = folded("resnet")
+    calib = _calib(model)
+    res = Pipeline([("sparsify", {"sparsity": 0.5, "min_size": 64}), ("quantize", {}), ("codebook", {"bits": 4, "min_size": 64})], verify_samples=4).run(model, calib)
+    rep = res.steps[-1].report
+    assert rep.changed and all(v["int8"] and v["centroids"] <= 16 for v in rep.stats["layers"].values())
+    fusion = fusion_report(model)
+    assert fusion["float_heavy"] == [] and fusion["integer_kernels"] >= len(rep.changed)
+    for node in model.graph:  # zeros from sparsify stay exact int8 zeros
+        if node.op_type == "Gather" and node.inputs[0].const_value.dtype == ir.DataType.INT8:
+            assert 0 in node.inputs[0].const_value.numpy()
+    assert rep.stats["size_after"]["zipped_bytes"] < 0.75 * rep.stats["size_before"]["zipped_bytes"]  # vs the INT8 model
+
+
+def test_cli_compress_int8(cli, tmp_path, resnet_path):
+    from compiler.ir_utils import load_model
+
+    spec = input_specs(load_model(resnet_path))[0]
+    np.save(tmp_path / "c.npy", random_inputs([spec], batch=16, seed=0)[0][spec.name])
+    r = cli("compress", resnet_path, "-o", tmp_path / "z.onnx", "--calib", tmp_path / "c.npy", "--int8", "--report", tmp_path / "z.json")
+    assert r.code == 0, r.err
+    names = [p["pass"] for p in json.loads((tmp_path / "z.json").read_text())["passes"]]
+    assert names == ["fold", "sparsify", "quantize", "codebook"]
