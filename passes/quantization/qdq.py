@@ -88,9 +88,6 @@ class QuantizePass(OnnxccPass):
 
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
-        opset = model.opset_imports.get("", 0)
-        if opset < 13:
-            raise ir.passes.PreconditionError(f"per-channel QDQ needs opset >= 13 (model has {opset}); run fold with --opset 13 first")
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger") for n in model.graph):
             raise ir.passes.PreconditionError("the model is already quantized")
 
@@ -303,6 +300,10 @@ class QuantizePass(OnnxccPass):
 
     def _quantize(self, model: ir.Model) -> PassReport:
         cfg = self.config
+        if model.opset_imports.get("", 0) < 13:  # per-axis QuantizeLinear/DequantizeLinear (paddle2onnx exports at 11/12)
+            from compiler.ir_utils import convert_opset
+
+            replace_contents(model, convert_opset(model, 13))
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common.TopologicalSortPass()(model)
         infer_shapes(model)

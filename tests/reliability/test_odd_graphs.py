@@ -2,7 +2,8 @@
 
 Tied weights, weights fed as graph inputs, dynamic batch/spatial dims, several inputs and outputs,
 non-float inputs, If subgraphs (left alone), model-local functions, custom-domain ops, QOperator
-(already integer) models, opsets 11 and 23. No pass may corrupt a graph: the pipeline verifies
+(already integer) models, opsets 11 and 23, tf2onnx-style NHWC transposes and Pads, paddle2onnx-style
+Constant-node weights at opset 11. No pass may corrupt a graph: the pipeline verifies
 exact passes against their input and lossy ones for unchanged outputs, and the only exception
 allowed is a clear BadInputError.
 """
@@ -94,6 +95,23 @@ GRAPHS = {
             y = DequantizeLinear(c, ys, yz)
         }""", {"xs": np.float32(0.05), "xz": np.uint8(128), "Wq": R.integers(-50, 50, (8, 3, 3, 3)).astype(np.int8),
                "ws": np.float32(0.01), "wz": np.int8(0), "ys": np.float32(0.1), "yz": np.uint8(128)}, {"x": (3, 12, 12)}),
+    "tf2onnx-nhwc": ("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 12, 12, 3] x) => (float[N, 12, 12, 8] y) {
+            t = Transpose <perm: ints = [0, 3, 1, 2]> (x)
+            p = Pad <mode: string = "constant"> (t, pads)
+            a = Conv <kernel_shape: ints = [3, 3]> (p, W3, B)
+            r = Relu(a)
+            y = Transpose <perm: ints = [0, 2, 3, 1]> (r)
+        }""", {"W3": W83, "B": B8, "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}, {"x": (12, 12, 3)}),
+    "paddle-constant-weights": ("""
+        <ir_version: 6, opset_import: ["" : 11]>
+        g (float[N, 3, 12, 12] x) => (float[N, 8, 12, 12] y) {
+            w = Constant <value = float[8, 3, 3, 3] {""" + ", ".join(f"{v:.4f}" for v in W83.reshape(-1)) + """}> ()
+            b = Constant <value = float[8] {""" + ", ".join(f"{v:.4f}" for v in B8) + """}> ()
+            a = Conv <kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]> (x, w, b)
+            y = Relu(a)
+        }""", {}, {"x": (3, 12, 12)}),
     "opset11": (f"""
         <ir_version: 6, opset_import: ["" : 11]>
         g (float[N, 3, 12, 12] x) => (float[N, 8, 12, 12] y) {{
