@@ -532,3 +532,40 @@ def _value_types(model: ir.Model) -> dict[str, int]:
     for v in model.graph.initializers.values():
         out[v.name] = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
     return out
+
+
+def tensor_fingerprints(model: ir.Model) -> dict[str, str]:
+    """A content hash of what computes each tensor: its op, attributes, constants and inputs, recursively.
+
+    Two tensors with the same fingerprint hold the same values for the same model inputs, in this
+    model or in a rewritten copy: statistics collected for one hold for the other. A pass that
+    changes a layer changes the fingerprints of that layer's outputs and of everything after it,
+    and of nothing before it, so the pipeline recomputes activations only where a pass changed the
+    graph before them.
+    """
+    import hashlib
+
+    fp: dict[ir.Value, str] = {}
+    const_fp: dict[int, str] = {}
+
+    def of_value(v: ir.Value | None) -> str:
+        if v is None:
+            return "-"
+        if v in fp:
+            return fp[v]
+        t = v.const_value
+        if t is not None and not v.is_graph_input():
+            key = id(t)
+            if key not in const_fp:
+                const_fp[key] = "c" + hashlib.sha1(t.tobytes() + str(t.dtype).encode() + str(tuple(t.shape)).encode()).hexdigest()
+            fp[v] = const_fp[key]
+        else:  # a graph input (or a subgraph's outer value): its name and type
+            fp[v] = "i" + hashlib.sha1(f"{v.name}|{v.dtype}|{v.shape}".encode()).hexdigest()
+        return fp[v]
+
+    for node in model.graph:  # topological order
+        attrs = sorted((k, repr(a.value) if a.type != ir.AttributeType.GRAPH else f"graph:{id(a.value)}") for k, a in node.attributes.items())
+        h = hashlib.sha1(f"{node.domain}|{node.op_type}|{attrs}|{[of_value(i) for i in node.inputs]}".encode()).hexdigest()
+        for i, out in enumerate(node.outputs):
+            fp[out] = f"{h}:{i}"
+    return {v.name: f for v, f in fp.items() if v.name}

@@ -64,6 +64,9 @@ class PassContext:
     # variants of one model (sensitivity analysis) computed once; passes may read them instead of
     # running the collector again. Only valid while the model a pass receives is that input model.
     stats_cache: dict = dataclasses.field(default_factory=dict)
+    # Activation ranges keyed by tensor content fingerprint, shared by every pass of one pipeline
+    # run: valid across rewrites, since a changed computation has a new fingerprint.
+    activation_cache: dict = dataclasses.field(default_factory=dict)
 
 
 class OnnxccPass(ir.passes.InPlacePass):

@@ -116,3 +116,34 @@ def test_html_report_loads_in_headless_chromium_with_every_plot(cli, tmp_path, r
         capture_output=True, text=True, timeout=120,
     ).stdout
     assert f"<title>onnxcc report: {n_img} plots rendered</title>" in dom, dom[:300]
+
+
+def test_fingerprints_change_only_after_a_rewritten_layer(folded):
+    """Activations are recomputed only where a pass changed the graph before them."""
+    from compiler.calibration import tensor_fingerprints
+    from passes.factorization.factorize import factorize_layer
+
+    model = folded("vgg")
+    before = tensor_fingerprints(model)
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    target = convs[2]
+    upstream = [v.name for c in convs[:2] for v in c.outputs]
+    downstream = [v.name for c in convs[3:] for v in c.outputs]
+    factorize_layer(model.graph, target, "tucker", (4, 4))
+    after = tensor_fingerprints(model)
+    assert all(before[t] == after[t] for t in upstream)
+    assert all(before[t] != after[t] for t in downstream)
+    assert tensor_fingerprints(clone_model(model)) == after  # content, not object identity
+
+
+def test_mixed_precision_tries_reuse_the_ranges_of_unchanged_tensors(folded):
+    from compiler.pipeline import Pipeline
+
+    model = folded("mobilenet_v2")
+    calib = _calib(model, 64)
+    from compiler.calibration import CalibrationSet
+
+    res = Pipeline([("quantize", {"max_drop": 10.0, "check_fusion": False})], verify_samples=64).run(model, CalibrationSet(calib))
+    rep = res.steps[0].report
+    assert rep.stats["mixed_precision"]["tries"] > 1
+    assert rep.stats["ranges_reused"] > 0 and rep.stats["ranges_reused"] >= rep.stats["quantized_tensors"] // 2

@@ -321,7 +321,10 @@ class QuantizePass(OnnxccPass):
             return PassReport(model, False, skipped=skipped, stats={"quantized_layers": 0})
 
         names = [v.name for v in plan.calibrated]
-        rng = R.collect_ranges(model, self.context.calibration, names, method=cfg.method, percentile=cfg.percentile, samples=cfg.calib_samples)
+        cache = self.context.activation_cache
+        before = dict(cache.get("_stats", {"collected": 0, "reused": 0}))
+        rng = R.collect_ranges(model, self.context.calibration, names, method=cfg.method, percentile=cfg.percentile, samples=cfg.calib_samples, cache=cache)
+        reused = cache["_stats"]["reused"] - before["reused"]
         params: dict[ir.Value, tuple[np.float32, int]] = {}
         for v in plan.calibrated:
             params[v] = R.qparams(*rng[v.name], dtype=cfg.activations)
@@ -358,6 +361,7 @@ class QuantizePass(OnnxccPass):
             "activations": cfg.activations,
             "quantized_layers": len(plan.nodes),
             "quantized_tensors": len(params),
+            "ranges_reused": reused,  # from earlier passes / tries, the tensors' computation unchanged
             "float_ops_rewritten": decomposed,
             "layers": layers,
             "ranges": {v.name: [float(rng[v.name][0]), float(rng[v.name][1])] for v in plan.calibrated},

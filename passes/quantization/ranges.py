@@ -37,10 +37,30 @@ def collect_ranges(
     percentile: float = 99.999,
     samples: int | None = None,
     batch_size: int = 8,
+    cache: dict | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """(lo, hi) per tensor name."""
+    """(lo, hi) per tensor name.
+
+    ``cache`` (shared by the passes of one pipeline run) keeps ranges by the tensor's content
+    fingerprint (:func:`compiler.calibration.tensor_fingerprints`): a tensor whose computation no
+    pass has changed since its range was collected is not collected again.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
+    if cache is not None:
+        from compiler.calibration import tensor_fingerprints
+
+        fps = tensor_fingerprints(model)
+        keys = {t: (fps.get(t, t), method, percentile, samples, batch_size) for t in tensors}
+        missing = [t for t in tensors if keys[t] not in cache]
+        if missing:
+            got = collect_ranges(model, calib, missing, method=method, percentile=percentile, samples=samples, batch_size=batch_size)
+            for t in missing:
+                cache[keys[t]] = got[t]
+        cache.setdefault("_stats", {"collected": 0, "reused": 0})
+        cache["_stats"]["collected"] += len(missing)
+        cache["_stats"]["reused"] += len(tensors) - len(missing)
+        return {t: cache[keys[t]] for t in tensors}
     collector = ActivationCollector(model, calib, batch_size=batch_size)
     mm = {t: MinMax() for t in tensors}
     collector.collect({t: [r] for t, r in mm.items()}, limit=samples)
