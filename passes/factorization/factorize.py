@@ -30,7 +30,9 @@ layer's MACs leaves it alone.
 With calibration data and ``refit`` (default), the last factor of every
 layer is re-solved by ridge least squares so its output on calibration data
 matches the original layer's output, layer by layer in topological order
-(:func:`passes.pruning.reconstruct.reconstruct`).
+(:func:`passes.pruning.reconstruct.reconstruct`); the dense layers left whole
+after the first factorized one are refit the same way, so the error that
+reaches them is absorbed too.
 
 ``keep_if_faster`` profiles the original and the factorized model in
 onnxruntime (per-kernel, twice, interleaved) and keeps only the layers whose
@@ -476,8 +478,17 @@ class FactorizePass(OnnxccPass):
 
             infer_shapes(model)
             last = {stats["layers"][k]["factors"][-1]: None for k in changed}
+            # The unfactorized dense layers after the first factorized one are refit too: their inputs
+            # carry the factorization error, and re-solving them against the original outputs absorbs it
+            # (without them, a partly factorized network loses what the refit of its factors won).
+            factor_nodes = {f for k in changed for f in stats["layers"][k]["factors"]}
+            nodes = list(model.graph)
+            first = min(i for i, n in enumerate(nodes) if n.name in factor_nodes)
+            for n in nodes[first:]:
+                if n.name and n.name not in factor_nodes and n.op_type in ("Conv", "Gemm", "MatMul") and _attr(n, "group", 1) == 1 and const_array(n.inputs[1]) is not None:
+                    last[n.name] = None
             refit, refit_skipped, refit_stats = reconstruct(original, model, self.context.calibration, last, ReconstructOptions(samples=cfg.calib_samples, seed=self.context.seed))
-            skipped.extend(refit_skipped)
+            skipped.extend(s for s in refit_skipped if s.layer not in last or s.layer in factor_nodes or "max_dim" not in s.reason)
             stats["refit"] = {"layers": refit, "residuals": refit_stats}
         if cfg.keep_if_faster and changed:
             from compiler.bench import bench_models
