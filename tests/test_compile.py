@@ -61,7 +61,7 @@ def test_report_has_totals_latency_and_every_pass(tiny_models):
     rep = res.report
     for key in ("params", "macs", "nodes", "file_bytes", "latency_ms"):
         assert key in rep["before"] and key in rep["after"]
-    assert rep["latency_ratio"] > 0 and [p["pass"] for p in rep["passes"]] == ["fold", "factorize", "fold", "equalize", "quantize"]
+    assert rep["latency_ratio"] > 0 and [p["pass"] for p in rep["passes"]] == ["fold", "factorize", "fold", "quantize"]
     for p in rep["passes"]:
         assert {"seconds", "changed", "skipped", "stats", "verify_vs_original"} <= set(p)
     json.dumps({k: v for k, v in rep.items() if not k.startswith("_")})  # JSON-ready

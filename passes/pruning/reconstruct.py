@@ -71,7 +71,7 @@ class _TargetRows(Reducer):
             rows = y[b, :, h, w]
         else:
             rows = y.reshape(-1, y.shape[-1])
-        self.batches.append((rows if self.keep is None else rows[:, self.keep]).astype(np.float64))
+        self.batches.append((rows if self.keep is None else rows[:, self.keep]).astype(np.float32))  # float64 in the products
 
 
 class _NormalEquations(Reducer):
@@ -141,6 +141,9 @@ def reconstruct(
     stats: dict = {}
     by_name = {n.name: n for n in pruned.graph}
     order = [n.name for n in pruned.graph if n.name in layers]
+    # Phase 1: what can be refit, and the original model's output rows for all of it, collected in
+    # one pass over the calibration data (the targets do not depend on earlier refits).
+    plan: dict[str, tuple] = {}
     for name in order:
         node = by_name[name]
         why = _why_not(node)
@@ -152,17 +155,22 @@ def reconstruct(
         if d > options.max_dim:
             skipped.append(Skipped(node_label(node), f"not reconstructed: {d} inputs per output exceed max_dim {options.max_dim}"))
             continue
-        out, x = node.outputs[0], node.inputs[0]
+        out = node.outputs[0]
         conv = node.op_type == "Conv"
         out_hw = (out.shape[2], out.shape[3]) if conv and out.shape is not None else None
         if conv and (out_hw is None or not all(isinstance(v, int) for v in out_hw)):
             skipped.append(Skipped(node_label(node), "not reconstructed: output spatial size unknown"))
             continue
         per = max(options.rows_per_sample, -(-2 * d // max(1, options.samples)))  # aim for ≥ 2 rows per unknown
-        targets = _TargetRows(conv, per, options.seed, layers[name])
-        ActivationCollector(original, calibration).collect({out.name: [targets]}, limit=options.samples)
+        plan[name] = (d, out_hw, _TargetRows(conv, per, options.seed, layers[name]))
+    if plan:
+        ActivationCollector(original, calibration).collect({by_name[k].outputs[0].name: [v[2]] for k, v in plan.items()}, limit=options.samples)
+    # Phase 2: layer by layer, inputs from the model as refit so far.
+    for name, (d, out_hw, targets) in plan.items():
+        node = by_name[name]
+        w_mat, back = _weight_as_matrix(node)
         eq = _NormalEquations(node, targets, out_hw)
-        ActivationCollector(pruned, calibration).collect({x.name: [eq]}, limit=options.samples)
+        ActivationCollector(pruned, calibration).collect({node.inputs[0].name: [eq]}, limit=options.samples)
         if eq.rows < d:
             skipped.append(Skipped(node_label(node), f"not reconstructed: {eq.rows} calibration rows for {d} unknowns"))
             continue
