@@ -179,7 +179,8 @@ def reconstruct(
         reg[-1, -1] = 0.0  # the bias is not shrunk
         before = _residual(eq, np.concatenate([w_mat.T.astype(np.float64), _bias(node, w_mat.shape[0])[None, :]], axis=0))
         mask = None if masks is None else masks.get(name)
-        sol = np.linalg.solve(eq.ata + reg, eq.aty) if mask is None else _masked_solve(eq.ata + reg, eq.aty, mask)
+        current = np.concatenate([w_mat.T.astype(np.float64), _bias(node, w_mat.shape[0])[None, :]], axis=0)
+        sol = np.linalg.solve(eq.ata + reg, eq.aty) if mask is None else _masked_solve(eq.ata + reg, eq.aty, mask, current)
         after = _residual(eq, sol)
         if not np.all(np.isfinite(sol)) or after > before:
             skipped.append(Skipped(node_label(node), "not reconstructed: the least-squares fit did not reduce the layer's error"))
@@ -197,14 +198,42 @@ def reconstruct(
     return changed, skipped, stats
 
 
-def _masked_solve(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per output column j: least squares on the inputs ``mask[j]`` allows (plus the bias row)."""
-    sol = np.zeros_like(b)
+def _masked_solve(a: np.ndarray, b: np.ndarray, mask: np.ndarray, x0: np.ndarray | None = None) -> np.ndarray:
+    """Per output column j: least squares on the inputs ``mask[j]`` allows (plus the bias row).
+
+    Small layers: one exact solve per output. Large ones (more than 512 unknowns, where that would
+    cost outputs × d³): Jacobi-preconditioned conjugate gradients on all outputs at once, each
+    iteration one matrix product, started from the current weights; ``a`` is symmetric positive
+    definite (normal equations plus ridge), so CG converges on every masked subspace.
+    """
     n_in = a.shape[0] - 1
-    for j in range(b.shape[1]):
-        idx = np.concatenate([np.flatnonzero(mask[j, :n_in]), [n_in]])
-        sol[idx, j] = np.linalg.solve(a[np.ix_(idx, idx)], b[idx, j])
-    return sol
+    keep = np.concatenate([mask[:, :n_in].T, np.ones((1, b.shape[1]), bool)], axis=0)  # (d, outputs)
+    if a.shape[0] <= 512:
+        sol = np.zeros_like(b)
+        for j in range(b.shape[1]):
+            idx = np.flatnonzero(keep[:, j])
+            sol[idx, j] = np.linalg.solve(a[np.ix_(idx, idx)], b[idx, j])
+        return sol
+    m = keep.astype(a.dtype)
+    diag = np.maximum(np.diag(a), 1e-30)[:, None]
+    x = (np.zeros_like(b) if x0 is None else x0.astype(a.dtype)) * m
+    r = (b - a @ x) * m
+    z = r / diag
+    p = z.copy()
+    rz = np.sum(r * z, axis=0)
+    target = 1e-6 * np.maximum(np.linalg.norm(b * m, axis=0), 1e-30)
+    for _ in range(500):
+        if np.all(np.linalg.norm(r, axis=0) <= target):
+            break
+        ap = (a @ p) * m
+        alpha = rz / np.maximum(np.sum(p * ap, axis=0), 1e-300)
+        x += alpha * p
+        r -= alpha * ap
+        z = r / diag
+        rz_new = np.sum(r * z, axis=0)
+        p = z + (rz_new / np.maximum(rz, 1e-300)) * p
+        rz = rz_new
+    return x
 
 
 def _why_not(node: ir.Node) -> str | None:
