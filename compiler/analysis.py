@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,78 @@ def compare_table(before: ModelSummary, after: ModelSummary) -> str:
     if before.file_size is not None and after.file_size is not None:
         rows.append(["file size", human(before.file_size, "B"), human(after.file_size, "B"), ratio(before.file_size, after.file_size)])
     return format_table(rows, ["", "before", "after", "ratio"])
+
+
+# Factor nodes of a factorized layer ``L`` are named ``L_f1``, ``L_f2``, …: totals sum them under ``L``.
+FACTOR_SUFFIX = re.compile(r"_f\d+$")
+
+
+def layer_weight(node: ir.Node) -> np.ndarray | None:
+    """A layer's float weight, also when stored quantized (DequantizeLinear), as a codebook (Gather) or FP16 (Cast)."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    v = node.inputs[1]
+    w = const_array(v)
+    if w is not None:
+        return w.astype(np.float32) if np.issubdtype(w.dtype, np.floating) else None
+    p = v.producer()
+    if p is None:
+        return None
+    if p.op_type == "Cast":
+        w = const_array(p.inputs[0])
+        return None if w is None else w.astype(np.float32)
+    if p.op_type == "Gather":
+        book = const_array(p.inputs[0])
+        cast = p.inputs[1].producer()
+        idx = const_array(cast.inputs[0] if cast is not None and cast.op_type == "Cast" else p.inputs[1])
+        return None if book is None or idx is None else book[idx.astype(np.int64)]
+    if p.op_type == "DequantizeLinear":
+        q, scale = const_array(p.inputs[0]), const_array(p.inputs[1])
+        zp = const_array(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else None
+        if q is None or scale is None:
+            return None
+        zp = np.zeros_like(scale) if zp is None else zp.astype(np.float32)
+        if scale.ndim == 1 and q.ndim > 1:
+            a = p.attributes.get("axis")
+            axis = a.value if a is not None else 1
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        elif scale.ndim == q.ndim and scale.shape != q.shape:  # blocked (int4)
+            bs = p.attributes["block_size"].value
+            axis = p.attributes["axis"].value
+            scale, zp = np.repeat(scale, bs, axis=axis), np.repeat(zp, bs, axis=axis)
+        q = q.astype(np.float32) - zp
+        return (q * scale).astype(np.float32)
+    return None
+
+
+def _stored_weight_size(node: ir.Node) -> int:
+    """Elements of a layer's weight when it is rebuilt in the graph (Cast, Gather, DequantizeLinear): read
+    from the stored constant's metadata, without rebuilding the weight."""
+    p = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if p is None or p.op_type not in ("Cast", "Gather", "DequantizeLinear"):
+        return 0
+    stored = p.inputs[1] if p.op_type == "Gather" else p.inputs[0]  # Gather: the (cast) indices
+    if p.op_type == "Gather" and stored.producer() is not None and stored.producer().op_type == "Cast":
+        stored = stored.producer().inputs[0]
+    meta = _const_meta(stored)
+    return 0 if meta is None else meta[0]
+
+
+def per_layer_totals(model: ir.Model) -> dict[str, dict[str, Any]]:
+    """MACs and parameters per layer, factor nodes summed under their original layer; a weight stored
+    int8/int4, FP16 or as a codebook counts one parameter per element."""
+    weighted = {n.name: n for n in model.graph if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    out: dict[str, dict[str, Any]] = {}
+    for layer in analyze(model, stats=False).layers:
+        if not layer.macs:
+            continue
+        params = layer.params
+        if layer.name in weighted:
+            params = max(params, _stored_weight_size(weighted[layer.name]))
+        key = FACTOR_SUFFIX.sub("", layer.name)
+        e = out.setdefault(key, {"macs": 0, "params": 0})
+        e["macs"] += layer.macs or 0
+        e["params"] += params
+    return out

@@ -123,11 +123,10 @@ def totals(model: ir.Model, *, latency: bool = True, threads: int = 2) -> dict[s
     Parameters are counted per layer element by element, also when stored as int8/int4, FP16 or a
     codebook (one parameter per weight, whatever its storage); ``file_bytes`` shows the storage.
     """
-    from compiler.analysis import analyze
-    from compiler.report_html import _per_layer
+    from compiler.analysis import analyze, per_layer_totals
 
     s = analyze(model, stats=False)
-    params = sum(v["params"] for v in _per_layer(model).values())
+    params = sum(v["params"] for v in per_layer_totals(model).values())
     out: dict[str, Any] = {"params": params, "macs": s.macs, "nodes": s.nodes, "file_bytes": len(ir.to_proto(model).SerializeToString())}
     if latency:
         from compiler.bench import bench_models

@@ -94,7 +94,7 @@ class BenchResult:
         return head + "\n" + format_table(rows, ["model", "median ms", "p10-p90 ms", "vs first", "file", "peak MB"])
 
 
-def _session(src: Any, threads: int):
+def _session(src: Any, threads: int, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -107,6 +107,9 @@ def _session(src: Any, threads: int):
     # (measured here: the same model timed twice in one process came out 1.9x
     # slower the second time, blocks or not). Without spinning both agree.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
@@ -254,9 +257,6 @@ def profile_nodes(
     (a fused Conv+Relu, a QLinearConv from a QDQ unit) are summed under that
     node's name. Times include the profiler's small per-kernel overhead.
     """
-
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="onnxcc-profile-") as tmp:
         if isinstance(model, ir.Model):
             p = Path(tmp) / "m.onnx"
@@ -266,19 +266,7 @@ def profile_nodes(
             p = Path(model)
             m = load_model(p, check=False)
         feed = random_inputs(input_specs(m), n=1, seed=seed, batch=batch, overrides=input_shapes)[0]
-        sess = _session(str(p), threads)
-        for _ in range(3):
-            sess.run(None, feed)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tmp) / "prof")
-        del sess
-        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        sess = _session(str(p), threads, profile_prefix=str(Path(tmp) / "prof"))
         for _ in range(3):
             sess.run(None, feed)
         for _ in range(runs):

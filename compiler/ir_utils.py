@@ -430,5 +430,27 @@ def replace_contents(model: ir.Model, new: ir.Model) -> None:
     model.functions.update(new.functions)
 
 
+def gemm_as_matmul(node: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """A Gemm with constant operands as ``x @ W + bias``: (W as [K, N] with transB and alpha folded in,
+    beta·C or None, why not); why-not is set for transA=1 or a non-constant weight or bias."""
+    a = node.attributes
+    if a.get("transA") is not None and a["transA"].value:
+        return None, None, "Gemm with transA=1"
+    w = const_array(node.inputs[1])
+    if w is None:
+        return None, None, "weight is not a constant"
+    if a.get("transB") is not None and a["transB"].value:
+        w = w.T
+    alpha = a["alpha"].value if a.get("alpha") is not None else 1.0
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = const_array(node.inputs[2])
+        if c is None:
+            return None, None, "bias is not a constant"
+        beta = a["beta"].value if a.get("beta") is not None else 1.0
+        bias = (beta * c).astype(np.float32)
+    return (alpha * w).astype(np.float32), bias, ""
+
+
 def node_label(node: ir.Node) -> str:
     return node.name or f"{node.op_type}({', '.join(v.name or '?' for v in node.outputs)})"

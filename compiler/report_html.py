@@ -23,13 +23,13 @@ import html
 import io
 import math
 import os
-import re
 from typing import Any, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-_FACTOR = re.compile(r"_f\d+$")
+from compiler.analysis import FACTOR_SUFFIX, layer_weight, per_layer_totals
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -58,67 +58,6 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _weight(node: ir.Node) -> np.ndarray | None:
-    """A layer's float weight, also when stored quantized (DequantizeLinear), as a codebook (Gather) or FP16 (Cast)."""
-    from compiler.ir_utils import const_array
-
-    if len(node.inputs) < 2 or node.inputs[1] is None:
-        return None
-    v = node.inputs[1]
-    w = const_array(v)
-    if w is not None:
-        return w.astype(np.float32) if np.issubdtype(w.dtype, np.floating) else None
-    p = v.producer()
-    if p is None:
-        return None
-    if p.op_type == "Cast":
-        w = const_array(p.inputs[0])
-        return None if w is None else w.astype(np.float32)
-    if p.op_type == "Gather":
-        book = const_array(p.inputs[0])
-        cast = p.inputs[1].producer()
-        idx = const_array(cast.inputs[0] if cast is not None and cast.op_type == "Cast" else p.inputs[1])
-        return None if book is None or idx is None else book[idx.astype(np.int64)]
-    if p.op_type == "DequantizeLinear":
-        q, scale = const_array(p.inputs[0]), const_array(p.inputs[1])
-        zp = const_array(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else None
-        if q is None or scale is None:
-            return None
-        zp = np.zeros_like(scale) if zp is None else zp.astype(np.float32)
-        if scale.ndim == 1 and q.ndim > 1:
-            a = p.attributes.get("axis")
-            axis = a.value if a is not None else 1
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
-        elif scale.ndim == q.ndim and scale.shape != q.shape:  # blocked (int4)
-            bs = p.attributes["block_size"].value
-            axis = p.attributes["axis"].value
-            scale, zp = np.repeat(scale, bs, axis=axis), np.repeat(zp, bs, axis=axis)
-        q = q.astype(np.float32) - zp
-        return (q * scale).astype(np.float32)
-    return None
-
-
-def _per_layer(model: ir.Model) -> dict[str, dict[str, Any]]:
-    from compiler.analysis import analyze
-
-    weighted = {n.name: n for n in model.graph if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
-    out: dict[str, dict[str, Any]] = {}
-    for layer in analyze(model, stats=False).layers:
-        if not layer.macs:
-            continue
-        params = layer.params
-        if layer.name in weighted:  # weights stored quantized or as a codebook count too
-            w = _weight(weighted[layer.name])
-            params = max(params, 0 if w is None else int(w.size))
-        key = _FACTOR.sub("", layer.name)
-        e = out.setdefault(key, {"macs": 0, "params": 0})
-        e["macs"] += layer.macs or 0
-        e["params"] += params
-    return out
-
-
 def _bars(names, before, after, title, xlabel):
     import matplotlib.pyplot as plt
 
@@ -143,7 +82,7 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
 
     figs: list[tuple[str, str]] = []
     if before is not None and after is not None:
-        b, a = _per_layer(before), _per_layer(after)
+        b, a = per_layer_totals(before), per_layer_totals(after)
         names = sorted(b, key=lambda k: -b[k]["macs"])[:40]
         if names:
             figs.append(("Per-layer MACs (largest 40 layers of the input model)",
@@ -152,17 +91,18 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
                          _bars(names, [b[n]["params"] for n in names], [a.get(n, {}).get("params", 0) for n in names], "Parameters per layer", "parameters")))
         nb = {n.name: n for n in before.graph if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")}
         na = {n.name: n for n in after.graph if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")}
-        big = sorted((k for k in nb if _weight(nb[k]) is not None), key=lambda k: -_weight(nb[k]).size)[:12]
+        wb_all = {k: w for k, w in ((k, layer_weight(n)) for k, n in nb.items()) if w is not None}
+        big = sorted(wb_all, key=lambda k: -wb_all[k].size)[:12]
         if big:
             cols = 4
             rows = math.ceil(len(big) / cols)
             fig, axes = plt.subplots(rows, cols, figsize=(11, 2.3 * rows), squeeze=False)
             for ax, name in zip(axes.flat, big):
-                wb = _weight(nb[name]).reshape(-1)
+                wb = wb_all[name].reshape(-1)
                 lo, hi = float(wb.min()), float(wb.max())
                 bins = np.linspace(lo, hi, 60) if hi > lo else 10
                 ax.hist(wb, bins=bins, alpha=0.6, label="before")
-                wa = _weight(na[name]) if name in na else None
+                wa = layer_weight(na[name]) if name in na else None
                 if wa is not None:
                     ax.hist(wa.reshape(-1), bins=bins, alpha=0.6, label="after")
                 ax.set_title(name if name in na else f"{name} (replaced)", fontsize=8)
@@ -189,7 +129,7 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
         lb, la = lat["before"], lat["after"]
         agg: dict[str, float] = {}
         for k, v in la.items():
-            agg[_FACTOR.sub("", k)] = agg.get(_FACTOR.sub("", k), 0.0) + v
+            agg[FACTOR_SUFFIX.sub("", k)] = agg.get(FACTOR_SUFFIX.sub("", k), 0.0) + v
         names = sorted(lb, key=lambda k: -lb[k])[:40]
         if names:
             figs.append(("Per-layer latency from onnxruntime's profiler (batch 1, 2 threads; largest 40 layers)",

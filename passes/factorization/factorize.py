@@ -52,7 +52,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from compiler.analysis import layer_macs
-from compiler.ir_utils import add_initializer, clone_model, const_array, infer_shapes, node_label, replace_contents
+from compiler.ir_utils import add_initializer, clone_model, const_array, gemm_as_matmul, infer_shapes, node_label, replace_contents
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
 from passes.factorization import decompose as D
 from passes.pruning.dependency import _attr
@@ -160,16 +160,9 @@ def _layer(node: ir.Node, method: str) -> tuple[_Layer | None, str]:
             return None, "weight is shared with another node"
         bias = None
         if op == "Gemm":
-            if _attr(node, "transA", 0):
-                return None, "Gemm with transA=1"
-            if _attr(node, "transB", 0):
-                w = w.T
-            w = (_attr(node, "alpha", 1.0) * w).astype(np.float32)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                c = const_array(node.inputs[2])
-                if c is None:
-                    return None, "bias is not a constant"
-                bias = (_attr(node, "beta", 1.0) * c).astype(np.float32)
+            w, bias, why = gemm_as_matmul(node)
+            if why:
+                return None, why
         macs = layer_macs(node)
         x = _static(node.inputs[0].shape[1:-1]) if node.inputs[0].shape is not None else None
         rows = int(np.prod(x)) if x else 1

@@ -27,30 +27,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from compiler.ir_utils import add_initializer, const_array, node_label
+from compiler.ir_utils import add_initializer, const_array, gemm_as_matmul, node_label
 from compiler.registry import OnnxccPass, PassReport, Skipped, register
 from passes.quantization.qdq import _sqnr
-
-
-def _gemm_weight(node: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None, str]:
-    """(W as [K, N] with alpha folded in, bias or None, why-not)."""
-    a = node.attributes
-    if a.get("transA") is not None and a["transA"].value:
-        return None, None, "Gemm with transA=1"
-    w = const_array(node.inputs[1])
-    if w is None:
-        return None, None, "weight is not a constant"
-    if a.get("transB") is not None and a["transB"].value:
-        w = w.T
-    alpha = a["alpha"].value if a.get("alpha") is not None else 1.0
-    bias = None
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = const_array(node.inputs[2])
-        if c is None:
-            return None, None, "bias is not a constant"
-        beta = a["beta"].value if a.get("beta") is not None else 1.0
-        bias = (beta * c).astype(np.float32)
-    return (alpha * w).astype(np.float32), bias, ""
 
 
 @register
@@ -88,7 +67,7 @@ class DynamicQuantizePass(OnnxccPass):
                 skipped.append(Skipped(node_label(node), "excluded by pattern: kept in float"))
                 continue
             if node.op_type == "Gemm":
-                w, bias, why = _gemm_weight(node)
+                w, bias, why = gemm_as_matmul(node)
             else:
                 w, bias = const_array(node.inputs[1]), None
                 why = "" if w is not None else "weight is not a constant"
