@@ -79,6 +79,18 @@ common_model_options = [
     click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD", help="concrete shape for an input with dynamic dims"),
 ]
 
+# Commands whose lossy result is gated: labels make the metric accuracy, the budget bounds its drop.
+budget_options = [
+    click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy"),
+    click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written"),
+]
+
+
+def _budget(max_drop: float | None):
+    from compiler.pipeline import Budget
+
+    return Budget(max_drop=max_drop) if max_drop is not None else None
+
 
 def _apply(options):
     def deco(f):
@@ -197,8 +209,7 @@ def fold(ctx, src, out, opset, no_bn, report, in_place, external_data, input_sha
 @click.option("--codebook", "codebook_bits", type=click.IntRange(2, 8), default=None, help="shortcut: k-means weight sharing with this many bits")
 @click.option("--quantize", "quant_method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default=None, help="shortcut: INT8 QDQ (equalize first)")
 @click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder), read once for every pass")
-@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@_apply(budget_options)
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @click.option("--html", "html_path", type=click.Path(), help="write a self-contained HTML report with plots (report extra)")
 @click.option("--no-latency", is_flag=True, help="do not time the model before and after")
@@ -300,8 +311,6 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
 @click.pass_context
 def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, target_macs, target_params, target_latency, steps, samples, budget, force, report, in_place, input_shapes, metric):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""
-    from compiler.pipeline import Budget
-
     opts = {
         "ratio": ratio, "criterion": criterion, "global_ranking": global_ranking, "max_space_ratio": max_space_ratio,
         "round_to": round_to, "exclude": tuple(exclude), "layer_ratio": tuple(layer_ratio),
@@ -310,7 +319,7 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
     }
     run_transform(
         ctx, src, out, [("fold", {}), ("prune", opts)], calib=calib, labels=labels,
-        budget=Budget(max_drop=budget) if budget is not None and not force else None, report=report, in_place=in_place,
+        budget=None if force else _budget(budget), report=report, in_place=in_place,
         input_shapes=input_shapes, metric=metric,
     )
 
@@ -330,8 +339,7 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
 @click.option("--no-refit", is_flag=True, help="with --calib: do not refit")
 @click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
 @click.option("--keep-if-faster", is_flag=True, help="keep only the factorizations onnxruntime measures faster (timing-dependent)")
-@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@_apply(budget_options)
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
@@ -339,8 +347,6 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
 @click.pass_context
 def factorize(ctx, src, out, method, rank, energy, vbmf, target_macs, layer_rank, exclude, calib, no_refit, samples, keep_if_faster, labels, budget, report, in_place, input_shapes, metric):
     """Low-rank (SVD, spatial SVD, Tucker-2, CP) or depthwise-separable factorization (runs fold first)."""
-    from compiler.pipeline import Budget
-
     if sum(x is not None and x is not False for x in (rank, energy, target_macs)) + bool(vbmf) > 1:
         raise BadInputError("--rank, --energy, --vbmf and --target-macs are alternatives: give one")
     opts = {
@@ -350,7 +356,7 @@ def factorize(ctx, src, out, method, rank, energy, vbmf, target_macs, layer_rank
     }
     run_transform(
         ctx, src, out, [("fold", {}), ("factorize", opts)], calib=calib, labels=labels,
-        budget=Budget(max_drop=budget) if budget is not None else None, report=report, in_place=in_place,
+        budget=_budget(budget), report=report, in_place=in_place,
         input_shapes=input_shapes, metric=metric,
     )
 
@@ -450,8 +456,6 @@ def _sensitivity_plot(res, path: str) -> None:
 def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, samples, labels, budget, report, in_place, input_shapes, metric):
     """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first); or weight-only INT8/INT4/FP16."""
     from compiler.ir_utils import default_opset, load_model
-    from compiler.pipeline import Budget
-
     if sum(map(bool, (weight_only, fp16, dynamic))) > 1:
         raise BadInputError("--weight-only, --fp16 and --dynamic are alternatives: give one")
     opset = default_opset(load_model(src, check=False))
@@ -472,7 +476,7 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, metho
             "max_drop": budget, "eval_samples": 64,
         }))
     run_transform(
-        ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
+        ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
         report=report, in_place=in_place, input_shapes=input_shapes, metric=metric,
         verify_samples=64 if budget is not None else 8,  # the samples mixed precision measured its drop on
     )
@@ -486,8 +490,7 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, metho
 @click.option("--steps", type=int, default=1, show_default=True)
 @click.option("--calib", type=click.Path(), help="calibration data: refit the kept weights (sparsity pattern kept)")
 @click.option("--exclude", multiple=True, metavar="PATTERN")
-@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@_apply(budget_options)
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
@@ -495,11 +498,9 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, metho
 @click.pass_context
 def sparsify(ctx, src, out, sparsity, global_threshold, steps, calib, exclude, labels, budget, report, in_place, input_shapes, metric):
     """Unstructured magnitude sparsity; the report gives the zipped size."""
-    from compiler.pipeline import Budget
-
     opts = {"sparsity": sparsity, "global_threshold": global_threshold, "steps": steps, "reconstruct": bool(calib), "exclude": tuple(exclude)}
     run_transform(ctx, src, out, [("fold", {}), ("sparsify", opts)], calib=calib, labels=labels,
-                  budget=Budget(max_drop=budget) if budget is not None else None, report=report, in_place=in_place,
+                  budget=_budget(budget), report=report, in_place=in_place,
                   input_shapes=input_shapes, metric=metric)
 
 
@@ -519,10 +520,8 @@ def sparsify(ctx, src, out, sparsity, global_threshold, steps, calib, exclude, l
 @click.pass_context
 def codebook(ctx, src, out, bits, layers, exclude, labels, calib, budget, report, in_place, input_shapes, metric):
     """k-means weight sharing: packed indices + codebook, rebuilt in-graph (same speed)."""
-    from compiler.pipeline import Budget
-
     run_transform(ctx, src, out, [("fold", {}), ("codebook", {"bits": bits, "layers": tuple(layers), "exclude": tuple(exclude)})],
-                  calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
+                  calib=calib, labels=labels, budget=_budget(budget),
                   report=report, in_place=in_place, input_shapes=input_shapes, metric=metric)
 
 
@@ -534,16 +533,13 @@ def codebook(ctx, src, out, bits, layers, exclude, labels, calib, budget, report
 @click.option("--sparsity", type=float, default=0.6, show_default=True)
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
 @click.option("--int8", "int8", is_flag=True, help="INT8 activations too: quantize before the codebook, which then shares int8 levels (still fused)")
-@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@_apply(budget_options)
 @click.option("--report", type=click.Path(), help="write a JSON report")
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
 def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, budget, report, input_shapes, metric):
     """Deep-Compression-style: prune (structured) → sparsify → [INT8] → codebook, sizes and metric at each stage."""
-    from compiler.pipeline import Budget
-
     specs: list = [("fold", {})]
     if prune_ratio > 0:
         specs.append(("prune", {"ratio": prune_ratio, "reconstruct": True, "round_to": 1}))
@@ -551,7 +547,7 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
     if int8:
         specs.append(("quantize", {"method": "minmax", "bias_correction": True}))
     specs.append(("codebook", {"bits": bits}))
-    run_transform(ctx, src, out, specs, calib=calib, labels=labels, budget=Budget(max_drop=budget) if budget is not None else None,
+    run_transform(ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
                   report=report, input_shapes=input_shapes, metric=metric, verify_samples=64)
 
 
