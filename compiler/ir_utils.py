@@ -251,8 +251,12 @@ def save_model(
         raise BadInputError(f"{path}: cannot write to '{parent}': {e.strerror}") from e
     try:
         tmp_model = Path(tmpdir) / path.name
-        # Materialise lazily-loaded external tensors before their files can move.
-        ir.save(model, tmp_model, external_data=data_name)
+        if data_name:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            proto = ir.to_proto(model)
+            _drop_initializer_value_info(proto.graph)
+            tmp_model.write_bytes(proto.SerializeToString())
         if data_name:
             os.replace(Path(tmpdir) / data_name, parent / data_name)
             # The model in memory still points at the temporary file: repoint it.
@@ -263,6 +267,16 @@ def save_model(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def _drop_initializer_value_info(graph: onnx.GraphProto) -> None:
+    """onnx_ir writes a value_info entry for every initializer; the tensor already carries its type
+    and shape, so entries with nothing else in them only add bytes (about 1 KB per 10 layers)."""
+    inits = {t.name for t in graph.initializer}
+    keep = [v for v in graph.value_info if v.name not in inits or v.doc_string or v.metadata_props]
+    if len(keep) < len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
 
 
 def model_to_bytes(model: ir.Model) -> bytes:
