@@ -6,8 +6,10 @@
 Same fp32 model (the builder family, folded), same calibration data, same
 method for both: onnxruntime's ``quantize_static`` in QDQ format with
 per-channel int8 weights and uint8 activations (its documented CPU setting),
-and ``onnxcc quantize`` with its defaults (plus ``--equalize
---bias-correction`` as a second onnxcc row). Each quantizer runs in a child
+and ``onnxcc quantize`` with its defaults, plus ``--equalize
+--bias-correction`` as a second onnxcc row and the ``int8-x86`` recipe
+(those and ``--speed-guard``: INT8 kept only where it measures faster than
+fp32 at batch 1 and 8) as a third. Each quantizer runs in a child
 process so its wall time and peak memory (VmHWM, reset at the child's start) are its own.
 
 Reported per model: latency of each INT8 model relative to fp32 (``onnxcc
@@ -86,7 +88,8 @@ def _child(argv: list[str]) -> None:
         specs = []
         if "equalize" in extra:
             specs.append("equalize")
-        specs.append(("quantize", {"method": method, "bias_correction": "bias-correction" in extra, "check_fusion": False}))
+        specs.append(("quantize", {"method": method, "bias_correction": "bias-correction" in extra, "check_fusion": False,
+                                   "speed_guard": "speed-guard" in extra}))
         Pipeline(specs, verify=False).run(model, CalibrationSet.load(calib, model))
         save_model(model, dst)
     seconds = time.perf_counter() - t0
@@ -158,7 +161,8 @@ def run(args) -> tuple[str, list[dict]]:
             else:
                 np.save(calib, rng.standard_normal((args.calib,) + shape).astype(np.float32))
                 held_out = rng.standard_normal((32,) + shape).astype(np.float32)
-            variants = {"ort": ("ort", []), "onnxcc": ("onnxcc", []), "onnxcc+eq+bc": ("onnxcc", ["equalize", "bias-correction"])}
+            variants = {"ort": ("ort", []), "onnxcc": ("onnxcc", []), "onnxcc+eq+bc": ("onnxcc", ["equalize", "bias-correction"]),
+                        "int8-x86": ("onnxcc", ["equalize", "bias-correction", "speed-guard"])}  # the recipe: + speed guard
             out_paths, cost = {}, {}
             for key, (tool, extra) in variants.items():
                 dst = tmp / f"{Path(src).stem}_{key}.onnx"
