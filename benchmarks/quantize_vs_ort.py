@@ -124,7 +124,7 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_m
     if trained_models:
         from tests.trained import trained
 
-        for name in ("resnet", "mobilenet_v2"):
+        for name in ("resnet", "mobilenet_v2", "mobilenet_v3"):
             yield f"digits/{name}", folded(load_model(trained(name)[0]), f"digits_{name}")
     if use_torch:
         from tests import torch_zoo as Z
