@@ -60,15 +60,27 @@ def _nets():
             return self.fc(self.features(x).mean((2, 3)))
 
     class InvRes(nn.Module):
-        def __init__(self, cin, cout, s, t=4):
+        """Inverted residual: 1x1 expand, depthwise k x k, optional squeeze-excite, 1x1 project."""
+
+        def __init__(self, cin, cout, s, t=4, k=3, act=nn.ReLU6, se=False):
             super().__init__()
             h = cin * t
-            self.body = nn.Sequential(cbr(cin, h, 1, act=nn.ReLU6), cbr(h, h, 3, s, g=h, act=nn.ReLU6), cbr(h, cout, 1, act=None))
+            layers = [cbr(cin, h, 1, act=act), cbr(h, h, k, s, g=h, act=act)] + ([SE(h)] if se else []) + [cbr(h, cout, 1, act=None)]
+            self.body = nn.Sequential(*layers)
             self.res = s == 1 and cin == cout
 
         def forward(self, x):
             y = self.body(x)
             return x + y if self.res else y
+
+    class SE(nn.Module):
+        def __init__(self, c, r=4):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Conv2d(c, c // r, 1), nn.Conv2d(c // r, c, 1)
+
+        def forward(self, x):
+            s = nn.functional.adaptive_avg_pool2d(x, 1)
+            return x * nn.functional.hardsigmoid(self.fc2(nn.functional.relu(self.fc1(s))))
 
     class MobileNetV2(nn.Module):
         def __init__(self):
@@ -82,40 +94,14 @@ def _nets():
         def forward(self, x):
             return self.fc(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
-    class SE(nn.Module):
-        def __init__(self, c, r=4):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Conv2d(c, c // r, 1), nn.Conv2d(c // r, c, 1)
-
-        def forward(self, x):
-            s = nn.functional.adaptive_avg_pool2d(x, 1)
-            return x * nn.functional.hardsigmoid(self.fc2(nn.functional.relu(self.fc1(s))))
-
-    class MBConv3(nn.Module):
-        """MobileNetV3 block: 1x1 expand, depthwise k x k, squeeze-excite, 1x1 project; Hardswish."""
-
-        def __init__(self, cin, cout, k, s, t=4, se=True):
-            super().__init__()
-            h = cin * t
-            layers = [cbr(cin, h, 1, act=nn.Hardswish), cbr(h, h, k, s, g=h, act=nn.Hardswish)]
-            if se:
-                layers.append(SE(h))
-            layers.append(cbr(h, cout, 1, act=None))
-            self.body = nn.Sequential(*layers)
-            self.res = s == 1 and cin == cout
-
-        def forward(self, x):
-            y = self.body(x)
-            return x + y if self.res else y
-
     class MobileNetV3(nn.Module):
         """Depthwise 3x3 and 5x5, squeeze-excite, Hardswish/Hardsigmoid: the quantization-hard family."""
 
         def __init__(self):
             super().__init__()
             self.features = nn.Sequential(
-                cbr(1, 16, act=nn.Hardswish), MBConv3(16, 24, 3, 1, se=False), MBConv3(24, 24, 3, 1), MBConv3(24, 40, 5, 2),
-                MBConv3(40, 40, 5, 1), MBConv3(40, 80, 3, 2), cbr(80, 192, 1, act=nn.Hardswish),
+                cbr(1, 16, act=nn.Hardswish), InvRes(16, 24, 1, act=nn.Hardswish), *(InvRes(cin, cout, s, k=k, act=nn.Hardswish, se=True)
+                for cin, cout, k, s in ((24, 24, 3, 1), (24, 40, 5, 2), (40, 40, 5, 1), (40, 80, 3, 2))), cbr(80, 192, 1, act=nn.Hardswish),
             )
             self.fc = nn.Linear(192, 10)
 
