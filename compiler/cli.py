@@ -79,6 +79,13 @@ common_model_options = [
     click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD", help="concrete shape for an input with dynamic dims"),
 ]
 
+# Every command that writes a model: where, its JSON report, and whether OUT may be the input.
+output_options = [
+    click.option("-o", "--output", "out", required=True, type=click.Path(), help="where to write the result"),
+    click.option("--report", type=click.Path(), help="write a JSON report"),
+    click.option("--in-place", is_flag=True, help="allow OUT to be the input file"),
+]
+
 # Commands whose lossy result is gated: labels make the metric accuracy, the budget bounds its drop.
 budget_options = [
     click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy"),
@@ -182,11 +189,9 @@ def run_transform(
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="where to write the folded model")
+@_apply(output_options)
 @click.option("--opset", type=int, default=None, help="upgrade the default-domain opset first")
 @click.option("--no-bn", is_flag=True, help="keep BatchNormalization nodes")
-@click.option("--report", type=click.Path(), help="write a JSON report")
-@click.option("--in-place", is_flag=True, help="allow OUT to be the input file")
 @click.option("--external-data/--no-external-data", default=None, help="store weights in OUT.data (default: only over 2 GB)")
 @_apply(common_model_options)
 @click.pass_context
@@ -200,7 +205,7 @@ def fold(ctx, src, out, opset, no_bn, report, in_place, external_data, input_sha
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path())
+@_apply(output_options)
 @click.option("--recipe", help="a shipped recipe (lossless, int8-x86, faster-2x, smallest) or a YAML/JSON file")
 @click.option("--pass", "pass_names", multiple=True, metavar="NAME[:k=v,...]", help="add a pass (repeatable)")
 @click.option("--prune", "prune_ratio", type=float, default=None, help="shortcut: structured pruning at this channel ratio (+ reconstruction with --calib)")
@@ -210,10 +215,8 @@ def fold(ctx, src, out, opset, no_bn, report, in_place, external_data, input_sha
 @click.option("--quantize", "quant_method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default=None, help="shortcut: INT8 QDQ (equalize first)")
 @click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder), read once for every pass")
 @_apply(budget_options)
-@click.option("--report", type=click.Path(), help="write a JSON report")
 @click.option("--html", "html_path", type=click.Path(), help="write a self-contained HTML report with plots (report extra)")
 @click.option("--no-latency", is_flag=True, help="do not time the model before and after")
-@click.option("--in-place", is_flag=True)
 @click.option("--seed", type=int, default=0)
 @_apply(common_model_options)
 @metric_option
@@ -284,7 +287,7 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path())
+@_apply(output_options)
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="fraction of channels to remove per space (overall with --global)")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "bn_scale", "fpgm", "activation", "zero", "reconstruction"]), default="l1", show_default=True)
 @click.option("--global", "global_ranking", is_flag=True, help="rank channels across spaces (each capped by --max-space-ratio)")
@@ -304,8 +307,6 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
 @click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
 @click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
 @click.option("--force", is_flag=True, help="write the model even when the budget is exceeded (the report says by how much)")
-@click.option("--report", type=click.Path(), help="write a JSON report")
-@click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
@@ -326,7 +327,7 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path())
+@_apply(output_options)
 @click.option("--method", type=click.Choice(["svd", "spatial-svd", "tucker", "cp", "depthwise"]), default="tucker", show_default=True,
               help="svd: Gemm/MatMul/1x1 conv; the others: kxk convs")
 @click.option("--rank", type=float, default=None, help=">=1: absolute rank (depthwise: multiplier); <1: fraction of each layer's MACs kept [default 0.5]")
@@ -340,8 +341,6 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
 @click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
 @click.option("--keep-if-faster", is_flag=True, help="keep only the factorizations onnxruntime measures faster (timing-dependent)")
 @_apply(budget_options)
-@click.option("--report", type=click.Path(), help="write a JSON report")
-@click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
@@ -431,7 +430,7 @@ def _sensitivity_plot(res, path: str) -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path())
+@_apply(output_options)
 @click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder); not needed for --weight-only/--fp16")
 @click.option("--weight-only", type=click.Choice(["int8", "int4", "binary", "ternary"]), default=None, help="compress weights only (float compute, no calibration); binary/ternary lose much accuracy without fine-tuning")
 @click.option("--block-size", type=int, default=32, show_default=True, help="--weight-only int4: weights per scale")
@@ -448,8 +447,6 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.option("--samples", type=int, default=256, show_default=True, help="calibration samples used at most")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
 @click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points")
-@click.option("--report", type=click.Path(), help="write a JSON report")
-@click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
@@ -484,15 +481,13 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, metho
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path())
+@_apply(output_options)
 @click.option("--sparsity", type=float, required=True, help="fraction of weights set to zero")
 @click.option("--global", "global_threshold", is_flag=True, help="one magnitude threshold over all layers")
 @click.option("--steps", type=int, default=1, show_default=True)
 @click.option("--calib", type=click.Path(), help="calibration data: refit the kept weights (sparsity pattern kept)")
 @click.option("--exclude", multiple=True, metavar="PATTERN")
 @_apply(budget_options)
-@click.option("--report", type=click.Path(), help="write a JSON report")
-@click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
@@ -506,15 +501,13 @@ def sparsify(ctx, src, out, sparsity, global_threshold, steps, calib, exclude, l
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path())
+@_apply(output_options)
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True, help="2^bits shared values per layer")
 @click.option("--layers", multiple=True, metavar="PATTERN", help="compress only matching node names (repeatable)")
 @click.option("--exclude", multiple=True, metavar="PATTERN")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy (with --calib)")
 @click.option("--calib", type=click.Path(), help="data to verify on (default: random inputs)")
 @click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
-@click.option("--report", type=click.Path(), help="write a JSON report")
-@click.option("--in-place", is_flag=True)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
@@ -527,18 +520,17 @@ def codebook(ctx, src, out, bits, layers, exclude, labels, calib, budget, report
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path())
+@_apply(output_options)
 @click.option("--calib", type=click.Path(), required=True, help="calibration data (reconstruction and verification)")
 @click.option("--prune", "prune_ratio", type=float, default=0.0, show_default=True, help="structured channel ratio (0: no pruning)")
 @click.option("--sparsity", type=float, default=0.6, show_default=True)
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
 @click.option("--int8", "int8", is_flag=True, help="INT8 activations too: quantize before the codebook, which then shares int8 levels (still fused)")
 @_apply(budget_options)
-@click.option("--report", type=click.Path(), help="write a JSON report")
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, budget, report, input_shapes, metric):
+def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, budget, report, in_place, input_shapes, metric):
     """Deep-Compression-style: prune (structured) → sparsify → [INT8] → codebook, sizes and metric at each stage."""
     specs: list = [("fold", {})]
     if prune_ratio > 0:
@@ -548,7 +540,7 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
         specs.append(("quantize", {"method": "minmax", "bias_correction": True}))
     specs.append(("codebook", {"bits": bits}))
     run_transform(ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
-                  report=report, input_shapes=input_shapes, metric=metric, verify_samples=64)
+                  report=report, in_place=in_place, input_shapes=input_shapes, metric=metric, verify_samples=64)
 
 
 # --------------------------------------------------------------------------- read-only commands
