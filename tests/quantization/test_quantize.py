@@ -85,6 +85,13 @@ def test_constants_compacted_without_changing_what_onnxruntime_runs(folded, monk
     save_model(plain, tmp_path / "plain.onnx")
     save_model(model, tmp_path / "compact.onnx")
     assert (tmp_path / "plain.onnx").stat().st_size - (tmp_path / "compact.onnx").stat().st_size >= saved - 2000  # the Mul nodes cost ~100 B each
+    # Tensors the pass made up have short names; every original tensor keeps its name, and each
+    # QuantizeLinear node still names the tensor it quantizes.
+    fp32_names = {v.name for v in folded("mobilenet_v2").graph.inputs} | {o.name for n in folded("mobilenet_v2").graph for o in n.outputs}
+    made = [o.name for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear") for o in n.outputs]
+    assert made and all(len(x) <= 6 for x in made)
+    assert all(n.name.startswith(n.inputs[0].name) for n in model.graph if n.op_type == "QuantizeLinear")
+    assert {o.name for n in model.graph for o in n.outputs if o.name in fp32_names} >= {o.name for n in model.graph if n.op_type == "Conv" for o in n.outputs}
 
 
 @pytest.mark.parametrize("method", R.METHODS)
