@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from compiler.calibration import CalibrationSet, Reducer, SegmentRunner
 from compiler.ir_utils import const_array, node_label
+from compiler.progress import bar
 from compiler.registry import Skipped
 from passes.pruning.dependency import _attr
 from passes.pruning.surgery import _add_bias, _set_input_const
@@ -177,7 +178,10 @@ def reconstruct(
     # Phase 2: layer by layer, inputs from the model as refit so far; each layer's input is computed
     # from the tensors cached at the previous layer (one forward pass in all, not one per layer).
     runner = SegmentRunner(pruned, calibration, limit=options.samples)
-    for name, (d, out_hw, targets) in plan.items():
+    progress = bar("least-squares refit")
+    for step, (name, (d, out_hw, targets)) in enumerate(plan.items(), 1):
+        if progress:
+            progress(step - 1, len(plan))
         node = by_name[name]
         w_mat, back = _weight_as_matrix(node)
         eq = _NormalEquations(node, targets, out_hw)
@@ -206,6 +210,8 @@ def reconstruct(
             _set_bias(pruned.graph, node, new_b)
         changed.append(node_label(node))
         stats[node_label(node)] = {"rows": eq.rows, "inputs": d - 1, "residual_before": before, "residual_after": after}
+    if progress and plan:
+        progress(len(plan), len(plan))
     return changed, skipped, stats
 
 
