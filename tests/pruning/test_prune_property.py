@@ -15,48 +15,13 @@ from compiler.calibration import input_specs, random_inputs
 from compiler.ir_utils import clone_model
 from compiler.pipeline import Pipeline
 from compiler.verify import EXACT_RTOL, compare_outputs, run_model
-from models.builders import NetBuilder
 from tests.pruning.helpers import zero_groups
+from tests.strategies import cnn_graphs
 
-BLOCKS = ["cba1", "cba3", "dw", "residual", "concat", "pool", "se", "grouped"]
-
-
-@st.composite
-def networks(draw) -> ir.Model:
-    seed = draw(st.integers(0, 2**16))
-    b = NetBuilder("prop", 8, seed=seed)
-    x = b.input
-    hw = 8
-    for kind in draw(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=6)):
-        c = b.ch[x]
-        act = draw(st.sampled_from(["relu", "relu6", "hardswish", "silu", None]))
-        if kind == "cba1":
-            x = b.cba(x, draw(st.integers(2, 8)), 1, act=act)
-        elif kind == "cba3":
-            x = b.cba(x, draw(st.integers(2, 8)), 3, act=act)
-        elif kind == "dw" and c > 1:
-            x = b.cba(x, c, 3, g=c, act=act)
-        elif kind == "grouped" and c % 2 == 0:
-            x = b.cba(x, c, 3, g=2, act=act)
-        elif kind == "residual":
-            y = b.cba(b.cba(x, draw(st.integers(2, 6)), 1, act="relu"), c, 3, act=None)
-            x = b.add(x, y)
-        elif kind == "concat":
-            x = b.concat([x, b.cba(x, draw(st.integers(2, 6)), 3, act=act)])
-        elif kind == "pool" and hw >= 4:
-            x = b.maxpool(x) if draw(st.booleans()) else b.avgpool(x)
-            hw //= 2
-        elif kind == "se" and c >= 2:
-            x = b.se(x, max(1, c // 2))
-    if draw(st.booleans()):
-        x = b.gemm(b.flatten(x, spatial=hw * hw), draw(st.integers(2, 6)))  # Flatten→Gemm over H·W blocks
-        x = b.gemm(b.relu(x), 3)
-    else:
-        x = b.classifier(x, 3)
-    model = b.finish(x, calibrate=False)
-    if draw(st.booleans()):
-        Pipeline(["fold"], verify=False).run(model)
-    return model
+def networks():
+    """Small random CNNs (8×8, up to 6 blocks, up to 8 channels), folded or not."""
+    return cnn_graphs(name="prop", hw=8, in_channels=None, blocks=("cba1", "cba3", "dw", "residual", "concat", "pool", "se", "grouped"),
+                      max_blocks=6, max_ch=8, max_residual=6, max_hidden=6, classes=3, maybe_fold=True)
 
 
 def _compare(ref, cand):

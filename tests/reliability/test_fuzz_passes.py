@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -31,7 +30,7 @@ from compiler.ir_utils import clone_model
 from compiler.pipeline import Pipeline
 from compiler.registry import registered_passes
 from compiler.verify import compare_outputs, run_model
-from models.builders import NetBuilder
+from tests.strategies import cnn_graphs
 
 EXAMPLES = int(os.environ.get("ONNXCC_FUZZ_EXAMPLES", "6"))
 LOG = os.environ.get("ONNXCC_FUZZ_LOG")  # one line per example tried: pass, outcome (for long campaigns)
@@ -41,53 +40,10 @@ def _log(name: str, outcome: str) -> None:
     if LOG:
         with open(LOG, "a") as f:
             f.write(f"{name}\t{outcome}\n")
-BLOCKS = ["cba1", "cba3", "strided", "dilated", "dw", "grouped", "residual", "concat", "split", "pool", "se"]
 
 
-@st.composite
-def graphs(draw) -> ir.Model:
-    b = NetBuilder("fuzz", 16, in_ch=draw(st.sampled_from([1, 3, 4])), seed=draw(st.integers(0, 2**16)))
-    x = b.input
-    hw = 16
-    for kind in draw(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=7)):
-        c = b.ch[x]
-        act = draw(st.sampled_from(["relu", "relu6", "hardswish", "silu", None]))
-        if kind == "cba1":
-            x = b.cba(x, draw(st.integers(2, 12)), 1, act=act)
-        elif kind == "cba3":
-            x = b.cba(x, draw(st.integers(2, 12)), 3, act=act)
-        elif kind == "strided" and hw >= 4:
-            x = b.cba(x, draw(st.integers(2, 12)), draw(st.sampled_from([1, 3])), s=2, act=act)
-            hw //= 2
-        elif kind == "dilated" and hw >= 6:
-            x = b.act(b.bn(b.conv(x, draw(st.integers(2, 12)), 3, d=2)), act)
-        elif kind == "dw" and c > 1:
-            x = b.cba(x, c, 3, g=c, act=act)
-        elif kind == "grouped" and c % 2 == 0:
-            x = b.cba(x, c, 3, g=2, act=act)
-        elif kind == "residual":
-            y = b.cba(b.cba(x, draw(st.integers(2, 8)), 1, act="relu"), c, 3, act=None)
-            x = b.add(x, y)
-        elif kind == "concat":
-            x = b.concat([x, b.cba(x, draw(st.integers(2, 6)), 3, act=act)])
-        elif kind == "split" and c >= 2:
-            k = draw(st.integers(1, c - 1))
-            parts = b.tape.op_multi_out("Split", [x, b.const(np.array([k, c - k], np.int64), "split")], {"axis": 1}, num_outputs=2, name=b._name("split"))
-            for i, (v, n) in enumerate(zip(parts, (k, c - k))):
-                v.name = f"{parts[0].producer().name}_out{i}"
-                b.ch[v] = n
-            x = b.concat([b.cba(parts[0], draw(st.integers(2, 6)), 3, act=act), parts[1]])
-        elif kind == "pool" and hw >= 4:
-            x = b.maxpool(x) if draw(st.booleans()) else b.avgpool(x)
-            hw //= 2
-        elif kind == "se" and c >= 2:
-            x = b.se(x, max(1, c // 2))
-    if draw(st.booleans()):
-        x = b.gemm(b.flatten(x, spatial=hw * hw), draw(st.integers(2, 8)))
-        x = b.gemm(b.relu(x), 4)
-    else:
-        x = b.classifier(x, 4)
-    return b.finish(x, calibrate=False)
+def graphs():
+    return cnn_graphs()  # 16×16, 1/3/4 input channels, every block kind
 
 
 OPTIONS = {
