@@ -501,15 +501,18 @@ class SegmentRunner:
 
     A sequential refit (:func:`passes.pruning.reconstruct.reconstruct`) needs each layer's input
     in the model as refit so far. Recomputing it from the graph inputs costs a forward pass per
-    layer (about 50 of them on a ResNet-50). ``collect(stop, reducers)`` runs only the nodes
-    from the previous ``stop`` up to this one, on the tensors cached there, hands the requested
-    tensors to the reducers and caches the tensors still alive at ``stop`` (those produced before
-    it that a later node reads). Between calls only ``stop`` and later nodes may change: a refit
-    layer's weights, nodes inserted after it. Only the requested tensors and the live ones leave
-    onnxruntime, so collecting every layer's output this way holds one at a time, where one
-    session exposing all of them holds them all (2.6 GB on ResNet-50 at 224², batch 16). Memory: the tensors alive at a cut for every sample,
-    a few activations on a CNN. Stops must come in graph order. Models whose weights stay on disk
-    fall back to :class:`ActivationCollector` per call.
+    layer (about 50 of them on a ResNet-50). Each ``collect(reducers, before=node)`` (or
+    ``after=node``) runs only the nodes between the previous stop and this one, on the tensors
+    cached at the previous stop, hands the requested tensors to the reducers, and caches the
+    tensors alive at this stop (produced before it, read by a later node). Between calls only
+    the stop node and later nodes may change: a refit layer's weights, nodes inserted after it.
+    Stops must come in graph order.
+
+    Only the requested and the live tensors leave onnxruntime, so collecting every layer's output
+    this way holds one at a time, where one session exposing all of them holds them all (2.6 GB
+    on ResNet-50 at 224², batch 16). Memory: the tensors alive at a cut for every sample, a few
+    activations on a CNN. Models whose weights stay on disk fall back to
+    :class:`ActivationCollector` per call.
     """
 
     def __init__(self, model: ir.Model, calibration: CalibrationSet, *, limit: int | None = None, batch_size: int = 16,
@@ -518,7 +521,7 @@ class SegmentRunner:
         self.limit = len(calibration) if limit is None else min(limit, len(calibration))
         self.batch_size = calibration.batch_size_for(model, batch_size)
         self.cache: list[dict[str, np.ndarray]] | None = None
-        self.start: ir.Node | None = None
+        self.start: ir.Node | object | None = None  # where the cache was taken: a node, _END, or None (graph inputs)
         self.sessions = 0
 
     def collect(self, reducers: Mapping[str, Sequence[Reducer]], *, before: ir.Node | None = None, after: ir.Node | None = None) -> None:
@@ -538,13 +541,13 @@ class SegmentRunner:
             raise ValueError("SegmentRunner: stops must come in graph order")
         graph = self.model.graph
         consts = set(graph.initializers)
-        before = {v.name for v in graph.inputs}
+        produced = {v.name for v in graph.inputs}  # by the stop: graph inputs and earlier nodes' outputs
         for n in order[:i_stop]:
-            before.update(o.name for o in n.outputs if o.name)
+            produced.update(o.name for o in n.outputs if o.name)
         later = {o.name for o in graph.outputs}
         for n in order[i_stop:]:
             later |= _reads(n)
-        live = (before & later) - consts
+        live = (produced & later) - consts
         seg = order[i_start:i_stop]
         made = {o.name for n in seg for o in n.outputs if o.name}
         wanted = list(reducers)
@@ -563,7 +566,7 @@ class SegmentRunner:
             g.initializer.extend(ir.serde.serialize_tensor(graph.initializers[k].const_value) for k in sorted(reads & consts))
             for t, k in zip(g.initializer, sorted(reads & consts)):
                 t.name = k
-            g.input.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in sorted((reads & before) - consts))  # outer-scope names
+            g.input.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in sorted((reads & produced) - consts))  # outer-scope names
             g.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in outputs)
             proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()],
                                            ir_version=self.model.ir_version)
