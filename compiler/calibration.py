@@ -541,6 +541,13 @@ class SegmentRunner:
             raise ValueError("SegmentRunner: stops must come in graph order")
         graph = self.model.graph
         consts = set(graph.initializers)
+        # Nodes computing from constants only (a DequantizeLinear of int8 weights, a Constant) are
+        # rerun in every segment that reads them, never cached: a refit may change their inputs.
+        const_nodes = []
+        for n in order[:i_stop]:
+            if not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in n.attributes.values()) and _reads(n) <= consts:
+                const_nodes.append(n)
+                consts |= {o.name for o in n.outputs if o.name}
         produced = {v.name for v in graph.inputs}  # by the stop: graph inputs and earlier nodes' outputs
         for n in order[:i_stop]:
             produced.update(o.name for o in n.outputs if o.name)
@@ -548,7 +555,8 @@ class SegmentRunner:
         for n in order[i_stop:]:
             later |= _reads(n)
         live = (produced & later) - consts
-        seg = order[i_start:i_stop]
+        in_range = {id(m) for m in order[i_start:i_stop]}
+        seg = [n for n in const_nodes if id(n) not in in_range] + order[i_start:i_stop]
         made = {o.name for n in seg for o in n.outputs if o.name}
         wanted = list(reducers)
         outputs = sorted((live | set(wanted)) & made)
@@ -563,8 +571,9 @@ class SegmentRunner:
             g.node.extend(ir.serde.serialize_node(n) for n in seg)
             _keep_needed_nodes(g, outputs)
             reads = set().union(*(_node_inputs(n) for n in g.node)) - made
-            g.initializer.extend(ir.serde.serialize_tensor(graph.initializers[k].const_value) for k in sorted(reads & consts))
-            for t, k in zip(g.initializer, sorted(reads & consts)):
+            stored = sorted(reads & set(graph.initializers))
+            g.initializer.extend(ir.serde.serialize_tensor(graph.initializers[k].const_value) for k in stored)
+            for t, k in zip(g.initializer, stored):
                 t.name = k
             g.input.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in sorted((reads & produced) - consts))  # outer-scope names
             g.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in outputs)

@@ -207,6 +207,35 @@ def test_segment_runner_matches_full_runs_while_weights_change(tiny_models, fami
         runner.collect({convs[0].inputs[0].name: [Keep()]}, before=convs[0])
 
 
+def test_segment_runner_reruns_constant_chains_that_change(tiny_models):
+    """In a QDQ model a conv's bias is DequantizeLinear(int32) placed before the conv: changing the
+    int32 constant after the cut must reach the later layers (constant-only nodes are rerun, not cached)."""
+    from compiler.calibration import SegmentRunner
+    from compiler.ir_utils import clone_model, const_array
+
+    model = clone_model(tiny_models["resnet"])
+    x = np.random.default_rng(3).normal(size=(12, 3, 32, 32)).astype(np.float32)
+    calib = CalibrationSet.load({"input": x}, model)
+    Pipeline(["fold", ("quantize", {"check_fusion": False, "layer_errors": False})], verify=False).run(model, calib)
+    runner = SegmentRunner(model, calib, batch_size=4)
+    convs = [n for n in model.graph if n.op_type == "Conv" and n.inputs[2] is not None and n.inputs[2].producer() is not None]
+    assert len(convs) > 3
+
+    class Keep:
+        def __init__(self):
+            self.parts = []
+
+        def update(self, a):
+            self.parts.append(a)
+
+    for conv in convs:
+        got = Keep()
+        runner.collect({conv.inputs[0].name: [got]}, before=conv)
+        assert np.allclose(np.concatenate(got.parts), _intermediate(model, conv.inputs[0].name, x), atol=1e-5)
+        b = conv.inputs[2].producer().inputs[0]  # the int32 bias behind the DequantizeLinear
+        b.const_value = ir.tensor(const_array(b) + 1000, name=b.name)
+
+
 def _intermediate(model, name, x):
     import onnx
 
