@@ -169,6 +169,16 @@ def test_activation_collector_streams(tiny_models):
     assert rows.result().shape == (120, full.shape[1])  # bounded: 120 rows kept of 40*32*32
 
 
+class _Keep:
+    """Reducer that keeps every batch it is given."""
+
+    def __init__(self):
+        self.parts = []
+
+    def update(self, a):
+        self.parts.append(a)
+
+
 @pytest.mark.parametrize("family", ["resnet", "densenet", "inception"])
 def test_segment_runner_matches_full_runs_while_weights_change(tiny_models, family):
     """Layer-by-layer collection from cached cut tensors equals a full run of the model as it is
@@ -183,20 +193,13 @@ def test_segment_runner_matches_full_runs_while_weights_change(tiny_models, fami
     runner = SegmentRunner(model, calib, batch_size=8)
     convs = [n for n in model.graph if n.op_type == "Conv"]
 
-    class Keep:
-        def __init__(self):
-            self.parts = []
-
-        def update(self, a):
-            self.parts.append(a)
-
     for conv in convs:
-        got = Keep()
+        got = _Keep()
         runner.collect({conv.inputs[0].name: [got]}, before=conv)
         ref = x if conv.inputs[0].name == "input" else _intermediate(model, conv.inputs[0].name, x)
         assert np.allclose(np.concatenate(got.parts), ref, atol=1e-5)
         _set_input_const(model.graph, conv, 1, const_array(conv.inputs[1]) * 0.5)  # later inputs must see this
-    last = Keep()
+    last = _Keep()
     out = model.graph.outputs[0].name
     runner.collect({out: [last]})
     from compiler.verify import run_model
@@ -204,7 +207,7 @@ def test_segment_runner_matches_full_runs_while_weights_change(tiny_models, fami
     assert np.allclose(np.concatenate(last.parts), run_model(model, [{"input": x}])[out], atol=1e-4)
     assert runner.sessions <= len(convs) + 1  # one small session per segment, never the whole model again
     with pytest.raises(ValueError):
-        runner.collect({convs[0].inputs[0].name: [Keep()]}, before=convs[0])
+        runner.collect({convs[0].inputs[0].name: [_Keep()]}, before=convs[0])
 
 
 def test_segment_runner_reruns_constant_chains_that_change(tiny_models):
@@ -221,15 +224,8 @@ def test_segment_runner_reruns_constant_chains_that_change(tiny_models):
     convs = [n for n in model.graph if n.op_type == "Conv" and n.inputs[2] is not None and n.inputs[2].producer() is not None]
     assert len(convs) > 3
 
-    class Keep:
-        def __init__(self):
-            self.parts = []
-
-        def update(self, a):
-            self.parts.append(a)
-
     for conv in convs:
-        got = Keep()
+        got = _Keep()
         runner.collect({conv.inputs[0].name: [got]}, before=conv)
         assert np.allclose(np.concatenate(got.parts), _intermediate(model, conv.inputs[0].name, x), atol=1e-5)
         b = conv.inputs[2].producer().inputs[0]  # the int32 bias behind the DequantizeLinear
