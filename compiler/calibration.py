@@ -543,20 +543,20 @@ class SegmentRunner:
         consts = set(graph.initializers)
         # Nodes computing from constants only (a DequantizeLinear of int8 weights, a Constant) are
         # rerun in every segment that reads them, never cached: a refit may change their inputs.
-        const_nodes = []
-        for n in order[:i_stop]:
-            if not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in n.attributes.values()) and _reads(n) <= consts:
-                const_nodes.append(n)
-                consts |= {o.name for o in n.outputs if o.name}
+        rerun = []  # constant-only nodes before the segment
         produced = {v.name for v in graph.inputs}  # by the stop: graph inputs and earlier nodes' outputs
-        for n in order[:i_stop]:
-            produced.update(o.name for o in n.outputs if o.name)
+        for i, n in enumerate(order[:i_stop]):
+            outs = {o.name for o in n.outputs if o.name}
+            produced |= outs
+            if not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in n.attributes.values()) and _reads(n) <= consts:
+                consts |= outs
+                if i < i_start:
+                    rerun.append(n)
         later = {o.name for o in graph.outputs}
         for n in order[i_stop:]:
             later |= _reads(n)
         live = (produced & later) - consts
-        in_range = {id(m) for m in order[i_start:i_stop]}
-        seg = [n for n in const_nodes if id(n) not in in_range] + order[i_start:i_stop]
+        seg = rerun + order[i_start:i_stop]
         made = {o.name for n in seg for o in n.outputs if o.name}
         wanted = list(reducers)
         outputs = sorted((live | set(wanted)) & made)
@@ -621,7 +621,6 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
 
 def _keep_needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> None:
     """Remove the nodes no requested tensor depends on (subgraph inputs count as dependencies)."""
-    node_inputs = _node_inputs
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
     needed, stack = set(), list(names)
     while stack:
@@ -630,7 +629,7 @@ def _keep_needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> None:
         if i is None or i in needed:
             continue
         needed.add(i)
-        stack.extend(node_inputs(graph.node[i]))
+        stack.extend(_node_inputs(graph.node[i]))
     kept = [n for i, n in enumerate(graph.node) if i in needed]
     del graph.node[:]
     graph.node.extend(kept)

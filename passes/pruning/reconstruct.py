@@ -72,7 +72,7 @@ class _TargetRows(Reducer):
             rows = y[b, :, h, w]
         else:
             rows = y.reshape(-1, y.shape[-1])
-        self.batches.append((rows if self.keep is None else rows[:, self.keep]).astype(np.float32))  # float64 in the products
+        self.batches.append((rows if self.keep is None else rows[:, self.keep]).astype(np.float32))  # the normal equations sum batches in float64
 
 
 class _NormalEquations(Reducer):
@@ -192,9 +192,9 @@ def reconstruct(
         lam = options.ridge * float(np.trace(eq.ata)) / d
         reg = lam * np.eye(d)
         reg[-1, -1] = 0.0  # the bias is not shrunk
-        before = _residual(eq, np.concatenate([w_mat.T.astype(np.float64), _bias(node, w_mat.shape[0])[None, :]], axis=0))
-        mask = None if masks is None else masks.get(name)
         current = np.concatenate([w_mat.T.astype(np.float64), _bias(node, w_mat.shape[0])[None, :]], axis=0)
+        before = _residual(eq, current)
+        mask = None if masks is None else masks.get(name)
         sol = np.linalg.solve(eq.ata + reg, eq.aty) if mask is None else _masked_solve(eq.ata + reg, eq.aty, mask, current)
         after = _residual(eq, sol)
         if not np.all(np.isfinite(sol)) or after > before:
@@ -245,7 +245,6 @@ def _masked_solve(a: np.ndarray, b: np.ndarray, mask: np.ndarray, x0: np.ndarray
     rz0 = rz.copy()
     target = 1e-6 * np.maximum(np.linalg.norm(b * m, axis=0), 1e-30)
     gained = 0.0
-    it = 0
     for it in range(500):
         if np.all(np.linalg.norm(r, axis=0) <= target):
             break
@@ -255,10 +254,9 @@ def _masked_solve(a: np.ndarray, b: np.ndarray, mask: np.ndarray, x0: np.ndarray
         alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=live)
         step = float(np.sum(alpha * rz))  # what this iteration took off the squared error
         gained += step
-        if step <= 1e-5 * gained:  # within ~1e-4 of the optimum's gain (ResNet-50: ~80 iterations, not 300)
-            x += alpha * p
-            break
         x += alpha * p
+        if step <= 1e-5 * gained:  # within ~1e-4 of the optimum's gain (ResNet-50: ~80 iterations, not 300)
+            break
         r -= alpha * ap
         z = r / diag
         rz_new = np.sum(r * z, axis=0)

@@ -117,14 +117,13 @@ class QuantizePass(OnnxccPass):
         # Batch 1 and batch 8: a model that wins at one and loses at the other (small feature maps,
         # where Q/DQ boundaries cost more per image at batch 1) must not pass as faster.
         candidates = [("fp32", fp32), ("int8", model)] + ([("int8-no-layer-guard", all_int8[0])] if all_int8 else [])
-        ratios = []  # per candidate: (ratio at batch 1, ratio at batch 8)
         guard = report.stats["speed_guard"]
         per_batch = {}
         for batch in (1, 8):
             res = bench_models(candidates, threads=2, batch=batch, rounds=3, block=8, measure_memory=False)
             per_batch[batch] = [e.median_ms for e in res.entries]
         ms1, ms8 = per_batch[1], per_batch[8]
-        ratios = [(ms1[i] / ms1[0], ms8[i] / ms8[0]) for i in range(1, len(candidates))]
+        ratios = [(ms1[i] / ms1[0], ms8[i] / ms8[0]) for i in range(1, len(candidates))]  # per INT8 candidate: (batch 1, batch 8)
         guard.update(fp32_ms=ms1[0], fp32_ms_batch8=ms8[0], int8_over_fp32_batch1=round(ratios[0][0], 3), int8_over_fp32_batch8=round(ratios[0][1], 3))
         if all_int8:
             guard.update(unguarded_int8_over_fp32_batch1=round(ratios[1][0], 3), unguarded_int8_over_fp32_batch8=round(ratios[1][1], 3))
@@ -527,9 +526,10 @@ def _small_float_const(v: ir.Value) -> bool:
     return c is not None and c.dtype == np.float32 and c.size <= 4096 and bool(np.all(np.isfinite(c)))
 
 
-def _dq_node(graph: ir.Graph, q: ir.Value, scale: ir.Value, zp: ir.Value, axis: int | None, name: str) -> ir.Node:
+def _dq_node(graph: ir.Graph, q: ir.Value, scale: ir.Value, zp: ir.Value | None, axis: int | None, name: str) -> ir.Node:
+    """DequantizeLinear(q, scale[, zp]); no ``zp``: the operator's default zero point 0."""
     attrs = {"axis": axis} if axis is not None else {}
-    node = ir.node("DequantizeLinear", [q, scale, zp], attributes=attrs, name=name)
+    node = ir.node("DequantizeLinear", [q, scale] if zp is None else [q, scale, zp], attributes=attrs, name=name)
     node.outputs[0].name = f"{name}_out"
     node.outputs[0].dtype = ir.DataType.FLOAT
     graph.append(node)
@@ -553,7 +553,9 @@ def _quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarr
         base = w_val.name or f"{node.name}_w"
         qv = add_initializer(graph, f"{base}_int8", q)
         sv = add_initializer(graph, f"{base}_scale", s_w)
-        zv = add_initializer(graph, f"{base}_zero_point", np.zeros(s_w.shape, np.int8))
+        # Symmetric: zero point 0, left to the operator's default for Conv. Gemm/MatMul store it,
+        # because onnxruntime's QGemm selector does not fuse without it.
+        zv = None if op == "Conv" else add_initializer(graph, f"{base}_zero_point", np.zeros(s_w.shape, np.int8))
         cache[key] = (qv, sv, zv)
     qv, sv, zv = cache[key]
     dq = _dq_node(graph, qv, sv, zv, axis if cfg.per_channel else None, f"{node.name or 'w'}_weight_dq")
@@ -594,8 +596,7 @@ def _quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarr
     base = (b_val.name if b_val is not None and b_val.name else f"{node.name}_b")
     bq = add_initializer(graph, f"{base}_int32", qb.astype(np.int32))
     bs = add_initializer(graph, f"{base}_scale", s_b)
-    bz = add_initializer(graph, f"{base}_zero_point", np.zeros(n_out, np.int32))
-    dq = _dq_node(graph, bq, bs, bz, 0, f"{node.name or 'b'}_bias_dq")
+    dq = _dq_node(graph, bq, bs, None, 0, f"{node.name or 'b'}_bias_dq")  # zero point 0: the default
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, dq.outputs[0])
@@ -603,17 +604,13 @@ def _quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarr
 
 
 def _compact_constants(graph: ir.Graph) -> int:
-    """Drop stored constants onnxruntime can rebuild, so the INT8 file is smaller; returns bytes saved.
+    """Store a bias's int32 scale as ``Mul(s_x, s_w)`` of the two scales already stored; returns bytes saved.
 
-    * A bias's int32 scale is exactly ``s_x · s_w`` in float32: it becomes ``Mul(s_x, s_w)`` of the
-      two scales already stored. onnxruntime folds the Mul (level 1) before its QDQ fusion (level 2),
-      so the layer still becomes one QLinearConv/QGemm, bit for bit.
-    * All-zero zero points of int32 biases and of Conv's int8 weights are left out (the operator's
-      default is 0). Gemm/MatMul weights keep theirs: onnxruntime's QGemm selector does not fuse
-      without it.
-
-    Per layer of C output channels that is 9·C of the 13·C bytes of scales and zero points
-    around each int8 layer: about 1.5% of the fp32 file on depthwise networks.
+    The scale is exactly ``s_x · s_w`` in float32. onnxruntime folds the Mul (level 1) before its
+    QDQ fusion (level 2), so the layer still becomes one QLinearConv/QGemm, bit for bit. With the
+    zero points left to their default (bias, Conv weights: see :func:`_quantize_weights`), that is
+    9·C of the 13·C bytes of scales and zero points around an int8 layer of C channels: about 1.5%
+    of the fp32 file on depthwise networks. Done once every activation has its scale stored.
     """
     saved = 0
     for node in list(graph):
@@ -622,9 +619,6 @@ def _compact_constants(graph: ir.Graph) -> int:
         x_dq, w_dq, b_dq = (v.producer() for v in node.inputs[:3])
         if any(p is None or p.op_type != "DequantizeLinear" for p in (x_dq, w_dq, b_dq)):
             continue
-        if node.op_type == "Conv":
-            saved += _drop_zero_point(w_dq)
-        saved += _drop_zero_point(b_dq)
         s_x, s_w, s_b = (const_array(p.inputs[1]) for p in (x_dq, w_dq, b_dq))
         if s_x is None or s_w is None or s_b is None or s_x.size != 1 or s_b.size < 4:
             continue
@@ -636,7 +630,9 @@ def _compact_constants(graph: ir.Graph) -> int:
         mul.outputs[0].dtype = ir.DataType.FLOAT
         graph.insert_before(b_dq, mul)
         b_dq.replace_input_with(1, mul.outputs[0])
-        saved += _forget_if_unused(graph, old)
+        if not old.uses() and old.name in graph.initializers:
+            saved += old.const_value.nbytes
+            graph.initializers.pop(old.name)
     return saved
 
 
@@ -665,23 +661,6 @@ def _shorten_new_names(graph: ir.Graph, before: set[str]) -> None:
             k += 1
         v.name = f"q{k}"
         taken.add(v.name)
-
-
-def _drop_zero_point(dq: ir.Node) -> int:
-    zp = dq.inputs[2] if len(dq.inputs) > 2 else None
-    z = const_array(zp) if zp is not None else None
-    if z is None or np.any(z):
-        return 0
-    dq.resize_inputs(2)
-    return _forget_if_unused(dq.graph, zp)
-
-
-def _forget_if_unused(graph: ir.Graph, v: ir.Value) -> int:
-    if v.uses() or v.name not in graph.initializers or v.is_graph_output():
-        return 0
-    n = v.const_value.nbytes
-    graph.initializers.pop(v.name)
-    return n
 
 
 def _bcast(s: np.ndarray, axis: int, ndim: int) -> np.ndarray:

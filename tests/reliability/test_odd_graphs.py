@@ -112,18 +112,12 @@ GRAPHS = {
             a = Conv <kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]> (x, w, b)
             y = Relu(a)
         }""", {}, {"x": (3, 12, 12)}),
-    "opset11": (f"""
-        <ir_version: 6, opset_import: ["" : 11]>
+    **{f"opset{opset}": (f"""
+        <ir_version: {ir_version}, opset_import: ["" : {opset}]>
         g (float[N, 3, 12, 12] x) => (float[N, 8, 12, 12] y) {{
             a = {CONV} (x, W3, B)
             y = Relu(a)
-        }}""", {"W3": W83, "B": B8}, {"x": (3, 12, 12)}),
-    "opset23": (f"""
-        <ir_version: 11, opset_import: ["" : 23]>
-        g (float[N, 3, 12, 12] x) => (float[N, 8, 12, 12] y) {{
-            a = {CONV} (x, W3, B)
-            y = Relu(a)
-        }}""", {"W3": W83, "B": B8}, {"x": (3, 12, 12)}),
+        }}""", {"W3": W83, "B": B8}, {"x": (3, 12, 12)}) for opset, ir_version in ((11, 6), (23, 11))},
 }
 
 OPTS = {"prune": {"ratio": 0.3}, "factorize": {"method": "tucker", "rank": 0.5}, "quantize-dynamic": {"min_size": 16},
