@@ -424,6 +424,26 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     return name
 
 
+def name_unnamed_nodes(graph: ir.Graph) -> int:
+    """Give every unnamed node a unique name (``conv_0``, ``relu_1``...); returns how many were named.
+
+    ONNX allows unnamed nodes, but passes name what they add after the layer it belongs to
+    (``<conv>_weight_dq``) and reports name layers by node: two unnamed convs would give two
+    DequantizeLinear nodes of the same name, which onnxruntime refuses to load.
+    """
+    taken = {n.name for n in graph.all_nodes() if n.name}
+    k = named = 0
+    for node in graph.all_nodes():
+        if node.name:
+            continue
+        while f"{node.op_type.lower()}_{k}" in taken:
+            k += 1
+        node.name = f"{node.op_type.lower()}_{k}"
+        taken.add(node.name)
+        named += 1
+    return named
+
+
 def add_initializer(graph: ir.Graph, name: str, value: "np.ndarray | ir.TensorProtocol") -> ir.Value:
     """Register a new initializer (numpy array or onnx_ir tensor) under a unique name based on ``name``."""
     if isinstance(value, ir.TensorProtocol):

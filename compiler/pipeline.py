@@ -31,6 +31,7 @@ import onnx_ir as ir
 from compiler import verify as V
 from compiler.calibration import CalibrationSet
 from compiler.errors import BadInputError, BudgetError, VerificationError
+from compiler.ir_utils import name_unnamed_nodes
 from compiler.registry import OnnxccPass, PassContext, PassReport, get_pass, make_config
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ class Pipeline:
             if cls.needs_calibration and calibration is None:
                 raise BadInputError(f"pass '{cls.name}' needs calibration data (--calib)")
         _refuse_non_finite_weights(model)
+        name_unnamed_nodes(model.graph)  # passes name what they add after its layer
         feeds = None
         ref_orig = ref_prev = None
         labels = self.labels

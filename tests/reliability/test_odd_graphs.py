@@ -20,7 +20,7 @@ from compiler.errors import BadInputError
 from compiler.ir_utils import clone_model
 from compiler.pipeline import Pipeline
 from compiler.registry import registered_passes
-from tests.conftest import named_model_from_text
+from tests.conftest import model_from_text, named_model_from_text
 
 R = np.random.default_rng(0)
 W8 = R.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
@@ -157,3 +157,25 @@ def test_odd_graph_is_handled_or_refused(graph, pass_name):
         conv = next(iter(if_node.attributes["then_branch"].value))
         assert conv.op_type == "Conv"
     assert ref  # the input proto was serialisable before: the test model itself is sound
+
+
+@pytest.mark.parametrize("spec", [("quantize", {}), ("weight-only", {"min_size": 16}), ("factorize", {"method": "svd", "rank": 0.5})])
+def test_unnamed_layers_get_names_so_added_nodes_do_not_collide(spec):
+    """Two unnamed convs (legal ONNX): the pipeline names them first, so the Q/DQ nodes a pass names
+    after its layer are unique and onnxruntime loads and fuses the result."""
+    rng = np.random.default_rng(0)
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 12, 12] x) => (float[N, 8, 12, 12] y) {
+            a = Conv <kernel_shape: ints = [3, 3], pads: ints = [1, 1, 1, 1]> (x, W)
+            r = Relu(a)
+            c = Conv <kernel_shape: ints = [1, 1]> (r, W2)
+            y = Relu(c)
+        }""", W=rng.normal(size=(8, 3, 3, 3)).astype(np.float32), W2=rng.normal(size=(8, 8, 1, 1)).astype(np.float32))
+    calib = CalibrationSet({"x": rng.normal(size=(16, 3, 12, 12)).astype(np.float32)})
+    res = Pipeline([spec], verify_samples=8).run(model, calib)
+    names = [n.name for n in model.graph]
+    assert all(names) and len(set(names)) == len(names)
+    assert res.steps[-1].vs_original is not None and res.steps[-1].report.modified
+    if spec[0] == "quantize":
+        assert res.steps[-1].report.stats["fusion"]["float_heavy"] == ["conv_1"]  # the first runs as QLinearConv; the last feeds the float output
