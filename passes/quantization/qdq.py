@@ -81,6 +81,7 @@ class QuantizePass(OnnxccPass):
         speed_guard: bool = dataclasses.field(default=False, metadata={"help": "profile INT8 against fp32 (batch 1, 2 threads): layers whose integer kernel is slower stay float, and the whole model stays float if INT8 is still slower at batch 1 or 8; the result then depends on timing"})
         layer_errors: bool = dataclasses.field(default=True, metadata={"help": "report each quantized layer's error contribution (dB of SQNR lost across it, first calibration batch)"})
         decompose_hard_activations: bool = dataclasses.field(default=True, metadata={"help": "HardSigmoid/HardSwish as Add/Clip/Mul so they run in uint8"})
+        float_excitation: bool = dataclasses.field(default=False, metadata={"help": "keep squeeze-excite branches (GlobalAveragePool → … → the Mul that scales the feature map) in float: they hold one value per channel, so integer kernels save nothing there, and their error scales every pixel"})
 
         def __post_init__(self):
             if not 50.0 < self.percentile <= 100.0:
@@ -316,7 +317,8 @@ class QuantizePass(OnnxccPass):
         graph = model.graph
         names_before = _value_names(graph)
         skipped: list[Skipped] = []
-        decomposed = decompose_hard_activations(graph) if cfg.decompose_hard_activations else 0
+        limits: dict[ir.Value, tuple[float, float]] = {}  # value → interval its consumers can see
+        decomposed = decompose_hard_activations(graph, limits) if cfg.decompose_hard_activations else 0
         decomposed += batchnorm_to_depthwise(graph)
         from passes.fold import reduce_mean_to_global_pool
 
@@ -333,8 +335,14 @@ class QuantizePass(OnnxccPass):
         rng = R.collect_ranges(model, self.context.calibration, names, method=cfg.method, percentile=cfg.percentile, samples=cfg.calib_samples, cache=cache)
         reused = cache["_stats"]["reused"] - before["reused"]
         params: dict[ir.Value, tuple[np.float32, int]] = {}
+        clamped = 0
         for v in plan.calibrated:
-            params[v] = R.qparams(*rng[v.name], dtype=cfg.activations)
+            lo, hi = rng[v.name]
+            if v in limits:
+                lo2, hi2 = max(lo, min(limits[v][0], 0.0)), min(hi, max(limits[v][1], 0.0))
+                clamped += (lo2, hi2) != (lo, hi)
+                lo, hi = lo2, hi2
+            params[v] = R.qparams(lo, hi, dtype=cfg.activations)
         rescaled = []
         for out, src, factor in plan.same_scale:  # topological order: src already has params
             if src in params:
@@ -374,6 +382,7 @@ class QuantizePass(OnnxccPass):
             "quantized_tensors": len(params),
             "ranges_reused": reused,  # from earlier passes / tries, the tensors' computation unchanged
             "float_ops_rewritten": decomposed,
+            "ranges_clamped": clamped,  # pre-activation ranges cut to where HardSigmoid/HardSwish is not flat
             "layers": layers,
             "ranges": ranges,
         }
@@ -409,6 +418,7 @@ def _plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> _Plan:
     excluded = lambda n: any(fnmatch.fnmatchcase(n.name or "", p) for p in cfg.exclude)  # noqa: E731
     nodes, weighted = [], []
     marked: dict[ir.Value, None] = {}
+    excitation = excitation_branches(graph) if cfg.float_excitation else set()
 
     def mark(v: ir.Value) -> None:
         if v not in outputs:
@@ -420,6 +430,10 @@ def _plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> _Plan:
             continue
         if excluded(node):
             skipped.append(Skipped(node_label(node), "excluded by pattern: kept in float"))
+            continue
+        if node in excitation:
+            if op in WEIGHTED:
+                skipped.append(Skipped(node_label(node), "squeeze-excite branch (one value per channel): kept in float"))
             continue
         if _positive_scalar_mul(node) is not None:
             continue  # a rescale: folded into the dequantization scale below, if its input is quantized
@@ -460,6 +474,49 @@ def _plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> _Plan:
     same_outs = {o for o, _, _ in same}
     calibrated = [v for v in marked if v not in same_outs]
     return _Plan(nodes, weighted, calibrated, same)
+
+
+def _per_channel(v: ir.Value) -> bool:
+    """``v`` holds one value per channel: shape known, rank ≥ 3 and every spatial dim 1."""
+    dims = v.shape.dims if v.shape is not None else None
+    return dims is not None and len(dims) >= 3 and all(d == 1 for d in dims[2:])
+
+
+def excitation_branches(graph: ir.Graph) -> set[ir.Node]:
+    """Nodes of squeeze-excite branches: from a GlobalAveragePool through per-channel tensors to the Mul(s) that scale a feature map.
+
+    A branch counts only when every path out of the pool stays per-channel (``N×C×1×1``)
+    until it multiplies a tensor with spatial extent; a pool that feeds a classifier head
+    (Reshape/Flatten to ``N×C``) or anything else is left alone. The pool and the scaling Mul
+    are not in the branch: they touch whole feature maps and stay QLinearGlobalAveragePool and
+    QLinearMul, so only C values a branch cross between uint8 and float.
+    """
+    found: set[ir.Node] = set()
+    for pool in graph:
+        if pool.op_type != "GlobalAveragePool" or pool.domain not in ("", "ai.onnx") or not _per_channel(pool.outputs[0]):
+            continue
+        branch, ends, todo, ok = set(), 0, [pool.outputs[0]], True
+        while todo and ok:
+            v = todo.pop()
+            if v.is_graph_output():
+                ok = False
+                break
+            for use in v.uses():
+                n = use.node
+                if n in branch:
+                    continue
+                others = [o for o in n.inputs if o is not None and o is not v and _is_activation(o)]
+                if n.op_type == "Mul" and others and not any(_per_channel(o) for o in others):
+                    ends += 1  # scales the feature map
+                elif n.domain in ("", "ai.onnx") and n.outputs and all(_per_channel(o) for o in n.outputs):
+                    branch.add(n)
+                    todo.extend(n.outputs)
+                else:
+                    ok = False
+                    break
+        if ok and ends:
+            found |= branch
+    return found
 
 
 def _absorbable(node: ir.Node) -> bool:
@@ -748,12 +805,18 @@ def batchnorm_to_depthwise(graph: ir.Graph) -> int:
     return count
 
 
-def decompose_hard_activations(graph: ir.Graph) -> int:
+def decompose_hard_activations(graph: ir.Graph, limits: dict[ir.Value, tuple[float, float]] | None = None) -> int:
     """HardSigmoid / HardSwish → Add, Clip, Mul (exact in float) so the pieces quantize to integer kernels.
 
     ``HardSigmoid(x) = α · clip(x + β/α, 0, 1/α)`` (α > 0) and ``HardSwish(x) = x · HardSigmoid(x)``
     with α = 1/6, β = 1/2. onnxruntime has no integer HardSigmoid/HardSwish; as QLinearAdd, a
     Clip absorbed by the quantizer, and QLinearMul, MobileNetV3-style networks stay in uint8.
+
+    ``limits`` receives, for an input ``x`` read by nothing else, the interval outside which the
+    activation does not depend on it: HardSigmoid is flat outside ``[−β/α, (1−β)/α]`` and
+    HardSwish is 0 below ``−β/α`` (x times an exact uint8 zero). Clamping ``x``'s quantization
+    range to it changes no output and spends the 256 codes where they matter (a BN-folded
+    conv's pre-activations often reach −10 or lower).
     """
     count = 0
     for node in list(graph):
@@ -764,6 +827,9 @@ def decompose_hard_activations(graph: ir.Graph) -> int:
         beta = node.attributes["beta"].value if node.op_type == "HardSigmoid" and "beta" in node.attributes else 0.5
         if alpha <= 0 or x is None:
             continue
+        if limits is not None and len(x.uses()) == 1 and not x.is_graph_output():
+            lo = -beta / alpha
+            limits[x] = (lo, (1.0 - beta) / alpha if node.op_type == "HardSigmoid" else np.inf)
         base = node.name or node.outputs[0].name or "hard"
         c_shift = add_initializer(graph, f"{base}_shift", np.array(beta / alpha, np.float32))
         c_lo = add_initializer(graph, f"{base}_lo", np.array(0.0, np.float32))

@@ -441,3 +441,65 @@ def test_quantize_cli_budget_drives_mixed_precision(cli, tmp_path, resnet_path):
     assert r.code == 0, r.err
     q = json.loads(rep.read_text())["passes"][-1]
     assert q["verify_vs_original"]["outputs"][0]["top1"] >= 0.95
+
+
+def _hard_model(seed: int = 0) -> ir.Model:
+    """Conv → HardSwish → Conv → HardSigmoid, the first conv's outputs reaching about −12 (a BN-folded stem)."""
+    from tests.conftest import named_model_from_text
+
+    rng = np.random.default_rng(seed)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 8, 8] x) => (float[N, 8, 8, 8] y) {
+            a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+            h = HardSwish (a)
+            c = Conv <pads = [1, 1, 1, 1]> (h, W2, B2)
+            y = HardSigmoid <alpha = 0.16666667, beta = 0.5> (c)
+        }
+    """
+    return named_model_from_text(text, W1=rng.normal(0, 1.0, (8, 3, 3, 3)).astype(np.float32), B1=np.linspace(-6, 1, 8).astype(np.float32),
+                                 W2=rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), B2=np.zeros(8, np.float32))
+
+
+def test_hard_activation_inputs_are_quantized_only_where_the_activation_is_not_flat(monkeypatch):
+    """HardSwish is 0 below −3 and HardSigmoid flat outside [−3, 3]: their inputs' ranges are cut there.
+
+    The cut is exact (a value clamped to −3 still gives 0), so the same codes cover a narrower
+    range: the scales shrink and the error falls.
+    """
+    from passes.quantization import qdq
+
+    def run(clamp: bool):
+        model = _hard_model()
+        if not clamp:
+            orig = qdq.decompose_hard_activations
+            monkeypatch.setattr(qdq, "decompose_hard_activations", lambda g, limits=None: orig(g))
+        res = Pipeline([("quantize", {"check_fusion": False})], verify_samples=16).run(model, calib_for(model, 64))
+        monkeypatch.undo()
+        return res.steps[0].report.stats, res.steps[0].vs_original.min_sqnr
+
+    st, sqnr = run(True)
+    st0, sqnr0 = run(False)
+    assert st["ranges_clamped"] == 2 and st0["ranges_clamped"] == 0
+    a_lo, a_hi = st0["ranges"]["a"]
+    c_lo, c_hi = st0["ranges"]["c"]
+    assert a_lo < -6 and c_lo < -3 and c_hi > 3  # the observed ranges reach past the flat parts
+    assert sqnr > sqnr0 + 2.0, (sqnr, sqnr0)  # measured 36.1 vs 33.4 dB
+
+
+def test_float_excitation_keeps_squeeze_excite_branches_in_float(folded):
+    from passes.quantization.qdq import excitation_branches
+
+    model = folded("mobilenet_v3")
+    n_se = sum(1 for n in model.graph if n.op_type == "HardSigmoid")
+    branch = excitation_branches(model.graph)
+    assert {n.op_type for n in branch} == {"Conv", "Relu", "HardSigmoid"} and sum(n.op_type == "Conv" for n in branch) == 2 * n_se
+    assert not any(n.op_type == "GlobalAveragePool" for n in branch)  # the pool and the scaling Mul stay integer
+    head = folded("resnet")
+    assert excitation_branches(head.graph) == set()  # GlobalAveragePool → Flatten → Gemm is a head, not an excitation
+    res = Pipeline([("quantize", {"float_excitation": True})], verify_samples=16).run(model, calib_for(model))
+    st = res.steps[0].report.stats
+    se_convs = {n.name for n in branch if n.op_type == "Conv"}
+    assert len(st["fusion"]["float_heavy"]) == len(se_convs)  # exactly the excitation convs run in float (onnxruntime renames them)
+    assert {s.layer for s in res.steps[0].report.skipped if "squeeze-excite" in s.reason} == se_convs
+    assert st["fusion"]["ops"]["com.microsoft:QLinearMul"] >= n_se  # the feature map is still scaled in uint8

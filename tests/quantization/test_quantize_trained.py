@@ -2,8 +2,10 @@
 
 Marked ``slow`` and ``torch``. Measured (500 held-out images, 64 calibration images, equalization and
 bias correction): ResNet-style 99.6% → 99.6% at 44.7 dB, MobileNetV2-style 99.4% → 99.2% at 38.4 dB,
-MobileNetV3-style (Hardswish, squeeze-excite, 5×5 depthwise) 99.0% → 99.0% at 33.3 dB.
-Issue #5's target is a top-1 drop of at most 0.5 points.
+MobileNetV3-style (Hardswish, squeeze-excite, 5×5 depthwise) 99.0% → 99.0% at 33.7 dB.
+Issue #5's targets: a top-1 drop of at most 0.5 points, and on the depthwise networks an SQNR at
+least 1 dB above onnxruntime's ``quantize_static`` (QDQ, per-channel, minmax) on the same
+calibration images: measured 38.4 vs 36.8 dB (MobileNetV2) and 33.7 vs 32.6 dB (MobileNetV3).
 """
 
 from __future__ import annotations
@@ -39,3 +41,38 @@ def test_int8_keeps_trained_accuracy_within_half_a_point(name, min_sqnr):
     assert acc32 - acc8 <= 0.005, (acc32, acc8)
     assert compare_outputs(ref, out).min_sqnr > min_sqnr
     assert np.isfinite(next(iter(out.values()))).all()
+
+
+def _ort_quantized(fp32, calib: np.ndarray, tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from compiler.ir_utils import save_model
+
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "ort.onnx"
+    save_model(fp32, src)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(range(0, len(calib), 8))
+
+        def get_next(self):
+            i = next(self.it, None)
+            return None if i is None else {"input": calib[i:i + 8]}
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    return load_model(dst)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3"])
+def test_depthwise_sqnr_beats_onnxruntime_by_a_decibel(name, tmp_path):
+    x_tr, _, _, x_te, _ = digits()
+    model = load_model(trained(name)[0])
+    Pipeline(["fold"], verify=False).run(model)
+    fp32 = clone_model(model)
+    ort_q = _ort_quantized(fp32, x_tr[:64], tmp_path)
+    Pipeline(["equalize", ("quantize", {"bias_correction": True, "check_fusion": False})], verify=False).run(model, CalibrationSet({"input": x_tr[:64]}))
+    feeds = [{"input": x_te}]
+    ref = run_model(fp32, feeds)
+    ours, theirs = compare_outputs(ref, run_model(model, feeds)).min_sqnr, compare_outputs(ref, run_model(ort_q, feeds)).min_sqnr
+    assert ours >= theirs + 1.0, (ours, theirs)
