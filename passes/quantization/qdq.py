@@ -340,8 +340,10 @@ class QuantizePass(OnnxccPass):
             lo, hi = rng[v.name]
             if v in limits:
                 lo2, hi2 = max(lo, min(limits[v][0], 0.0)), min(hi, max(limits[v][1], 0.0))
-                clamped += (lo2, hi2) != (lo, hi)
-                lo, hi = lo2, hi2
+                if (lo2, hi2) != (lo, hi):
+                    clamped += 1
+                    params[v] = _reaching_qparams(lo2, hi2, cfg.activations)
+                    continue
             params[v] = R.qparams(lo, hi, dtype=cfg.activations)
         rescaled = []
         for out, src, factor in plan.same_scale:  # topological order: src already has params
@@ -474,6 +476,23 @@ def _plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> _Plan:
     same_outs = {o for o, _, _ in same}
     calibrated = [v for v in marked if v not in same_outs]
     return _Plan(nodes, weighted, calibrated, same)
+
+
+def _reaching_qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, int]:
+    """``qparams(lo, hi)`` widened until the end codes dequantize to ``lo`` and ``hi`` or beyond.
+
+    A range cut where an activation turns flat is exact only if the clamped value is still on
+    the flat side: with a rounded zero point, code 0 may dequantize to −2.99 instead of −3, and
+    every value below −3 would then come out of HardSwish as −0.005 instead of 0.
+    """
+    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    for _ in range(8):
+        scale, zp = R.qparams(lo, hi, dtype=dtype)
+        low, high = (qmin - zp) * float(scale), (qmax - zp) * float(scale)
+        if low <= lo and high >= hi:
+            break
+        lo, hi = (lo - float(scale) if low > lo else lo), (hi + float(scale) if high < hi else hi)
+    return scale, zp
 
 
 def _per_channel(v: ir.Value) -> bool:

@@ -476,10 +476,17 @@ def test_hard_activation_inputs_are_quantized_only_where_the_activation_is_not_f
             monkeypatch.setattr(qdq, "decompose_hard_activations", lambda g, limits=None: orig(g))
         res = Pipeline([("quantize", {"check_fusion": False})], verify_samples=16).run(model, calib_for(model, 64))
         monkeypatch.undo()
-        return res.steps[0].report.stats, res.steps[0].vs_original.min_sqnr
+        return res.steps[0].report.stats, res.steps[0].vs_original.min_sqnr, model
 
-    st, sqnr = run(True)
-    st0, sqnr0 = run(False)
+    st, sqnr, model = run(True)
+    st0, sqnr0, _ = run(False)
+    # the end codes reach past the cut: code 0 of a is at most -3, so HardSwish still gives exactly 0
+    # there; c's codes span at least [-3, 3]
+    q = {n.inputs[0].name: n for n in model.graph if n.op_type == "QuantizeLinear"}
+    for t, (need_lo, need_hi) in {"a": (-3.0, None), "c": (-3.0, 3.0)}.items():
+        scale, zp = float(const_array(q[t].inputs[1])), int(const_array(q[t].inputs[2]))
+        assert -zp * scale <= need_lo and (need_hi is None or (255 - zp) * scale >= need_hi)
+        assert (255 * scale) < 0.75 * (st0["ranges"][t][1] - st0["ranges"][t][0])  # and the step is finer
     assert st["ranges_clamped"] == 2 and st0["ranges_clamped"] == 0
     a_lo, a_hi = st0["ranges"]["a"]
     c_lo, c_hi = st0["ranges"]["c"]
@@ -503,3 +510,15 @@ def test_float_excitation_keeps_squeeze_excite_branches_in_float(folded):
     assert len(st["fusion"]["float_heavy"]) == len(se_convs)  # exactly the excitation convs run in float (onnxruntime renames them)
     assert {s.layer for s in res.steps[0].report.skipped if "squeeze-excite" in s.reason} == se_convs
     assert st["fusion"]["ops"]["com.microsoft:QLinearMul"] >= n_se  # the feature map is still scaled in uint8
+
+
+def test_quantize_cli_float_excitation(cli, tmp_path):
+    src, calib, rep = tmp_path / "mbv3.onnx", tmp_path / "calib.npy", tmp_path / "q.json"
+    save_model(build("mobilenet_v3", "tiny", seed=0), src)
+    np.save(calib, np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--calib", calib, "--float-excitation", "--report", rep)
+    assert r.code == 0, r.err
+    q = json.loads(rep.read_text())["passes"][-1]
+    kept = [s for s in q["skipped"] if "squeeze-excite" in s["reason"]]
+    n_se = sum(1 for n in build("mobilenet_v3", "tiny", seed=0).graph if n.op_type == "HardSigmoid")
+    assert len(kept) == 2 * n_se == len(q["stats"]["fusion"]["float_heavy"])
