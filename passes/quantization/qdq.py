@@ -18,6 +18,10 @@ Placement (what onnxruntime's CPU provider turns into integer kernels):
   Split, Gather reuse
   their input's scale and zero point on the output, so onnxruntime drops the
   Q/DQ pair around them instead of converting back to float.
+* LeakyRelu, Sigmoid and Softmax need no rule of their own: the output of
+  every quantized op is quantized, and so is every input of one, so an
+  activation between two quantized ops already sits in ``DQ → op → Q`` and
+  onnxruntime runs QLinearLeakyRelu / QLinearSigmoid / QLinearSoftmax.
 * Each consumer gets its own DequantizeLinear (onnxruntime's node units need
   unshared DQ outputs); graph outputs stay float.
 
