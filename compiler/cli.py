@@ -444,6 +444,7 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.option("--bias-correction", is_flag=True, help="correct biases for the weights' quantization error")
 @click.option("--speed-guard", is_flag=True, help="profile INT8 against fp32: layers whose integer kernel is slower stay float, and the model stays float if still slower (timing-dependent)")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="keep matching node names in float (repeatable)")
+@click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True, help="int8 weight codes: GPTQ (chosen for each layer's output on the calibration data) or nearest")
 @click.option("--float-excitation", is_flag=True, help="keep squeeze-excite branches (one value per channel) in float: more accurate, a little slower")
 @click.option("--samples", type=int, default=256, show_default=True, help="calibration samples used at most")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
@@ -451,7 +452,7 @@ def _sensitivity_plot(res, path: str) -> None:
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, float_excitation, samples, labels, budget, report, in_place, input_shapes, metric):
+def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, weight_rounding, float_excitation, samples, labels, budget, report, in_place, input_shapes, metric):
     """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first); or weight-only INT8/INT4/FP16."""
     from compiler.ir_utils import default_opset, load_model
     if sum(map(bool, (weight_only, fp16, dynamic))) > 1:
@@ -470,7 +471,7 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, metho
         specs.append(("quantize", {
             "method": method, "percentile": percentile, "per_channel": per_channel, "activations": activations,
             "bias_correction": bias_correction, "exclude": tuple(exclude), "calib_samples": samples, "speed_guard": speed_guard,
-            "float_excitation": float_excitation,
+            "float_excitation": float_excitation, "weight_rounding": weight_rounding,
             # --budget drives mixed precision: the most harmful layers stay float until the drop fits
             "max_drop": budget, "eval_samples": 64,
         }))

@@ -557,3 +557,82 @@ def test_sigmoid_leakyrelu_softmax_between_quantized_tensors_become_integer_kern
         assert ops.get(f"com.microsoft:{op}") == 1, ops
     assert ops["com.microsoft:QLinearConv"] == 3 and ops.get("Softmax") == 1 and ops.get("Sigmoid") is None
     assert res.steps[0].vs_original.min_sqnr > 30  # measured 37 dB
+
+
+def _conv_rows(rng, n_rows: int, n_in: int, mix: np.ndarray | None = None) -> np.ndarray:
+    """Correlated inputs (as neighbouring pixels and channels are): white noise through a mixing matrix."""
+    mix = rng.standard_normal((n_in, n_in)) / np.sqrt(n_in) if mix is None else mix
+    return rng.standard_normal((n_rows, n_in)) @ mix
+
+
+def test_gptq_codes_lower_the_output_error_not_the_weight_error():
+    from passes.quantization import gptq as G
+
+    rng = np.random.default_rng(0)
+    for groups, outs, n in [(1, 16, 72), (8, 1, 9), (4, 6, 300)]:  # dense, depthwise-like, wider than a block
+        w = rng.standard_normal((groups, outs, n))
+        scale = np.abs(w).max(2) / 127
+        mixes = [rng.standard_normal((n, n)) / np.sqrt(n) for _ in range(groups)]
+        gram = lambda seed: np.stack([(lambda x: x.T @ x)(_conv_rows(np.random.default_rng(seed + g), 4 * n, n, mixes[g])) for g in range(groups)])  # noqa: E731
+        h, h_fresh = gram(10), gram(100)  # the rows GPTQ sees, and fresh rows of the same distribution
+        near = np.clip(np.round(w / scale[:, :, None]), -127, 127)
+        codes = G.gptq_codes(w, scale, h)
+        assert codes.min() >= -127 and codes.max() <= 127 and np.array_equal(codes, np.round(codes))
+        for hh, most in ((h, 0.75), (h_fresh, 0.75)):  # measured 0.46-0.68
+            ratio = G.output_error(w, codes * scale[:, :, None], hh) / G.output_error(w, near * scale[:, :, None], hh)
+            assert ratio < most, (groups, outs, n, ratio)
+        assert G.output_error(w, codes * scale[:, :, None], np.eye(n)[None]) > G.output_error(w, near * scale[:, :, None], np.eye(n)[None])  # the weights themselves move further
+
+
+def test_gptq_leaves_columns_with_zero_input_at_their_nearest_code():
+    from passes.quantization import gptq as G
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((1, 8, 20))
+    scale = np.abs(w).max(2) / 127
+    x = _conv_rows(rng, 200, 20)
+    x[:, [3, 11]] = 0.0  # channels a ReLU never opens
+    codes = G.gptq_codes(w, scale, (x.T @ x)[None])
+    near = np.round(w / scale[:, :, None])
+    assert np.array_equal(codes[..., [3, 11]], near[..., [3, 11]])
+    assert not np.array_equal(codes, near)
+
+
+def test_gptq_rounding_in_the_pass(folded, monkeypatch):
+    """Same format and kernels, codes that differ from nearest rounding, every rounded layer's output error
+    on the calibration rows lower; a re-quantization (mixed precision, speed guard) reuses the codes."""
+    from passes.quantization import gptq as G
+
+    model = folded("mobilenet_v2")
+    calib = calib_for(model, 32)
+    near = clone_model(model)
+    Pipeline([("quantize", {"weight_rounding": "nearest", "check_fusion": False})], verify=False).run(near, calib)
+    res = Pipeline([("quantize", {"weight_rounding": "gptq"})], verify=False).run(model, calib)
+    st = res.steps[0].report.stats
+    ratios = [v["gptq_output_error_ratio"] for v in st["layers"].values() if "gptq_output_error_ratio" in v]
+    assert len(ratios) >= 10 and max(ratios) <= 1.0 and np.median(ratios) < 0.9
+    assert st["fusion"]["float_heavy"] == []
+    int8 = lambda m: {k: v.const_value.numpy() for k, v in m.graph.initializers.items() if v.const_value.dtype == ir.DataType.INT8}  # noqa: E731
+    a, b = int8(near), int8(model)
+    assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.abs(a[k].astype(int) - b[k]).max() <= 127 for k in a)
+    # a second quantization of the same float model with the same context: no Gram matrix is accumulated again
+    from compiler.registry import PassContext
+    from passes.quantization.qdq import QuantizePass
+
+    calls = []
+    orig = G.InputGram.update
+    monkeypatch.setattr(G.InputGram, "update", lambda self, x: (calls.append(1), orig(self, x)))
+    ctx = PassContext(calibration=calib)
+    fresh = folded("mobilenet_v2")
+    QuantizePass(QuantizePass.Config(check_fusion=False, layer_errors=False), ctx)(clone_model(fresh))
+    first = len(calls)
+    QuantizePass(QuantizePass.Config(check_fusion=False, layer_errors=False), ctx)(clone_model(fresh))
+    assert first > 0 and len(calls) == first
+
+
+def test_gptq_refuses_layers_with_fewer_calibration_rows_than_inputs(folded):
+    model = folded("resnet")  # the classifier sees one row per sample: 4 rows for its 64 inputs
+    res = Pipeline([("quantize", {"check_fusion": False, "calib_samples": 4})], verify=False).run(model, calib_for(model, 4))
+    why = [s for s in res.steps[0].report.skipped if "GPTQ needs" in s.reason]
+    assert any("Gemm" in s.layer or "fc" in s.layer.lower() or "gemm" in s.layer.lower() for s in why), [s.layer for s in why]

@@ -76,3 +76,19 @@ def test_depthwise_sqnr_beats_onnxruntime_by_a_decibel(name, tmp_path):
     ref = run_model(fp32, feeds)
     ours, theirs = compare_outputs(ref, run_model(model, feeds)).min_sqnr, compare_outputs(ref, run_model(ort_q, feeds)).min_sqnr
     assert ours >= theirs + 1.0, (ours, theirs)
+
+
+def test_gptq_rounding_beats_nearest_on_held_out_images():
+    """GPTQ fits the codes on the calibration images; the gain must hold on the held-out ones
+    (MobileNetV2-style: measured 38.7 dB against 38.4 with nearest rounding)."""
+    x_tr, _, _, x_te, _ = digits()
+    model = load_model(trained("mobilenet_v2")[0])
+    Pipeline(["fold"], verify=False).run(model)
+    fp32 = clone_model(model)
+    ref = run_model(fp32, [{"input": x_te}])
+    sqnr = {}
+    for rounding in ("nearest", "gptq"):
+        m = clone_model(fp32)
+        Pipeline(["equalize", ("quantize", {"bias_correction": True, "check_fusion": False, "weight_rounding": rounding})], verify=False).run(m, CalibrationSet({"input": x_tr[:64]}))
+        sqnr[rounding] = compare_outputs(ref, run_model(m, [{"input": x_te}])).min_sqnr
+    assert sqnr["gptq"] > sqnr["nearest"] + 0.1, sqnr
