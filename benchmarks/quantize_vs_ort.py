@@ -89,7 +89,7 @@ def _child(argv: list[str]) -> None:
         if "equalize" in extra:
             specs.append("equalize")
         specs.append(("quantize", {"method": method, "bias_correction": "bias-correction" in extra, "check_fusion": False,
-                                   "speed_guard": "speed-guard" in extra, "weight_rounding": "gptq" if "gptq" in extra else "nearest"}))
+                                   "speed_guard": "speed-guard" in extra}))
         Pipeline(specs, verify=False).run(model, CalibrationSet.load(calib, model))
         save_model(model, dst)
     seconds = time.perf_counter() - t0
