@@ -8,7 +8,7 @@ move together with the quantized one absorb its error (Optimal Brain Quantizatio
 blocks of 128 columns with one matrix product per block for the rest).
 
 ``H`` comes from the calibration data: im2col rows at up to 128 sampled output positions per
-image, accumulated in float64 while the data streams through the float model (memory flat in
+image, accumulated in float32 while the data streams through the float model (memory flat in
 the number of samples; as many layers per pass as fit in ``GRAM_BUDGET``). Grouped and depthwise convolutions get one ``H`` per group and
 are solved together. Scales stay those of nearest rounding (``max |w| / 127`` per output
 channel), so the format, the file and the kernels are unchanged; only the codes differ.
@@ -23,7 +23,7 @@ from compiler.calibration import Reducer
 from compiler.ir_utils import const_array
 
 BLOCK = 128
-GRAM_BUDGET = 768 << 20  # bytes of Gram matrices (float64) accumulated in one pass over the calibration data
+GRAM_BUDGET = 384 << 20  # bytes of Gram matrices (float32) accumulated in one pass over the calibration data
 
 
 def _attr(node: ir.Node, name: str, default=None):
@@ -77,7 +77,10 @@ class InputGram(Reducer):
         a = self._rows(x).astype(np.float32)
         self.batch += 1
         prod = np.einsum("rgi,rgj->gij", a, a, optimize=True) if a.shape[1] > 1 else (a[:, 0].T @ a[:, 0])[None]
-        self.h = prod.astype(np.float64) if self.h is None else self.h + prod
+        if self.h is None:
+            self.h = prod
+        else:
+            self.h += prod  # float32: half the memory of float64, ample for a dampened solve
         self.rows += a.shape[0]
 
 

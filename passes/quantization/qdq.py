@@ -675,7 +675,7 @@ def _gptq_weights(model: ir.Model, calib, nodes: list[ir.Node], cfg, skipped: li
     size = 0
     for node in todo:
         g, _, n = G.weight_groups(node, const_array(node.inputs[1]))[0].shape
-        need = g * n * n * 8
+        need = g * n * n * 4
         if passes[-1] and size + need > G.GRAM_BUDGET:
             passes.append([])
             size = 0
