@@ -55,7 +55,7 @@ class InputGram(Reducer):
         node = self.node
         if node.op_type != "Conv":
             return x.reshape(-1, 1, x.shape[-1])
-        kh, kw = _attr(node, "kernel_shape")
+        kh, kw = const_array(node.inputs[1]).shape[2:]  # kernel_shape is optional in ONNX; the weight has it
         sh, sw = _attr(node, "strides") or [1, 1]
         dh, dw = _attr(node, "dilations") or [1, 1]
         p = _attr(node, "pads") or [0, 0, 0, 0]
@@ -127,13 +127,13 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
 
 def is_supported(node: ir.Node) -> str | None:
     """Why GPTQ does not apply to ``node`` (None if it does)."""
+    w = const_array(node.inputs[1])
+    if w is None:
+        return "weight not constant"
     if node.op_type == "Conv":
-        if len(_attr(node, "kernel_shape") or []) != 2:
+        if w.ndim != 4:
             return "not a 2-D conv"
         auto = _attr(node, "auto_pad", "NOTSET")
         if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
             return "auto_pad SAME"
-    w = const_array(node.inputs[1])
-    if w is None:
-        return "weight not constant"
     return None

@@ -636,3 +636,32 @@ def test_gptq_refuses_layers_with_fewer_calibration_rows_than_inputs(folded):
     res = Pipeline([("quantize", {"check_fusion": False, "calib_samples": 4})], verify=False).run(model, calib_for(model, 4))
     why = [s for s in res.steps[0].report.skipped if "GPTQ needs" in s.reason]
     assert any("Gemm" in s.layer or "fc" in s.layer.lower() or "gemm" in s.layer.lower() for s in why), [s.layer for s in why]
+
+
+@pytest.mark.parametrize("attrs, cin, group", [("pads = [1, 0, 2, 1], group = 2", 8, 2), ("strides = [2, 2], dilations = [1, 2], pads = [1, 1, 1, 1]", 8, 1), ("group = 8, pads = [1, 1, 1, 1]", 8, 8)])
+def test_gptq_rows_are_the_convs_own_patches(attrs, cin, group):
+    """With every output position sampled, Σ_g trace(W_g H_g W_gᵀ) is the energy of the conv's output
+    (bias 0) as onnxruntime computes it: the im2col rows follow pads, strides, dilations and groups,
+    and the kernel size comes from the weight (kernel_shape is optional in ONNX)."""
+    from passes.quantization import gptq as G
+    from tests.conftest import named_model_from_text
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(8, cin // group, 3, 3)).astype(np.float32)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, {cin}, 12, 12] x) => (float[N, 8, ?, ?] y) {{
+            y = Conv <{attrs}> (x, W)
+        }}
+    """
+    model = named_model_from_text(text, W=w)
+    node = next(iter(model.graph))
+    assert "kernel_shape" not in node.attributes
+    x = rng.normal(size=(3, cin, 12, 12)).astype(np.float32)
+    y = next(iter(run_model(model, [{"x": x}]).values()))
+    gram = G.InputGram(node, rows_per_sample=10_000)
+    gram.update(x)
+    m = G.weight_groups(node, w)[0].astype(np.float64)
+    assert gram.rows == 3 * y.shape[2] * y.shape[3]
+    energy = float(np.sum((m @ gram.h.astype(np.float64)) * m))
+    assert energy == pytest.approx(float(np.sum(y.astype(np.float64) ** 2)), rel=1e-4)
