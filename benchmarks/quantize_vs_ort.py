@@ -55,30 +55,32 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def ort_quantize_static(src, dst, data: np.ndarray, input_name: str, method: str = "minmax") -> None:
+    """The baseline: onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations), batches of 8."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(range(0, len(data), 8))
+
+        def get_next(self):
+            i = next(self.it, None)
+            return None if i is None else {input_name: data[i:i + 8]}
+
+    cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[method]
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=cm)
+
+
 def _child(argv: list[str]) -> None:
     tool, src, dst, calib, method = argv[:5]
     extra = argv[5:]
     _reset_peak()
     t0 = time.perf_counter()
     if tool == "ort":
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-        data = np.load(calib)
         import onnx
 
-        name = onnx.load(src, load_external_data=False).graph.input[0].name
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = iter(range(0, len(data), 8))
-
-            def get_next(self):
-                i = next(self.it, None)
-                return None if i is None else {name: data[i:i + 8]}
-
-        cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[method]
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=cm)
+        ort_quantize_static(src, dst, np.load(calib), onnx.load(src, load_external_data=False).graph.input[0].name, method)
     else:
         from compiler.calibration import CalibrationSet
         from compiler.ir_utils import load_model, save_model

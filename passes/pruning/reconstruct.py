@@ -48,7 +48,8 @@ class ReconstructOptions:
     seed: int = 0
 
 
-def _positions(batch_index: int, n: int, ho: int, wo: int, per: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_positions(batch_index: int, n: int, ho: int, wo: int, per: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``per`` distinct output positions (sample, row, column) per sample, seeded by batch: runs repeat."""
     rng = np.random.default_rng((seed, batch_index))
     total = ho * wo
     k = min(per, total)
@@ -56,6 +57,22 @@ def _positions(batch_index: int, n: int, ho: int, wo: int, per: int, seed: int) 
     b, rest = np.divmod(flat, total)
     h, w = np.divmod(rest, wo)
     return b, h, w
+
+
+def conv_patches(node: ir.Node, x: np.ndarray, b: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """im2col patches (positions × C × kh × kw) of 2-D conv ``node``'s input ``x`` at output positions ``(b, h, w)``.
+
+    Pads, strides and dilations follow the node; the kernel size comes from the weight
+    (``kernel_shape`` is optional in ONNX).
+    """
+    kh, kw = const_array(node.inputs[1]).shape[2:]
+    sh, sw = _attr(node, "strides") or [1, 1]
+    dh, dw = _attr(node, "dilations") or [1, 1]
+    pads = _attr(node, "pads") or [0, 0, 0, 0]
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    hi = h[:, None, None] * sh + dh * np.arange(kh)[None, :, None]
+    wi = w[:, None, None] * sw + dw * np.arange(kw)[None, None, :]
+    return xp[b[:, None, None, None], np.arange(x.shape[1])[None, :, None, None], hi[:, None, :, :], wi[:, None, :, :]]
 
 
 class _TargetRows(Reducer):
@@ -68,7 +85,7 @@ class _TargetRows(Reducer):
     def update(self, y: np.ndarray) -> None:
         i = len(self.batches)
         if self.conv:
-            b, h, w = _positions(i, y.shape[0], y.shape[2], y.shape[3], self.per, self.seed)
+            b, h, w = sample_positions(i, y.shape[0], y.shape[2], y.shape[3], self.per, self.seed)
             rows = y[b, :, h, w]
         else:
             rows = y.reshape(-1, y.shape[-1])
@@ -87,17 +104,9 @@ class _NormalEquations(Reducer):
     def _rows(self, x: np.ndarray) -> np.ndarray:
         if self.node.op_type != "Conv":
             return x.reshape(-1, x.shape[-1]).astype(np.float32)
-        kh, kw = _attr(self.node, "kernel_shape")
-        sh, sw = _attr(self.node, "strides") or [1, 1]
-        dh, dw = _attr(self.node, "dilations") or [1, 1]
-        pads = _attr(self.node, "pads") or [0, 0, 0, 0]
-        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
         ho, wo = self.out_hw
-        b, h, w = _positions(self.i, x.shape[0], ho, wo, self.targets.per, self.targets.seed)
-        hi = h[:, None, None] * sh + dh * np.arange(kh)[None, :, None]
-        wi = w[:, None, None] * sw + dw * np.arange(kw)[None, None, :]
-        patches = xp[b[:, None, None, None], np.arange(x.shape[1])[None, :, None, None], hi[:, None, :, :], wi[:, None, :, :]]
-        return patches.reshape(len(b), -1).astype(np.float32)
+        b, h, w = sample_positions(self.i, x.shape[0], ho, wo, self.targets.per, self.targets.seed)
+        return conv_patches(self.node, x, b, h, w).reshape(len(b), -1).astype(np.float32)
 
     def update(self, x: np.ndarray) -> None:
         a = self._rows(x)

@@ -21,14 +21,12 @@ import onnx_ir as ir
 
 from compiler.calibration import Reducer
 from compiler.ir_utils import const_array
+from passes.pruning.dependency import _attr
+from passes.pruning.reconstruct import conv_patches, sample_positions
 
 BLOCK = 128
 GRAM_BUDGET = 384 << 20  # bytes of Gram matrices (float32) accumulated in one pass over the calibration data
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
+MAX_INPUTS = 6000  # inputs per output beyond which a layer keeps nearest rounding (its H alone would pass 140 MB)
 
 
 def weight_groups(node: ir.Node, w: np.ndarray) -> tuple[np.ndarray, callable]:
@@ -55,23 +53,15 @@ class InputGram(Reducer):
         node = self.node
         if node.op_type != "Conv":
             return x.reshape(-1, 1, x.shape[-1])
-        kh, kw = const_array(node.inputs[1]).shape[2:]  # kernel_shape is optional in ONNX; the weight has it
+        kh, kw = const_array(node.inputs[1]).shape[2:]
         sh, sw = _attr(node, "strides") or [1, 1]
         dh, dw = _attr(node, "dilations") or [1, 1]
         p = _attr(node, "pads") or [0, 0, 0, 0]
-        g = _attr(node, "group", 1)
-        xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
-        ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-        wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        rng = np.random.default_rng((self.seed, self.batch))
-        k = min(self.per, ho * wo)
-        flat = np.concatenate([rng.choice(ho * wo, size=k, replace=False) + i * ho * wo for i in range(x.shape[0])])
-        b, rest = np.divmod(flat, ho * wo)
-        h, w = np.divmod(rest, wo)
-        hi = h[:, None, None] * sh + dh * np.arange(kh)[None, :, None]
-        wi = w[:, None, None] * sw + dw * np.arange(kw)[None, None, :]
-        patches = xp[b[:, None, None, None], np.arange(x.shape[1])[None, :, None, None], hi[:, None, :, :], wi[:, None, :, :]]
-        return patches.reshape(len(b), g, -1)  # channels of a group are contiguous, as in the weight
+        ho = (x.shape[2] + p[0] + p[2] - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + p[1] + p[3] - dw * (kw - 1) - 1) // sw + 1
+        b, h, w = sample_positions(self.batch, x.shape[0], ho, wo, self.per, self.seed)
+        patches = conv_patches(node, x, b, h, w)
+        return patches.reshape(len(b), _attr(node, "group", 1), -1)  # channels of a group are contiguous, as in the weight
 
     def update(self, x: np.ndarray) -> None:
         a = self._rows(x).astype(np.float32)

@@ -363,7 +363,7 @@ class QuantizePass(OnnxccPass):
                     rescaled.append(out)
 
         means = _input_means(model, self.context.calibration, plan, cfg) if cfg.bias_correction else {}
-        rounded = _gptq_weights(model, self.context.calibration, [n for n in plan.weighted if n.inputs[0] in params], cfg, skipped, cache) if cfg.weight_rounding == "gptq" else {}
+        rounded = _gptq_weights(model, self.context.calibration, [n for n in plan.weighted if n.inputs[0] in params], cfg, skipped, self.context.activation_cache) if cfg.weight_rounding == "gptq" else {}
         layers = {}
         cache: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]] = {}
         for node in plan.weighted:
@@ -649,7 +649,7 @@ def _gptq_weights(model: ir.Model, calib, nodes: list[ir.Node], cfg, skipped: li
     fps = tensor_fingerprints(model)
     key = {n: ("gptq", fps.get(n.outputs[0].name), cfg.per_channel, cfg.calib_samples) for n in nodes}
     order = {n: i for i, n in enumerate(model.graph)}
-    todo = []
+    todo: dict[ir.Node, int] = {}  # node → bytes of its Gram matrices
     for node in sorted(nodes, key=order.__getitem__):
         if key[node] in cache:
             hit = cache[key[node]]
@@ -659,23 +659,20 @@ def _gptq_weights(model: ir.Model, calib, nodes: list[ir.Node], cfg, skipped: li
                 out[node] = hit
             continue
         why = G.is_supported(node)
-        w = const_array(node.inputs[1])
-        m = G.weight_groups(node, w)[0] if why is None else None
-        if why is None and m.shape[2] > 6000:
-            why = f"{m.shape[2]} inputs per output (GPTQ's H would be too large)"
+        g, _, n = G.weight_groups(node, const_array(node.inputs[1]))[0].shape if why is None else (0, 0, 0)
+        if why is None and n > G.MAX_INPUTS:
+            why = f"{n} inputs per output (GPTQ's H would be too large)"
         if why:
             skipped.append(Skipped(node_label(node), f"weights rounded to nearest: {why}"))
             continue
-        todo.append(node)
+        todo[node] = g * n * n * 4  # float32
     if not todo:
         return out
     # Streaming passes over the calibration data (memory flat in the number of samples), each
     # accumulating the Gram matrices of as many layers as fit in GRAM_BUDGET bytes.
     passes: list[list[ir.Node]] = [[]]
     size = 0
-    for node in todo:
-        g, _, n = G.weight_groups(node, const_array(node.inputs[1]))[0].shape
-        need = g * n * n * 4
+    for node, need in todo.items():
         if passes[-1] and size + need > G.GRAM_BUDGET:
             passes.append([])
             size = 0

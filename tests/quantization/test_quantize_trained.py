@@ -44,23 +44,13 @@ def test_int8_keeps_trained_accuracy_within_half_a_point(name, min_sqnr):
 
 
 def _ort_quantized(fp32, calib: np.ndarray, tmp_path):
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
+    """The benchmark's baseline, on the same calibration images."""
+    from benchmarks.quantize_vs_ort import ort_quantize_static
     from compiler.ir_utils import save_model
 
     src, dst = tmp_path / "fp32.onnx", tmp_path / "ort.onnx"
     save_model(fp32, src)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(range(0, len(calib), 8))
-
-        def get_next(self):
-            i = next(self.it, None)
-            return None if i is None else {"input": calib[i:i + 8]}
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    ort_quantize_static(src, dst, calib, "input")
     return load_model(dst)
 
 
