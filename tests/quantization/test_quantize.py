@@ -665,3 +665,21 @@ def test_gptq_rows_are_the_convs_own_patches(attrs, cin, group):
     assert gram.rows == 3 * y.shape[2] * y.shape[3]
     energy = float(np.sum((m @ gram.h.astype(np.float64)) * m))
     assert energy == pytest.approx(float(np.sum(y.astype(np.float64) ** 2)), rel=1e-4)
+
+
+def test_quantize_cli_weight_rounding(cli, tmp_path, resnet_path):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    codes = {}
+    for rounding in ("gptq", "nearest"):
+        out, rep = tmp_path / f"{rounding}.onnx", tmp_path / f"{rounding}.json"
+        r = cli("quantize", resnet_path, "-o", out, "--calib", calib, "--weight-rounding", rounding, "--report", rep)
+        assert r.code == 0, r.err
+        layers = json.loads(rep.read_text())["passes"][-1]["stats"]["layers"]
+        ratios = [v["gptq_output_error_ratio"] for v in layers.values() if "gptq_output_error_ratio" in v]
+        assert (len(ratios) > 5 and max(ratios) <= 1.0) if rounding == "gptq" else ratios == []
+        codes[rounding] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert codes["gptq"].keys() == codes["nearest"].keys()
+    assert any(not np.array_equal(codes["gptq"][k], codes["nearest"][k]) for k in codes["gptq"])
+    r = cli("quantize", resnet_path, "-o", tmp_path / "x.onnx", "--calib", calib, "--weight-rounding", "fancy")
+    assert r.code == 2 and not (tmp_path / "x.onnx").exists()
