@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def child(model: str, recipe: str, calib: str, out: str) -> None:
     """Compile in this process and print seconds and peak RSS (MB) as JSON."""
     sys.path.insert(0, str(ROOT))
-    from compiler import compile_model
+    from onnxcc import compile_model
 
     t0 = time.perf_counter()
     res = compile_model(model, recipe, calibration=calib, measure_latency=False)
@@ -46,12 +46,12 @@ def child(model: str, recipe: str, calib: str, out: str) -> None:
 
 def run(args):
     sys.path.insert(0, str(ROOT))
-    from compiler.analysis import format_table
-    from compiler.bench import bench_models
-    from compiler.calibration import input_specs, random_inputs
-    from compiler.ir_utils import load_model, save_model
-    from compiler.verify import compare_outputs, run_model
-    from models.builders import build
+    from onnxcc.compiler.analysis import format_table
+    from onnxcc.compiler.bench import bench_models
+    from onnxcc.compiler.calibration import input_specs, random_inputs
+    from onnxcc.compiler.ir_utils import load_model, save_model
+    from onnxcc.compiler.verify import compare_outputs, run_model
+    from onnxcc.models.builders import build
 
     tmp = Path(tempfile.mkdtemp(prefix="onnxcc-compile-bench-"))
     models = []  # (label, path, calib path, eval feeds, labels)

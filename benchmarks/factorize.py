@@ -23,20 +23,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 METHODS = ["spatial-svd", "tucker", "depthwise", "cp"]
 
 
 def run(args):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from compiler.analysis import analyze, format_table
-    from compiler.bench import bench_models
-    from compiler.calibration import CalibrationSet, input_specs, random_inputs
-    from compiler.ir_utils import clone_model, load_model
-    from compiler.pipeline import Pipeline
-    from compiler.verify import compare_outputs, run_model
-    from models.builders import build
+    from onnxcc.compiler.analysis import analyze, format_table
+    from onnxcc.compiler.bench import bench_models
+    from onnxcc.compiler.calibration import CalibrationSet, input_specs, random_inputs
+    from onnxcc.compiler.ir_utils import clone_model, load_model
+    from onnxcc.compiler.pipeline import Pipeline
+    from onnxcc.compiler.verify import compare_outputs, run_model
+    from onnxcc.models.builders import build
 
     models = []  # (label, model, calib, eval inputs, labels or None)
     if not args.no_trained:

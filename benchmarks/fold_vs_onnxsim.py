@@ -21,15 +21,15 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from compiler.analysis import format_table
-from compiler.calibration import input_specs, random_inputs
-from compiler.ir_utils import clone_model, load_model
-from compiler.pipeline import Pipeline
-from compiler.verify import compare_outputs, run_model
+from onnxcc.compiler.analysis import format_table
+from onnxcc.compiler.calibration import input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model, load_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import compare_outputs, run_model
 
 
 def model_set(size: str, use_torch: bool, tmp: Path):
-    from models.builders import FAMILIES, build
+    from onnxcc.models.builders import FAMILIES, build
 
     for fam in FAMILIES:
         yield f"builder/{fam}", build(fam, size)

@@ -20,14 +20,14 @@ import argparse
 import json
 import time
 
-from compiler.analysis import analyze, format_table
-from compiler.bench import bench_models
-from compiler.ir_utils import clone_model, model_nbytes
-from compiler.pipeline import Pipeline
+from onnxcc.compiler.analysis import analyze, format_table
+from onnxcc.compiler.bench import bench_models
+from onnxcc.compiler.ir_utils import clone_model, model_nbytes
+from onnxcc.compiler.pipeline import Pipeline
 
 
 def run(families, ratios, size, threads, batches, rounds, block, round_to=16):
-    from models.builders import build
+    from onnxcc.models.builders import build
 
     rows, records = [], []
     for fam in families:
@@ -70,7 +70,7 @@ def run(families, ratios, size, threads, batches, rounds, block, round_to=16):
 
 
 def main(argv=None) -> None:
-    from models.builders import FAMILIES
+    from onnxcc.models.builders import FAMILIES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="full", choices=["tiny", "small", "full"])

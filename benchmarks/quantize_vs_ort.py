@@ -82,9 +82,9 @@ def _child(argv: list[str]) -> None:
 
         ort_quantize_static(src, dst, np.load(calib), onnx.load(src, load_external_data=False).graph.input[0].name, method)
     else:
-        from compiler.calibration import CalibrationSet
-        from compiler.ir_utils import load_model, save_model
-        from compiler.pipeline import Pipeline
+        from onnxcc.compiler.calibration import CalibrationSet
+        from onnxcc.compiler.ir_utils import load_model, save_model
+        from onnxcc.compiler.pipeline import Pipeline
 
         model = load_model(src)
         specs = []
@@ -109,9 +109,9 @@ def _run_child(*args: str) -> dict:
 
 def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False):
     """(label, path of the folded fp32 model) for every model of the run."""
-    from compiler.ir_utils import load_model, save_model
-    from compiler.pipeline import Pipeline
-    from models.builders import build
+    from onnxcc.compiler.ir_utils import load_model, save_model
+    from onnxcc.compiler.pipeline import Pipeline
+    from onnxcc.models.builders import build
 
     def folded(m, stem: str) -> Path:
         Pipeline(["fold"], verify=False).run(m)
@@ -138,12 +138,12 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_m
 
 
 def run(args) -> tuple[str, list[dict]]:
-    from compiler.analysis import format_table
-    from compiler.bench import bench_models
-    from compiler.calibration import input_specs
-    from compiler.ir_utils import load_model
-    from compiler.verify import compare_outputs, run_model
-    from passes.quantization.fusion import fusion_report
+    from onnxcc.compiler.analysis import format_table
+    from onnxcc.compiler.bench import bench_models
+    from onnxcc.compiler.calibration import input_specs
+    from onnxcc.compiler.ir_utils import load_model
+    from onnxcc.compiler.verify import compare_outputs, run_model
+    from onnxcc.passes.quantization.fusion import fusion_report
 
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="onnxcc-qbench-") as tmpd:
@@ -217,7 +217,7 @@ def main(argv=None) -> None:
     if argv and argv[0] == "--child":
         _child(argv[1:])
         return
-    from models.builders import FAMILIES
+    from onnxcc.models.builders import FAMILIES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="small", choices=["tiny", "small", "full"])

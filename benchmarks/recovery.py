@@ -41,7 +41,7 @@ VARIANTS = {
 
 
 def _top1(model, x):
-    from compiler.verify import run_model
+    from onnxcc.compiler.verify import run_model
 
     out = run_model(model, [{"input": x}])
     logits = out[next(iter(out))] if isinstance(out, dict) else out[0]
@@ -50,12 +50,12 @@ def _top1(model, x):
 
 def run(args):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from compiler.analysis import analyze, format_table
-    from compiler.calibration import CalibrationSet
-    from compiler.ir_utils import clone_model, load_model
-    from compiler.pipeline import Pipeline
-    from compiler.verify import compare_outputs, run_model
-    from models.builders import build
+    from onnxcc.compiler.analysis import analyze, format_table
+    from onnxcc.compiler.calibration import CalibrationSet
+    from onnxcc.compiler.ir_utils import clone_model, load_model
+    from onnxcc.compiler.pipeline import Pipeline
+    from onnxcc.compiler.verify import compare_outputs, run_model
+    from onnxcc.models.builders import build
 
     rows, records = [], []
 

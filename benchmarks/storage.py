@@ -25,14 +25,14 @@ from pathlib import Path
 
 def run(args):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from compiler.analysis import format_table
-    from compiler.bench import bench_models
-    from compiler.calibration import CalibrationSet, input_specs, random_inputs
-    from compiler.ir_utils import clone_model, load_model
-    from compiler.pipeline import Pipeline
-    from compiler.verify import compare_outputs, run_model
-    from models.builders import build
-    from passes.compression.common import storage_sizes
+    from onnxcc.compiler.analysis import format_table
+    from onnxcc.compiler.bench import bench_models
+    from onnxcc.compiler.calibration import CalibrationSet, input_specs, random_inputs
+    from onnxcc.compiler.ir_utils import clone_model, load_model
+    from onnxcc.compiler.pipeline import Pipeline
+    from onnxcc.compiler.verify import compare_outputs, run_model
+    from onnxcc.models.builders import build
+    from onnxcc.passes.compression.common import storage_sizes
 
     models = []
     if not args.no_trained:

@@ -1,26 +1,6 @@
-"""onnxcc: an ONNX graph-rewriting compiler for convolutional networks."""
+"""onnxcc's core services, pipeline, API, CLI and reports (installed as ``onnxcc.compiler``).
 
-from compiler.api import CompileResult, compile_model, shipped_recipes
-from compiler.calibration import CalibrationSet
-from compiler.errors import BadInputError, BudgetError, OnnxccError, VerificationError
-from compiler.ir_utils import load_model, save_model
-from compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, load_recipe
-
-__all__ = [
-    "BadInputError",
-    "Budget",
-    "BudgetError",
-    "CalibrationSet",
-    "CompileResult",
-    "OnnxccError",
-    "PassSpec",
-    "Pipeline",
-    "PipelineResult",
-    "VerificationError",
-    "compile_model",
-    "load_model",
-    "load_recipe",
-    "save_model",
-    "shipped_recipes",
-]
-__version__ = "0.1.0"
+Importing this package imports nothing else: each module is loaded when it is
+used, so low-level helpers (``onnxcc.compiler.ir_utils``) stay free of
+onnxruntime and of the passes. The public API is the top-level ``onnxcc``.
+"""

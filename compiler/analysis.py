@@ -19,13 +19,13 @@ import dataclasses
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from compiler.ir_utils import clone_model, concrete_shape, const_array, infer_shapes, node_label
+from onnxcc.compiler.files import file_size
+from onnxcc.compiler.ir_utils import clone_model, concrete_shape, const_array, infer_shapes, node_label
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -174,9 +174,7 @@ def analyze(model: ir.Model, *, path: str | os.PathLike | None = None, stats: bo
             )
     size = None
     if path is not None and os.path.isfile(path):
-        from compiler.bench import _file_size  # the model file plus its external data
-
-        size = _file_size(Path(path))
+        size = file_size(path)  # the model file plus its external data
     return ModelSummary(
         layers=layers,
         params=total_params,

@@ -1,6 +1,6 @@
 """``compile_model``: one verified pipeline from a recipe, as a Python call.
 
-    from compiler import compile_model
+    from onnxcc import compile_model
     result = compile_model("resnet.onnx", recipe="int8-x86", calibration="calib.npz", budget=1.0)
     result.save("resnet.int8.onnx")
     result.report["after"]["latency_ms"]
@@ -30,8 +30,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from compiler.errors import BadInputError
-from compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, load_recipe, specs_from_data
+from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, load_recipe, specs_from_data
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -88,7 +88,7 @@ def resolve_recipe(recipe: Any) -> list[PassSpec]:
 
 
 def as_calibration(calibration: Any, model: ir.Model):
-    from compiler.calibration import CalibrationSet
+    from onnxcc.compiler.calibration import CalibrationSet
 
     if calibration is None or isinstance(calibration, CalibrationSet):
         return calibration
@@ -101,7 +101,7 @@ def as_calibration(calibration: Any, model: ir.Model):
     if isinstance(calibration, (str, os.PathLike)):
         return CalibrationSet.load(str(calibration), model)
     if hasattr(calibration, "get_next"):  # onnxruntime CalibrationDataReader
-        return CalibrationSet._from_reader(calibration)
+        return CalibrationSet.from_reader(calibration)
     raise BadInputError(f"calibration: cannot use a {type(calibration).__name__}")
 
 
@@ -112,35 +112,40 @@ class CompileResult:
     result: PipelineResult
 
     def save(self, path: str | os.PathLike, **kwargs: Any) -> None:
-        from compiler.ir_utils import save_model
+        from onnxcc.compiler.ir_utils import save_model
 
         save_model(self.model, path, **kwargs)
 
 
 def totals(model: ir.Model, *, latency: bool = True, threads: int = 2) -> dict[str, Any]:
-    """Parameters, MACs, serialized size and (measured, batch 1) latency of ``model``.
+    """Parameters, MACs, nodes, serialized size and (measured, batch 1) latency of ``model``.
 
     Parameters are counted per layer element by element, also when stored as int8/int4, FP16 or a
-    codebook (one parameter per weight, whatever its storage); ``file_bytes`` shows the storage.
+    codebook (one parameter per weight, whatever its storage); ``file_bytes`` shows the storage
+    (the written file and its external data, once the model is saved: see :func:`compile_model`).
     """
-    from compiler.analysis import analyze, per_layer_totals
+    from onnxcc.compiler.analysis import analyze, per_layer_totals
 
     s = analyze(model, stats=False)
     params = sum(v["params"] for v in per_layer_totals(model).values())
-    out: dict[str, Any] = {"params": params, "macs": s.macs, "nodes": s.nodes, "file_bytes": len(ir.to_proto(model).SerializeToString())}
+    out: dict[str, Any] = {"params": params, "macs": s.macs, "nodes": s.nodes, "op_counts": dict(sorted(s.op_counts.items())),
+                           "file_bytes": len(ir.to_proto(model).SerializeToString())}
     if latency:
-        from compiler.bench import bench_models
+        from onnxcc.compiler.bench import bench_models
 
         res = bench_models([("m", model)], threads=threads, batch=1, rounds=3, block=10, measure_memory=False)
         out["latency_ms"] = round(res.entries[0].median_ms, 4)
     return out
 
 
-def _folded(model: ir.Model) -> ir.Model:
-    """An exactly folded copy: raw exports hide spatial shapes (Resize scales in Constant nodes, shape
-    chains) that MAC counting needs, and carry BatchNorm parameters that folding absorbs."""
-    from compiler.ir_utils import clone_model
+def _counted(model: ir.Model, specs: Sequence[PassSpec]) -> ir.Model | None:
+    """An exactly folded copy to count ``model`` on (raw exports hide spatial shapes in Resize scales
+    and shape chains that MAC counting needs, and carry BatchNorm that folding absorbs); None when
+    the recipe starts with a plain fold, whose verified output serves (no second fold)."""
+    from onnxcc.compiler.ir_utils import clone_model
 
+    if specs and specs[0].name == "fold" and not specs[0].options:
+        return None
     m = clone_model(model)
     try:
         Pipeline(["fold"], verify=False).run(m)
@@ -163,8 +168,12 @@ def compile_model(
     measure_latency: bool = True,
     profile_layers: bool = False,
 ) -> CompileResult:
-    """Run ``recipe`` on ``model``, verifying every pass; raises on bad input (BadInputError) or budget (BudgetError)."""
-    from compiler.ir_utils import clone_model, load_model
+    """Run ``recipe`` on ``model``, verifying every pass; raises on bad input (BadInputError) or budget (BudgetError).
+
+    This is the one compile path: ``onnxcc compile`` and every per-command shortcut of the CLI
+    (``fold``, ``prune``, ``quantize``, ...) are a recipe run through here.
+    """
+    from onnxcc.compiler.ir_utils import clone_model, load_model
 
     specs = resolve_recipe(recipe)
     if not specs:
@@ -179,11 +188,17 @@ def compile_model(
         labels = np.load(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
     pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, top_k=top_k)
     original = clone_model(m)
-    before = totals(_folded(original), latency=measure_latency)  # counts of the same function, shapes known
-    before["file_bytes"] = len(ir.to_proto(original).SerializeToString())
+    counted = _counted(original, specs)
+    before: dict[str, Any] = {} if counted is None else totals(counted, latency=measure_latency)
+
+    def first_fold(step, folded: ir.Model) -> None:
+        if not before:  # the recipe's own first fold: the same function as the input, shapes known
+            before.update(totals(folded, latency=measure_latency))
+
     t0 = time.perf_counter()
-    result = pipeline.run(m, calib)
+    result = pipeline.run(m, calib, on_step=first_fold)
     elapsed = time.perf_counter() - t0
+    before["file_bytes"] = len(ir.to_proto(original).SerializeToString())
     after = totals(result.model, latency=measure_latency)
     report: dict[str, Any] = {"recipe": [{"name": s.name, "options": dict(s.options)} for s in specs], "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
     last = next((s.vs_original for s in reversed(result.steps) if s.vs_original is not None), None)
@@ -198,7 +213,7 @@ def compile_model(
     if measure_latency and before.get("latency_ms"):
         report["latency_ratio"] = round(after["latency_ms"] / before["latency_ms"], 3)
     if profile_layers:
-        from compiler.bench import layer_times, profile_nodes
+        from onnxcc.compiler.bench import layer_times, profile_nodes
 
         report["layer_latency_us"] = {
             "before": layer_times(original, profile_nodes(original, runs=10)),

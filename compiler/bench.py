@@ -40,8 +40,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from compiler.calibration import input_specs, random_inputs
-from compiler.ir_utils import load_model, save_model
+from onnxcc.compiler.calibration import input_specs, random_inputs
+from onnxcc.compiler.files import file_size
+from onnxcc.compiler.ir_utils import load_model, save_model
+from onnxcc.compiler.sessions import make_session
 
 
 @dataclasses.dataclass
@@ -77,7 +79,7 @@ class BenchResult:
         }
 
     def table(self) -> str:
-        from compiler.analysis import format_table, human
+        from onnxcc.compiler.analysis import format_table, human
 
         rows = [
             [
@@ -92,25 +94,6 @@ class BenchResult:
         ]
         head = f"batch {self.batch}, {self.threads} threads, {self.rounds} rounds x {self.block} runs per model"
         return head + "\n" + format_table(rows, ["model", "median ms", "p10-p90 ms", "vs first", "file", "peak MB"])
-
-
-def _session(src: Any, threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    # Idle worker threads of one session spin and steal the cores from the next
-    # (measured here: the same model timed twice in one process came out 1.9x
-    # slower the second time, blocks or not). Without spinning both agree.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
 def bench_models(
@@ -138,7 +121,7 @@ def bench_models(
             paths.append((label, p))
             specs = input_specs(m)
             feeds.append(random_inputs(specs, n=1, seed=seed, batch=batch, overrides=input_shapes)[0])
-            sessions.append(_session(str(p), threads))
+            sessions.append(make_session(p, timing=True, threads=threads))
         times: list[list[float]] = [[] for _ in sessions]
         for s, feed in zip(sessions, feeds):  # one untimed block each: first-run allocations, caches
             for _ in range(block):
@@ -161,7 +144,7 @@ def bench_models(
                     p10_ms=float(np.percentile(ts, 10)),
                     p90_ms=float(np.percentile(ts, 90)),
                     runs=len(ts),
-                    file_size=_file_size(p),
+                    file_size=file_size(p),
                     peak_mem_mb=peak_memory_mb(p, threads, batch, input_shapes) if measure_memory else None,
                 )
             )
@@ -171,15 +154,9 @@ def bench_models(
     return BenchResult(entries, threads, batch, rounds, block)
 
 
-def _file_size(p: Path) -> int:
-    size = p.stat().st_size
-    data = p.with_name(p.name + ".data")
-    return size + (data.stat().st_size if data.exists() else 0)
-
-
 def peak_memory_mb(path: str | os.PathLike, threads: int, batch: int, input_shapes: Mapping[str, Sequence[int]] | None = None) -> float | None:
     """Peak RSS growth (MB) of creating a session on ``path`` and running it once, in a child process."""
-    args = [sys.executable, "-m", "compiler.bench", "--memprobe", str(path), str(threads), str(batch), json.dumps(dict(input_shapes or {}))]
+    args = [sys.executable, "-m", "onnxcc.compiler.bench", "--memprobe", str(path), str(threads), str(batch), json.dumps(dict(input_shapes or {}))]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
     try:
@@ -197,10 +174,10 @@ def peak_memory_mb(path: str | os.PathLike, threads: int, batch: int, input_shap
 def _memprobe(path: str, threads: int, batch: int, shapes_json: str) -> None:
     import onnxruntime  # noqa: F401  (count the import in the baseline)
 
-    from compiler.calibration import InputSpec
+    from onnxcc.compiler.calibration import InputSpec
 
     base = _reset_peak_rss()
-    s = _session(path, threads)
+    s = make_session(path, timing=True, threads=threads)
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
               "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
@@ -266,7 +243,7 @@ def profile_nodes(
             p = Path(model)
             m = load_model(p, check=False)
         feed = random_inputs(input_specs(m), n=1, seed=seed, batch=batch, overrides=input_shapes)[0]
-        sess = _session(str(p), threads, profile_prefix=str(Path(tmp) / "prof"))
+        sess = make_session(p, timing=True, threads=threads, profile_prefix=str(Path(tmp) / "prof"))
         for _ in range(3):
             sess.run(None, feed)
         for _ in range(runs):

@@ -29,13 +29,14 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from compiler.errors import BadInputError
+from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.sessions import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ class InputSpec:
 
     @property
     def fixed_batch(self) -> int | None:
-        if self.shape and isinstance(self.shape[0], int):
+        if self.shape and isinstance(self.shape[0], int) and self.shape[0] >= 0:
             return self.shape[0]
-        return None
+        return None  # symbolic, unknown, or stored as -1 (some paddle2onnx exports): a dynamic batch
 
     def concrete(self, batch: int = 1, overrides: Mapping[str, Sequence[int]] | None = None) -> tuple[int, ...]:
         if overrides and self.name in overrides:
@@ -60,7 +61,7 @@ class InputSpec:
             raise BadInputError(f"input '{self.name}' has no declared shape; pass --input-shape {self.name}:DIMS")
         dims = []
         for i, d in enumerate(self.shape):
-            if isinstance(d, int):
+            if isinstance(d, int) and d >= 0:  # a negative stored size means "dynamic"
                 dims.append(d)
             elif i == 0:
                 dims.append(batch)
@@ -100,6 +101,9 @@ def parse_input_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
+MAX_RANDOM_INPUT_BYTES = 4 << 30  # seeded random inputs larger than this are refused, not allocated
+
+
 def random_inputs(
     specs: Sequence[InputSpec],
     n: int = 1,
@@ -109,6 +113,13 @@ def random_inputs(
 ) -> list[dict[str, np.ndarray]]:
     """``n`` seeded random feed dicts of the declared shapes (dynamic batch → ``batch``)."""
     rng = np.random.default_rng(seed)
+    for s in specs:  # refuse up front, naming the input, what would not fit in memory
+        shape = s.concrete(batch, overrides)
+        size = int(np.prod([max(int(d), 0) for d in shape], dtype=object)) * np.dtype(s.dtype).itemsize * n
+        if size > MAX_RANDOM_INPUT_BYTES:
+            raise BadInputError(
+                f"input '{s.name}' of shape {list(shape)} needs {size / 2**30:.1f} GiB of random data "
+                f"(limit {MAX_RANDOM_INPUT_BYTES / 2**30:.0f} GiB): give --input-shape or real data (--calib)")
     feeds = []
     for _ in range(n):
         feed = {}
@@ -177,7 +188,7 @@ class CalibrationSet:
         elif isinstance(source, Mapping):
             calib = cls({k: np.asarray(v) for k, v in source.items()}, "arrays")
         elif hasattr(source, "get_next"):
-            calib = cls._from_reader(source)
+            calib = cls.from_reader(source)
         elif isinstance(source, np.ndarray):
             calib = cls._single(source, model, "array")
         elif isinstance(source, (str, os.PathLike)):
@@ -229,7 +240,7 @@ class CalibrationSet:
         return cls._single(np.stack(samples), model, str(folder))
 
     @classmethod
-    def _from_reader(cls, reader: Any) -> "CalibrationSet":
+    def from_reader(cls, reader: Any) -> "CalibrationSet":
         chunks: dict[str, list[np.ndarray]] = {}
         while True:
             feed = reader.get_next()
@@ -431,6 +442,35 @@ class RowSampler(Reducer):
         return np.concatenate(self.rows, axis=0) if self.rows else np.zeros((0, 0), np.float32)
 
 
+# --------------------------------------------------------------------------- declared statistics
+R = TypeVar("R", bound=Reducer)
+
+
+class Statistics:
+    """Activation statistics a pass declares up front, gathered in one run over the data.
+
+    A pass that needs several kinds (activation ranges, per-channel means, Gram matrices) adds a
+    reducer per tensor with :meth:`add`, then calls :meth:`collect` once: one onnxruntime session,
+    one pass over the calibration data, every reducer fed from it (NNCF's statistic points). What
+    needs a second look at the data by its nature (a histogram needs the range first, Gram
+    matrices beyond a memory budget) runs after, on its own.
+    """
+
+    def __init__(self, model: ir.Model, calibration: CalibrationSet, *, batch_size: int = 8, limit: int | None = None):
+        self.model, self.calibration, self.batch_size, self.limit = model, calibration, batch_size, limit
+        self.reducers: dict[str, list[Reducer]] = {}
+        self.runs = 0
+
+    def add(self, tensor: str, reducer: R) -> R:
+        self.reducers.setdefault(tensor, []).append(reducer)
+        return reducer
+
+    def collect(self) -> None:
+        if self.reducers and self.runs == 0:
+            ActivationCollector(self.model, self.calibration, batch_size=self.batch_size).collect(self.reducers, limit=self.limit)
+            self.runs = 1
+
+
 # --------------------------------------------------------------------------- collector
 class ActivationCollector:
     """Runs a model with intermediate tensors exposed and feeds them to reducers."""
@@ -454,7 +494,7 @@ class ActivationCollector:
         session = self._session(names) if names else None
         n = len(self.calibration) if limit is None else min(limit, len(self.calibration))
         if progress is None:
-            from compiler.progress import bar
+            from onnxcc.compiler.progress import bar
 
             progress = bar("calibration")
         done = 0
@@ -468,9 +508,7 @@ class ActivationCollector:
                 progress(done, n)
 
     def _session(self, names: Sequence[str]):
-        from compiler.verify import make_session
-
-        from compiler.ir_utils import needs_file
+        from onnxcc.compiler.ir_utils import needs_file
 
         types = _value_types(self.model)
         for name in names:
@@ -486,7 +524,7 @@ class ActivationCollector:
             return proto
 
         if needs_file(self.model):  # weights stay on disk: rewrite only the graph next to the data file
-            from compiler.ir_utils import saved_copy
+            from onnxcc.compiler.ir_utils import saved_copy
 
             with saved_copy(self.model) as p:
                 proto = restrict(onnx.load(p, load_external_data=False))
@@ -499,7 +537,7 @@ class ActivationCollector:
 class SegmentRunner:
     """Activations for a layer-by-layer refit, one forward pass in all instead of one per layer.
 
-    A sequential refit (:func:`passes.pruning.reconstruct.reconstruct`) needs each layer's input
+    A sequential refit (:func:`passes.refit.reconstruct`) needs each layer's input
     in the model as refit so far. Recomputing it from the graph inputs costs a forward pass per
     layer (about 50 of them on a ResNet-50). Each ``collect(reducers, before=node)`` (or
     ``after=node``) runs only the nodes between the previous stop and this one, on the tensors
@@ -527,7 +565,7 @@ class SegmentRunner:
     def collect(self, reducers: Mapping[str, Sequence[Reducer]], *, before: ir.Node | None = None, after: ir.Node | None = None) -> None:
         """Feed ``reducers`` the tensors computed by the nodes before ``before`` (or up to and with
         ``after``; neither: the whole graph)."""
-        from compiler.ir_utils import needs_file
+        from onnxcc.compiler.ir_utils import needs_file
 
         if needs_file(self.model):
             ActivationCollector(self.model, self.calibration, batch_size=self.batch_size, threads=self.threads).collect(reducers, limit=self.limit, progress=None)
@@ -580,8 +618,6 @@ class SegmentRunner:
             proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()],
                                            ir_version=self.model.ir_version)
             proto.functions.extend(ir.serde.serialize_function(f) for f in self.model.functions.values())
-            from compiler.verify import make_session
-
             session = make_session(proto, optimize=False, threads=self.threads)
             self.sessions += 1
             feeds = [i.name for i in session.get_inputs()]

@@ -1,6 +1,6 @@
 """The ``onnxcc`` command line.
 
-Exit codes: 0 success, 1 verification or budget failure, 2 bad input. Every
+Exit codes: 0 success, 1 verification or budget failure, 2 bad input, 3 internal error. Every
 error is one line on stderr (``onnxcc: error: ...``); ``--verbose`` adds the
 traceback. Commands that write a model check the output path before doing
 any work, never overwrite the input unless ``--in-place``, and write
@@ -13,14 +13,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import traceback
-from pathlib import Path
-from typing import Any, Sequence
+import types
+from typing import Any, Mapping, Sequence
 
 import click
 
-from compiler.errors import BadInputError, OnnxccError
+from onnxcc.compiler.errors import INTERNAL_ERROR_EXIT, BadInputError, OnnxccError
 
 logger = logging.getLogger("onnxcc")
 
@@ -31,18 +30,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise BadInputError(f"{path}: report folder '{parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".onnxcc-", suffix=".json", dir=parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from onnxcc.compiler.files import atomic_write
+
+    with atomic_write(path, what="report") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:
@@ -94,7 +85,7 @@ budget_options = [
 
 
 def _budget(max_drop: float | None):
-    from compiler.pipeline import Budget
+    from onnxcc.compiler.pipeline import Budget
 
     return Budget(max_drop=max_drop) if max_drop is not None else None
 
@@ -108,6 +99,95 @@ def _apply(options):
     return deco
 
 
+class _ConfigOptions:
+    """A placeholder for the options of one pass's ``Config``, built when the command first needs
+    its parameters (so ``onnxcc --help`` and every other command do not import every pass)."""
+
+    def __init__(self, pass_name: str, only, exclude, aliases, defaults):
+        self.pass_name, self.only, self.exclude = pass_name, only, tuple(exclude)
+        self.aliases, self.defaults = dict(aliases or {}), dict(defaults or {})
+
+    def build(self) -> list[click.Option]:
+        import dataclasses
+        import typing
+
+        from onnxcc.compiler.registry import get_pass
+
+        cls = get_pass(self.pass_name)
+        hints = typing.get_type_hints(cls.Config)
+        opts = []
+        for f in dataclasses.fields(cls.Config):
+            if (self.only is not None and f.name not in self.only) or f.name in self.exclude:
+                continue
+            tp = hints[f.name]
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+                tp = args[0]  # Optional[X]
+            default = self.defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            flag = "--" + f.name.replace("_", "-")
+            names = list(self.aliases.get(f.name, ()))
+            help_ = f.metadata.get("help", "")
+            if tp is bool:
+                pair = next((n for n in names if "/" in n), None)
+                decl = [pair] if pair else ([f"{flag}/--no-{flag[2:]}"] if default else [flag])
+                decl += [n for n in names if "/" not in n]
+                flag_kw = {} if "/" in decl[0] else {"is_flag": True}  # click infers on/off pairs itself
+                opts.append(click.Option([*decl, f.name], default=default, show_default=True, help=help_, **flag_kw))
+                continue
+            kwargs: dict[str, Any] = {"default": default, "show_default": default not in (None, ()), "help": help_}
+            origin = typing.get_origin(tp)
+            if origin is typing.Literal:
+                kwargs["type"] = click.Choice([str(a) for a in typing.get_args(tp)])
+            elif origin is tuple:
+                inner = typing.get_args(tp)[0]
+                kwargs.update(multiple=True, type=inner if inner in (int, float) else str, metavar="VALUE")
+            elif tp in (int, float, str):
+                kwargs["type"] = tp
+            opts.append(click.Option([flag, *names, f.name], **kwargs))
+        return opts
+
+
+class _Command(click.Command):
+    """A command whose pass options are generated from the pass's ``Config`` on first use."""
+
+    @property
+    def params(self) -> list:
+        if any(isinstance(p, _ConfigOptions) for p in self._params):
+            self._params = [o for p in self._params for o in (p.build() if isinstance(p, _ConfigOptions) else [p])]
+        return self._params
+
+    @params.setter
+    def params(self, value) -> None:
+        self._params = list(value)
+
+
+def config_options(pass_name: str, *, only: Sequence[str] | None = None, exclude: Sequence[str] = (),
+                   aliases: Mapping[str, Sequence[str]] | None = None, defaults: Mapping[str, Any] | None = None):
+    """Click options generated from a pass's ``Config``: one option per field, declared once there
+    (name, type, choices, default, help). ``aliases`` adds names (``{"calib_samples": ["--samples"]}``)
+    or, for a bool given as ``"--on/--off"``, replaces the flag pair; ``defaults`` overrides a
+    default for one command. The click parameter is the field's name, so ``**options`` is the
+    pass's option dict (:func:`pass_options` splits it per pass)."""
+
+    def deco(fn):
+        if not hasattr(fn, "__click_params__"):
+            fn.__click_params__ = []
+        fn.__click_params__.append(_ConfigOptions(pass_name, only, exclude, aliases, defaults))
+        return fn
+
+    return deco
+
+
+def pass_options(pass_name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Take the options :func:`config_options` generated for ``pass_name`` out of a command's keyword arguments."""
+    import dataclasses
+
+    from onnxcc.compiler.registry import get_pass
+
+    names = {f.name for f in dataclasses.fields(get_pass(pass_name).Config)}
+    return {k: given.pop(k) for k in list(given) if k in names}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--verbose", "-v", is_flag=True, help="debug logging and tracebacks")
 @click.option("--quiet", "-q", is_flag=True, help="errors only")
@@ -116,14 +196,17 @@ def _apply(options):
 def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """onnxcc: make exported ONNX CNNs smaller and faster, verified by onnxruntime."""
     _setup_logging(verbose, quiet)
-    from compiler import progress
+    from onnxcc.compiler import progress
 
     progress.enable(not quiet)
     ctx.obj = {"verbose": verbose, "quiet": quiet}
 
 
+cli.command_class = _Command
+
+
 # --------------------------------------------------------------------------- transform commands
-def run_transform(
+def run_pipeline(
     ctx: click.Context,
     src: str,
     out: str,
@@ -133,74 +216,102 @@ def run_transform(
     labels: str | None = None,
     budget: Any = None,
     report: str | None = None,
+    html_path: str | None = None,
     in_place: bool = False,
     input_shapes: Sequence[str] = (),
     external_data: bool | None = None,
-    verify: bool = True,
     seed: int = 0,
     metric: str = "top1",
     verify_samples: int = 8,
+    measure_latency: bool = False,
+    protect: Sequence[str] = (),
 ) -> None:
-    from compiler.analysis import analyze, compare_table
-    from compiler.calibration import CalibrationSet, parse_input_shapes
-    from compiler.ir_utils import check_output_path, load_model, save_model
-    from compiler.pipeline import Pipeline
+    """Every command that writes a model: a recipe through :func:`onnxcc.compiler.api.compile_model`.
 
-    check_output_path(out, src, in_place=in_place)
-    if report:
-        check_output_path(report, src)
-    shapes = parse_input_shapes(input_shapes)
-    pipeline = Pipeline(
-        specs, budget=budget, input_shapes=shapes, labels=_load_labels(labels), verify=verify, seed=seed,
-        top_k=5 if metric == "top5" else 1, verify_samples=verify_samples,
-    )
+    Output paths are checked before any work; the model, the JSON report and the HTML page are
+    written only when everything succeeded (the page is rendered before anything is written).
+    """
+    from onnxcc.compiler.api import compile_model, json_report
+    from onnxcc.compiler.calibration import CalibrationSet, parse_input_shapes
+    from onnxcc.compiler.files import atomic_write, external_data_files, file_size
+    from onnxcc.compiler.ir_utils import check_distinct_outputs, check_output_path, load_model, save_model
+
+    # the model may be replaced with --in-place; its external data, the data and the recipe never
+    inputs = (src, *external_data_files(src), calib, labels, *protect)
+    check_output_path(out, *inputs, in_place=in_place)
+    for extra in (report, html_path):
+        if extra:
+            check_output_path(extra, *inputs)
+    check_distinct_outputs(out, report, html_path)
+    if html_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise BadInputError("--html needs matplotlib: pip install 'onnxcc[report]'") from e
     model = load_model(src)
     calibration = CalibrationSet.load(calib, model) if calib else None
-    before = analyze(model, path=src)
-    result = pipeline.run(model, calibration)
-    save_model(result.model, out, external_data=external_data)
-    after = analyze(result.model, path=out)
+    res = compile_model(
+        model, list(specs), calibration=calibration, labels=_load_labels(labels), budget=budget, seed=seed,
+        input_shapes=parse_input_shapes(input_shapes), top_k=5 if metric == "top5" else 1,
+        measure_latency=measure_latency, profile_layers=bool(html_path), verify_samples=verify_samples,
+    )
+    page = None
+    if html_path:
+        from onnxcc.compiler.report_html import render
+
+        page = render(res.report, res.report["_models"]["before"], res.model)
+    save_model(res.model, out, external_data=external_data)
+    res.report["before"]["file_bytes"] = file_size(src)  # the files as they are on disk, external data included
+    res.report["after"]["file_bytes"] = file_size(out)
+    res.report.update(input=str(src), output=str(out))
     quiet = ctx.obj.get("quiet") if ctx.obj else False
     if not quiet:
-        for step in result.steps:
-            verdict = ""
-            if step.vs_previous is not None:
-                verdict = f", max rel. error {step.vs_previous.max_rel:.2e}"
-                if not step.exact and step.vs_original is not None:
-                    drop = step.vs_original.metric_drop()
-                    sq = step.vs_original.min_sqnr
-                    verdict += f", SQNR {sq:.1f} dB vs original" + (f", metric drop {drop:.2f} pts" if drop is not None else "")
-            size = step.report.stats.get("size_after") if isinstance(step.report.stats, dict) else None
-            if size:
-                verdict += f", {size['bytes'] / 1e6:.2f} MB, zipped {size['zipped_bytes'] / 1e6:.2f} MB"
-            click.echo(
-                f"{step.name}: {'exact' if step.exact else 'lossy'}, {len(step.report.changed)} changes, "
-                f"{len(step.report.skipped)} skipped{verdict}"
-            )
-            for s in step.report.skipped[:20]:
-                click.echo(f"  skipped {s.layer}: {s.reason}")
-            if len(step.report.skipped) > 20:
-                click.echo(f"  ... {len(step.report.skipped) - 20} more in the report")
-        click.echo(compare_table(before, after))
+        _print_result(res)
         click.echo(f"wrote {out}")
     if report:
-        write_json_atomic(report, {"input": str(src), "output": str(out), "before": before.to_json(), "after": after.to_json(), **result.to_json()})
+        write_json_atomic(report, json_report(res.report))
+    if page is not None:
+        with atomic_write(html_path, what="HTML report") as tmp:
+            tmp.write_text(page, encoding="utf-8")
+
+
+def _print_result(res: Any) -> None:
+    from onnxcc.compiler.analysis import format_table, human
+
+    for step in res.result.steps:
+        verdict = ""
+        if step.vs_previous is not None:
+            verdict = f", max rel. error {step.vs_previous.max_rel:.2e}"
+            if not step.exact and step.vs_original is not None:
+                drop = step.vs_original.metric_drop()
+                verdict += f", SQNR {step.vs_original.min_sqnr:.1f} dB vs original" + (f", metric drop {drop:.2f} pts" if drop is not None else "")
+        size = step.report.stats.get("size_after") if isinstance(step.report.stats, dict) else None
+        if size:
+            verdict += f", {size['bytes'] / 1e6:.2f} MB, zipped {size['zipped_bytes'] / 1e6:.2f} MB"
+        click.echo(f"{step.name}: {'exact' if step.exact else 'lossy'}, {len(step.report.changed)} changes, {len(step.report.skipped)} skipped{verdict}")
+        for s in step.report.skipped[:20]:
+            click.echo(f"  skipped {s.layer}: {s.reason}")
+        if len(step.report.skipped) > 20:
+            click.echo(f"  ... {len(step.report.skipped) - 20} more in the report")
+    b, a = res.report["before"], res.report["after"]
+    rows = []
+    for key, label, unit in (("params", "parameters", ""), ("macs", "MACs", ""), ("nodes", "nodes", ""), ("file_bytes", "file size", "B"), ("latency_ms", "latency (ms)", "")):
+        if key in b and key in a:
+            rows.append([label, human(b[key], unit), human(a[key], unit), f"{a[key] / b[key]:.3f}x" if b[key] else "-"])
+    click.echo(format_table(rows, ["", "before", "after", "ratio"]))
 
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
 @_apply(output_options)
-@click.option("--opset", type=int, default=None, help="upgrade the default-domain opset first")
-@click.option("--no-bn", is_flag=True, help="keep BatchNormalization nodes")
+@config_options("fold", aliases={"fold_batchnorm": ["--fold-batchnorm/--no-bn"]})
 @click.option("--external-data/--no-external-data", default=None, help="store weights in OUT.data (default: only over 2 GB)")
 @_apply(common_model_options)
 @click.pass_context
-def fold(ctx, src, out, opset, no_bn, report, in_place, external_data, input_shapes):
+def fold(ctx, src, out, report, in_place, external_data, input_shapes, **options):
     """Exact clean-up: fold constants, BatchNorm, shape chains; drop dead and no-op nodes."""
-    opts: dict[str, Any] = {"fold_batchnorm": not no_bn}
-    if opset is not None:
-        opts["opset"] = opset
-    run_transform(ctx, src, out, [("fold", opts)], report=report, in_place=in_place, input_shapes=input_shapes, external_data=external_data)
+    run_pipeline(ctx, src, out, [("fold", pass_options("fold", options))], report=report, in_place=in_place,
+                 input_shapes=input_shapes, external_data=external_data)
 
 
 @cli.command()
@@ -223,20 +334,9 @@ def fold(ctx, src, out, opset, no_bn, report, in_place, external_data, input_sha
 @click.pass_context
 def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, sparsity, codebook_bits, quant_method, calib, labels, budget, report, html_path, no_latency, in_place, seed, input_shapes, metric):  # noqa: A001
     """Run a verified pipeline from a recipe, --pass entries and/or shortcut flags (sound order)."""
-    from compiler.api import compile_model, json_report, resolve_recipe, specs_from_flags
-    from compiler.calibration import CalibrationSet, parse_input_shapes
-    from compiler.ir_utils import check_output_path, load_model, save_model
-    from compiler.pipeline import PassSpec
+    from onnxcc.compiler.api import resolve_recipe, specs_from_flags
+    from onnxcc.compiler.pipeline import PassSpec
 
-    check_output_path(out, src, in_place=in_place)
-    for extra in (report, html_path):
-        if extra:
-            check_output_path(extra, src)
-    if html_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as e:
-            raise BadInputError("--html needs matplotlib: pip install 'onnxcc[report]'") from e
     specs: list[PassSpec] = resolve_recipe(recipe) if recipe else []
     for item in pass_names:
         name, _, rest = item.partition(":")
@@ -253,73 +353,26 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
         specs += flags[1:] if specs else flags  # a recipe already folds first
     if not specs:
         raise BadInputError("nothing to do: give --recipe, --pass or a shortcut flag")
-    model = load_model(src)
-    calibration = CalibrationSet.load(calib, model) if calib else None
-    res = compile_model(
-        model, specs, calibration=calibration, labels=_load_labels(labels), budget=budget, seed=seed,
-        input_shapes=parse_input_shapes(input_shapes), top_k=5 if metric == "top5" else 1,
-        measure_latency=not no_latency, profile_layers=bool(html_path), verify_samples=64 if budget is not None else 8,
-    )
-    res.report.update(input=str(src), output=str(out))
-    page = None
-    if html_path:  # rendered before anything is written: a failure leaves no output behind
-        from compiler.report_html import render
-
-        page = render(res.report, res.report["_models"]["before"], res.model)
-    save_model(res.model, out)
-    quiet = ctx.obj.get("quiet") if ctx.obj else False
-    if not quiet:
-        for step in res.result.steps:
-            v = step.vs_original
-            extra = "" if v is None else f", SQNR {v.min_sqnr:.1f} dB" + (f", drop {v.metric_drop():.2f} pts" if v.metric_drop() is not None else "")
-            click.echo(f"{step.name}: {'exact' if step.exact else 'lossy'}, {len(step.report.changed)} changed, {len(step.report.skipped)} skipped{extra}")
-        b, a = res.report["before"], res.report["after"]
-        lat = f", latency {res.report['latency_ratio']:.2f}x" if "latency_ratio" in res.report else ""
-        click.echo(f"MACs {a['macs'] / max(b['macs'], 1):.2f}x, parameters {a['params'] / max(b['params'], 1):.2f}x, file {a['file_bytes'] / max(b['file_bytes'], 1):.2f}x{lat}")
-        click.echo(f"wrote {out}")
-    if report:
-        write_json_atomic(report, json_report(res.report))
-    if page is not None:
-        tmp = f"{html_path}.tmp-{os.getpid()}"
-        Path(tmp).write_text(page, encoding="utf-8")
-        os.replace(tmp, html_path)
+    recipe_file = [recipe] if recipe and os.path.isfile(recipe) else []
+    run_pipeline(ctx, src, out, specs, calib=calib, labels=labels, budget=budget, report=report, html_path=html_path,
+                 in_place=in_place, input_shapes=input_shapes, seed=seed, metric=metric, protect=recipe_file,
+                 verify_samples=64 if budget is not None else 8, measure_latency=not no_latency)
 
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
 @_apply(output_options)
-@click.option("--ratio", type=float, default=0.5, show_default=True, help="fraction of channels to remove per space (overall with --global)")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn_scale", "fpgm", "activation", "zero", "reconstruction"]), default="l1", show_default=True)
-@click.option("--global", "global_ranking", is_flag=True, help="rank channels across spaces (each capped by --max-space-ratio)")
-@click.option("--max-space-ratio", type=float, default=0.9, show_default=True)
-@click.option("--round-to", type=int, default=1, show_default=True, help="keep channel counts a multiple of N")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="leave the spaces of matching node names alone (repeatable)")
-@click.option("--layer-ratio", multiple=True, metavar="PATTERN=R", help="ratio for the spaces of matching node names (repeatable)")
-@click.option("--calib", type=click.Path(), help="calibration data: activation criterion and bias compensation")
-@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
-@click.option("--allow-lossy", is_flag=True, help="criterion zero: also remove dead channels compensated only approximately")
-@click.option("--no-compensate", is_flag=True, help="do not fold removed channels' mean activation into the next bias")
-@click.option("--reconstruct", is_flag=True, help="refit the layers after each cut by least squares on --calib data")
-@click.option("--target-macs", type=float, default=None, help="automatic per-space ratios so MACs <= this fraction (sensitivity on --calib)")
-@click.option("--target-params", type=float, default=None, help="automatic per-space ratios so parameters <= this fraction")
-@click.option("--target-latency", type=float, default=None, help="automatic per-space ratios so measured latency <= this fraction (batch 1, 2 threads)")
-@click.option("--steps", type=int, default=1, show_default=True, help="reach the ratio/target in N prune(+reconstruct) increments")
-@click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@config_options("prune", aliases={"global_ranking": ["--global"], "calib_samples": ["--samples"]})
+@click.option("--calib", type=click.Path(), help="calibration data: activation criterion, bias compensation, reconstruction, automatic ratios")
+@_apply(budget_options)
 @click.option("--force", is_flag=True, help="write the model even when the budget is exceeded (the report says by how much)")
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, round_to, exclude, layer_ratio, calib, labels, allow_lossy, no_compensate, reconstruct, target_macs, target_params, target_latency, steps, samples, budget, force, report, in_place, input_shapes, metric):
+def prune(ctx, src, out, calib, labels, budget, force, report, in_place, input_shapes, metric, **options):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""
-    opts = {
-        "ratio": ratio, "criterion": criterion, "global_ranking": global_ranking, "max_space_ratio": max_space_ratio,
-        "round_to": round_to, "exclude": tuple(exclude), "layer_ratio": tuple(layer_ratio),
-        "allow_lossy": allow_lossy, "compensate": not no_compensate, "reconstruct": reconstruct, "calib_samples": samples,
-        "target_macs": target_macs, "target_params": target_params, "target_latency": target_latency, "steps": steps,
-    }
-    run_transform(
-        ctx, src, out, [("fold", {}), ("prune", opts)], calib=calib, labels=labels,
+    run_pipeline(
+        ctx, src, out, [("fold", {}), ("prune", pass_options("prune", options))], calib=calib, labels=labels,
         budget=None if force else _budget(budget), report=report, in_place=in_place,
         input_shapes=input_shapes, metric=metric,
     )
@@ -328,35 +381,20 @@ def prune(ctx, src, out, ratio, criterion, global_ranking, max_space_ratio, roun
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
 @_apply(output_options)
-@click.option("--method", type=click.Choice(["svd", "spatial-svd", "tucker", "cp", "depthwise"]), default="tucker", show_default=True,
-              help="svd: Gemm/MatMul/1x1 conv; the others: kxk convs")
-@click.option("--rank", type=float, default=None, help=">=1: absolute rank (depthwise: multiplier); <1: fraction of each layer's MACs kept [default 0.5]")
-@click.option("--energy", type=float, default=None, help="rank keeping this fraction of the squared singular values")
-@click.option("--vbmf", is_flag=True, help="ranks by empirical VBMF")
-@click.option("--target-macs", type=float, default=None, help="whole-model MACs ratio to reach")
-@click.option("--layer-rank", multiple=True, metavar="PATTERN=R", help="per-layer rank (repeatable)")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="leave matching node names alone (repeatable)")
+@config_options("factorize", aliases={"calib_samples": ["--samples"]})
 @click.option("--calib", type=click.Path(), help="calibration data: refit each layer's last factor by least squares")
-@click.option("--no-refit", is_flag=True, help="with --calib: do not refit")
-@click.option("--samples", type=int, default=64, show_default=True, help="calibration samples used at most")
-@click.option("--keep-if-faster", is_flag=True, help="keep only the factorizations onnxruntime measures faster (timing-dependent)")
 @_apply(budget_options)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def factorize(ctx, src, out, method, rank, energy, vbmf, target_macs, layer_rank, exclude, calib, no_refit, samples, keep_if_faster, labels, budget, report, in_place, input_shapes, metric):
+def factorize(ctx, src, out, calib, labels, budget, report, in_place, input_shapes, metric, **options):
     """Low-rank (SVD, spatial SVD, Tucker-2, CP) or depthwise-separable factorization (runs fold first)."""
-    if sum(x is not None and x is not False for x in (rank, energy, target_macs)) + bool(vbmf) > 1:
+    given = [k for k in ("rank", "energy", "vbmf", "target_macs") if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    if len(given) > 1:
         raise BadInputError("--rank, --energy, --vbmf and --target-macs are alternatives: give one")
-    opts = {
-        "method": method, "rank": 0.5 if rank is None else rank, "energy": energy, "vbmf": vbmf, "target_macs": target_macs,
-        "layer_rank": tuple(layer_rank), "exclude": tuple(exclude), "refit": not no_refit, "calib_samples": samples,
-        "keep_if_faster": keep_if_faster,
-    }
-    run_transform(
-        ctx, src, out, [("fold", {}), ("factorize", opts)], calib=calib, labels=labels,
-        budget=_budget(budget), report=report, in_place=in_place,
-        input_shapes=input_shapes, metric=metric,
+    run_pipeline(
+        ctx, src, out, [("fold", {}), ("factorize", pass_options("factorize", options))], calib=calib, labels=labels,
+        budget=_budget(budget), report=report, in_place=in_place, input_shapes=input_shapes, metric=metric,
     )
 
 
@@ -374,10 +412,10 @@ def factorize(ctx, src, out, method, rank, energy, vbmf, target_macs, layer_rank
 @_apply(common_model_options)
 def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_json, plot, metric, input_shapes):
     """Prune each channel space alone at each ratio and measure the metric."""
-    from compiler.calibration import CalibrationSet
-    from compiler.ir_utils import load_model
-    from compiler.pipeline import Pipeline
-    from passes.pruning import sensitivity as S
+    from onnxcc.compiler.calibration import CalibrationSet
+    from onnxcc.compiler.ir_utils import load_model
+    from onnxcc.compiler.pipeline import Pipeline
+    from onnxcc.passes.pruning import sensitivity as S
 
     try:
         rs = tuple(float(r) for r in ratios.split(","))
@@ -423,59 +461,48 @@ def _sensitivity_plot(res, path: str) -> None:
     ax.set_ylabel(res.metric)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    from onnxcc.compiler.files import atomic_write
+
+    with atomic_write(path, what="plot") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
 @_apply(output_options)
-@click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder); not needed for --weight-only/--fp16")
+@click.option("--calib", type=click.Path(), help="calibration data (.npy, .npz or image folder); not needed for --weight-only/--fp16/--dynamic")
 @click.option("--weight-only", type=click.Choice(["int8", "int4", "binary", "ternary"]), default=None, help="compress weights only (float compute, no calibration); binary/ternary lose much accuracy without fine-tuning")
-@click.option("--block-size", type=int, default=32, show_default=True, help="--weight-only int4: weights per scale")
+@config_options("weight-only", only=("block_size",))
 @click.option("--fp16", is_flag=True, help="store weights as float16 (float32 compute, inputs and outputs)")
 @click.option("--dynamic", is_flag=True, help="dynamic INT8 for MatMul/Gemm (activations quantized at run time, no calibration)")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
-@click.option("--percentile", type=float, default=99.999, show_default=True)
-@click.option("--per-channel/--per-tensor", default=True, show_default=True)
-@click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@config_options("quantize-dynamic", only=("reduce_range",))
+@config_options("quantize", exclude=("max_drop",), aliases={"calib_samples": ["--samples"], "per_channel": ["--per-channel/--per-tensor"]})
 @click.option("--equalize", is_flag=True, help="cross-layer equalization first (exact in float)")
-@click.option("--bias-correction", is_flag=True, help="correct biases for the weights' quantization error")
-@click.option("--speed-guard", is_flag=True, help="profile INT8 against fp32: layers whose integer kernel is slower stay float, and the model stays float if still slower (timing-dependent)")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="keep matching node names in float (repeatable)")
-@click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True, help="int8 weight codes: GPTQ (chosen for each layer's output on the calibration data) or nearest")
-@click.option("--float-excitation", is_flag=True, help="keep squeeze-excite branches (one value per channel) in float: more accurate, a little slower")
-@click.option("--samples", type=int, default=256, show_default=True, help="calibration samples used at most")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points: mixed precision keeps the most harmful layers float until it fits")
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, method, percentile, per_channel, activations, equalize, bias_correction, speed_guard, exclude, weight_rounding, float_excitation, samples, labels, budget, report, in_place, input_shapes, metric):
+def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels, budget, report, in_place, input_shapes, metric, **options):
     """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first); or weight-only INT8/INT4/FP16."""
-    from compiler.ir_utils import default_opset, load_model
     if sum(map(bool, (weight_only, fp16, dynamic))) > 1:
         raise BadInputError("--weight-only, --fp16 and --dynamic are alternatives: give one")
-    opset = default_opset(load_model(src, check=False))
-    specs: list = [("fold", {"opset": 13} if opset is not None and opset < 13 else {})]
+    q = pass_options("quantize", options)  # first: the shared --exclude is quantize's
+    block = pass_options("weight-only", options)
+    dyn = pass_options("quantize-dynamic", options)
+    specs: list = [("fold", {})]  # quantize lowers opset < 13 itself (lower-int8), verified
     if weight_only or fp16:
-        specs.append(("weight-only", {"dtype": "fp16" if fp16 else weight_only, "block_size": block_size, "exclude": tuple(exclude)}))
+        specs.append(("weight-only", {"dtype": "fp16" if fp16 else weight_only, "exclude": q["exclude"], **block}))
     elif dynamic:
-        specs.append(("quantize-dynamic", {"exclude": tuple(exclude)}))
+        specs.append(("quantize-dynamic", {"exclude": q["exclude"], **dyn}))
     else:
         if not calib:
             raise BadInputError("INT8 quantization needs calibration data: give --calib (or --weight-only / --fp16 / --dynamic)")
         if equalize:
             specs.append(("equalize", {}))
-        specs.append(("quantize", {
-            "method": method, "percentile": percentile, "per_channel": per_channel, "activations": activations,
-            "bias_correction": bias_correction, "exclude": tuple(exclude), "calib_samples": samples, "speed_guard": speed_guard,
-            "float_excitation": float_excitation, "weight_rounding": weight_rounding,
-            # --budget drives mixed precision: the most harmful layers stay float until the drop fits
-            "max_drop": budget, "eval_samples": 64,
-        }))
-    run_transform(
+        # --budget drives mixed precision: the most harmful layers stay float until the drop fits
+        specs.append(("quantize", {**q, "max_drop": budget}))
+    run_pipeline(
         ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
         report=report, in_place=in_place, input_shapes=input_shapes, metric=metric,
         verify_samples=64 if budget is not None else 8,  # the samples mixed precision measured its drop on
@@ -485,40 +512,34 @@ def quantize(ctx, src, out, calib, weight_only, block_size, fp16, dynamic, metho
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
 @_apply(output_options)
-@click.option("--sparsity", type=float, required=True, help="fraction of weights set to zero")
-@click.option("--global", "global_threshold", is_flag=True, help="one magnitude threshold over all layers")
-@click.option("--steps", type=int, default=1, show_default=True)
+@config_options("sparsify", exclude=("reconstruct",), aliases={"global_threshold": ["--global"], "calib_samples": ["--samples"]})
 @click.option("--calib", type=click.Path(), help="calibration data: refit the kept weights (sparsity pattern kept)")
-@click.option("--exclude", multiple=True, metavar="PATTERN")
 @_apply(budget_options)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def sparsify(ctx, src, out, sparsity, global_threshold, steps, calib, exclude, labels, budget, report, in_place, input_shapes, metric):
+def sparsify(ctx, src, out, calib, labels, budget, report, in_place, input_shapes, metric, **options):
     """Unstructured magnitude sparsity; the report gives the zipped size."""
-    opts = {"sparsity": sparsity, "global_threshold": global_threshold, "steps": steps, "reconstruct": bool(calib), "exclude": tuple(exclude)}
-    run_transform(ctx, src, out, [("fold", {}), ("sparsify", opts)], calib=calib, labels=labels,
-                  budget=_budget(budget), report=report, in_place=in_place,
-                  input_shapes=input_shapes, metric=metric)
+    opts = {**pass_options("sparsify", options), "reconstruct": bool(calib)}
+    run_pipeline(ctx, src, out, [("fold", {}), ("sparsify", opts)], calib=calib, labels=labels,
+                 budget=_budget(budget), report=report, in_place=in_place,
+                 input_shapes=input_shapes, metric=metric)
 
 
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True))
 @_apply(output_options)
-@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True, help="2^bits shared values per layer")
-@click.option("--layers", multiple=True, metavar="PATTERN", help="compress only matching node names (repeatable)")
-@click.option("--exclude", multiple=True, metavar="PATTERN")
-@click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy (with --calib)")
+@config_options("codebook")
 @click.option("--calib", type=click.Path(), help="data to verify on (default: random inputs)")
-@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points; exceeded: exit 1, nothing written")
+@_apply(budget_options)
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def codebook(ctx, src, out, bits, layers, exclude, labels, calib, budget, report, in_place, input_shapes, metric):
+def codebook(ctx, src, out, calib, labels, budget, report, in_place, input_shapes, metric, **options):
     """k-means weight sharing: packed indices + codebook, rebuilt in-graph (same speed)."""
-    run_transform(ctx, src, out, [("fold", {}), ("codebook", {"bits": bits, "layers": tuple(layers), "exclude": tuple(exclude)})],
-                  calib=calib, labels=labels, budget=_budget(budget),
-                  report=report, in_place=in_place, input_shapes=input_shapes, metric=metric)
+    run_pipeline(ctx, src, out, [("fold", {}), ("codebook", pass_options("codebook", options))],
+                 calib=calib, labels=labels, budget=_budget(budget),
+                 report=report, in_place=in_place, input_shapes=input_shapes, metric=metric)
 
 
 @cli.command()
@@ -526,8 +547,8 @@ def codebook(ctx, src, out, bits, layers, exclude, labels, calib, budget, report
 @_apply(output_options)
 @click.option("--calib", type=click.Path(), required=True, help="calibration data (reconstruction and verification)")
 @click.option("--prune", "prune_ratio", type=float, default=0.0, show_default=True, help="structured channel ratio (0: no pruning)")
-@click.option("--sparsity", type=float, default=0.6, show_default=True)
-@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
+@config_options("sparsify", only=("sparsity",), defaults={"sparsity": 0.6})
+@config_options("codebook", only=("bits",))
 @click.option("--int8", "int8", is_flag=True, help="INT8 activations too: quantize before the codebook, which then shares int8 levels (still fused)")
 @_apply(budget_options)
 @_apply(common_model_options)
@@ -542,8 +563,8 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
     if int8:
         specs.append(("quantize", {"method": "minmax", "bias_correction": True}))
     specs.append(("codebook", {"bits": bits}))
-    run_transform(ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
-                  report=report, in_place=in_place, input_shapes=input_shapes, metric=metric, verify_samples=64)
+    run_pipeline(ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
+                 report=report, in_place=in_place, input_shapes=input_shapes, metric=metric, verify_samples=64)
 
 
 # --------------------------------------------------------------------------- read-only commands
@@ -553,13 +574,13 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
 @click.option("--channels", is_flag=True, help="print the channel spaces (what pruning can remove together, or the blocker)")
 def inspect(model_path, as_json, channels):
     """Per-layer table: shapes, parameters, MACs, weight statistics."""
-    from compiler.analysis import analyze, summary_table
-    from compiler.ir_utils import load_model
+    from onnxcc.compiler.analysis import analyze, summary_table
+    from onnxcc.compiler.ir_utils import load_model
 
     model = load_model(model_path)
     if channels:
-        from passes.pruning.dependency import ChannelGraph
-        from passes.pruning.prune import prepare, space_table, spaces_json
+        from onnxcc.passes.pruning.dependency import ChannelGraph
+        from onnxcc.passes.pruning.cut import prepare, space_table, spaces_json
 
         prepare(model)
         cg = ChannelGraph(model)
@@ -591,10 +612,10 @@ def inspect(model_path, as_json, channels):
 @_apply(common_model_options)
 def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, seed, metric, input_shapes):
     """Compare two models in onnxruntime on the same inputs (exit 1 outside tolerance)."""
-    from compiler import verify as V
-    from compiler.analysis import format_table
-    from compiler.calibration import CalibrationSet, parse_input_shapes
-    from compiler.ir_utils import load_model
+    from onnxcc.compiler import verify as V
+    from onnxcc.compiler.analysis import format_table
+    from onnxcc.compiler.calibration import CalibrationSet, parse_input_shapes
+    from onnxcc.compiler.ir_utils import load_model
 
     ref = load_model(reference)
     cand = load_model(candidate)
@@ -635,8 +656,8 @@ def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, see
 @_apply(common_model_options)
 def bench(models, threads, batch, runs, rounds, warmup, no_memory, as_json, input_shapes):
     """Latency (alternating blocks, one process), file size and peak memory; ratios to the first model."""
-    from compiler.bench import bench_models
-    from compiler.calibration import parse_input_shapes
+    from onnxcc.compiler.bench import bench_models
+    from onnxcc.compiler.calibration import parse_input_shapes
 
     res = bench_models(
         [(m, m) for m in models], threads=threads, batch=batch, rounds=rounds, block=runs, warmup=warmup,
@@ -648,7 +669,8 @@ def bench(models, threads, batch, runs, rounds, warmup, no_memory, as_json, inpu
 @cli.command("passes")
 def list_passes():
     """List registered passes and their options."""
-    from compiler.registry import config_fields, registered_passes
+    from onnxcc.compiler.passbase import config_fields
+    from onnxcc.compiler.registry import registered_passes
 
     for name, cls in registered_passes().items():
         click.echo(f"{name} ({'exact' if cls.exact else 'lossy'}{', needs --calib' if cls.needs_calibration else ''}): {cls.summary}")
@@ -681,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__
         click.echo(f"onnxcc: error: internal error ({type(e).__name__}): {msg}", err=True)
-        sys.exit(1)
+        sys.exit(INTERNAL_ERROR_EXIT)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Errors that onnxcc reports to its users, each with the exit code the CLI uses.
 
-Exit codes: 0 success, 1 verification or budget failure, 2 bad input.
+Exit codes: 0 success, 1 verification or budget failure, 2 bad input, 3 internal error (a bug
+in onnxcc, never the input's fault; CI pipelines can tell it from a model that failed its budget).
 """
 
 from __future__ import annotations
@@ -32,3 +33,6 @@ class BudgetError(OnnxccError):
     """A lossy pass went over the accuracy/agreement budget (exit 1)."""
 
     exit_code = 1
+
+
+INTERNAL_ERROR_EXIT = 3  # any other exception: a bug in onnxcc

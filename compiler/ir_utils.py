@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Union
@@ -30,7 +29,8 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from compiler.errors import BadInputError
+from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: str, label: str) -> N
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        # A location that leaves the model's folder is refused from its text alone, before the file
+        # system is asked anything: a crafted model must not learn whether some file exists.
+        norm = os.path.normpath(location) if location else ""
+        if os.path.isabs(location) or norm == ".." or norm.startswith(".." + os.sep):
+            raise BadInputError(f"{label}: external data location of tensor '{tensor.name}' points outside the model's folder")
         path = Path(base_dir) / location
         if not location or not path.is_file():
             raise BadInputError(
@@ -207,7 +212,13 @@ def model_nbytes(model: ir.Model) -> int:
 
 
 def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None, in_place: bool = False) -> Path:
-    """Validate an output path before any work is done; refuse to overwrite an input."""
+    """Validate an output path before any work is done; refuse to overwrite an input.
+
+    ``inputs[0]`` is the model (overwritten only with ``in_place``); the others (calibration data,
+    labels, a recipe) are never overwritten. A path ending in a separator names a folder, not a file.
+    """
+    if str(out).endswith((os.sep, "/")):
+        raise BadInputError(f"{out}: output path names a folder; give a file name")
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
@@ -216,13 +227,28 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None,
         raise BadInputError(f"{out}: output folder '{parent}' does not exist")
     if not os.access(parent, os.W_OK):
         raise BadInputError(f"{out}: output folder '{parent}' is not writable")
-    for src in inputs:
+    for i, src in enumerate(inputs):
         if src is None or not isinstance(src, (str, os.PathLike)):
             continue
         src_p = Path(src)
-        if src_p.exists() and out.exists() and out.resolve() == src_p.resolve() and not in_place:
-            raise BadInputError(f"{out}: refusing to overwrite the input model (pass --in-place to allow it)")
+        if src_p.exists() and out.exists() and out.resolve() == src_p.resolve():
+            if i > 0:
+                raise BadInputError(f"{out}: refusing to overwrite an input file ({src_p})")
+            if not in_place:
+                raise BadInputError(f"{out}: refusing to overwrite the input model (pass --in-place to allow it)")
     return out
+
+
+def check_distinct_outputs(*outputs: str | os.PathLike | None) -> None:
+    """Two outputs of one run (model, JSON report, HTML page) must be different files."""
+    seen: dict[Path, str] = {}
+    for o in outputs:
+        if o is None:
+            continue
+        key = Path(os.path.abspath(o))
+        if key in seen:
+            raise BadInputError(f"{o}: given for two outputs; each output needs its own file")
+        seen[key] = str(o)
 
 
 def save_model(
@@ -237,35 +263,20 @@ def save_model(
     model) only when they would push the file past protobuf's 2 GB limit.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise BadInputError(f"{path}: output folder '{parent}' does not exist")
     if external_data is None:
         external_data = model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data" if external_data else None
     if not external_data:
         _materialise_external(model)  # else the output would point at the input's data file
-    try:
-        tmpdir = tempfile.mkdtemp(prefix=".onnxcc-", dir=parent)
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot write to '{parent}': {e.strerror}") from e
-    try:
-        tmp_model = Path(tmpdir) / path.name
+    with atomic_write(path, *([data_name] if data_name else []), what="model") as tmp_model:
         if data_name:
             ir.save(model, tmp_model, external_data=data_name)
         else:
             proto = ir.to_proto(model)
             _drop_initializer_value_info(proto.graph)
             tmp_model.write_bytes(proto.SerializeToString())
-        if data_name:
-            os.replace(Path(tmpdir) / data_name, parent / data_name)
-            # The model in memory still points at the temporary file: repoint it.
-            ir.external_data.set_base_dir(model.graph, str(parent))
-        os.replace(tmp_model, path)
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot write the model: {e.strerror or e}") from e
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    if data_name:  # the model in memory still points at the temporary file: repoint it
+        ir.external_data.set_base_dir(model.graph, str(path.parent if str(path.parent) else Path(".")))
     return path
 
 
@@ -333,6 +344,11 @@ def clone_model(model: ir.Model) -> ir.Model:
     so each cloned external tensor gets back its original's base directory.
     """
     clone = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    # The proto has no room for in-memory node metadata (the BN scale fold records for pruning):
+    # carry it over node by node; the round trip keeps every graph's node order.
+    for src, dst in zip(_all_nodes(model), _all_nodes(clone)):
+        if src.meta and src.op_type == dst.op_type:
+            dst.meta.update(src.meta)
     dirs = {(t.location, t.offset): t.base_dir for t in _external_tensors(model.graph)}
     if dirs:
         for t in _external_tensors(clone.graph):
@@ -340,6 +356,12 @@ def clone_model(model: ir.Model) -> ir.Model:
             if base is not None:
                 t.base_dir = base
     return clone
+
+
+def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    yield from model.graph.all_nodes()
+    for f in model.functions.values():
+        yield from f.all_nodes()
 
 
 def _materialise_external(model: ir.Model) -> None:
@@ -456,6 +478,21 @@ def add_initializer(graph: ir.Graph, name: str, value: "np.ndarray | ir.TensorPr
     return v
 
 
+def set_input_const(graph: ir.Graph, node: ir.Node, idx: int, arr: np.ndarray) -> None:
+    """Give ``node`` input ``idx`` the constant ``arr`` (a private copy when the constant is shared)."""
+    v = node.inputs[idx] if idx < len(node.inputs) else None
+    dtype = v.const_value.dtype if v is not None and v.const_value is not None else None
+    t = ir.tensor(np.ascontiguousarray(arr)) if dtype is None else ir.tensor(np.ascontiguousarray(arr).astype(dtype.numpy()))
+    if v is not None and v.const_value is not None and len(v.uses()) == 1 and not v.is_graph_input() and not v.is_graph_output():
+        v.const_value = t
+        v.shape = ir.Shape(arr.shape)
+        return
+    new = add_initializer(graph, f"{v.name if v is not None and v.name else node.name + '_param'}_pruned", t)
+    if len(node.inputs) <= idx:
+        node.resize_inputs(idx + 1)
+    node.replace_input_with(idx, new)
+
+
 def replace_contents(model: ir.Model, new: ir.Model) -> None:
     """Move ``new``'s graph, IR version and functions into ``model`` (passes must return the same object)."""
     model.graph = new.graph
@@ -484,6 +521,12 @@ def gemm_as_matmul(node: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None,
         beta = a["beta"].value if a.get("beta") is not None else 1.0
         bias = (beta * c).astype(np.float32)
     return (alpha * w).astype(np.float32), bias, ""
+
+
+def attr(node: ir.Node, name: str, default=None):
+    """The value of a node's attribute, or ``default`` when it is not set."""
+    a = node.attributes.get(name)
+    return default if a is None else a.value
 
 
 def node_label(node: ir.Node) -> str:

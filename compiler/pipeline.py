@@ -23,16 +23,17 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from compiler import verify as V
-from compiler.calibration import CalibrationSet
-from compiler.errors import BadInputError, BudgetError, VerificationError
-from compiler.ir_utils import name_unnamed_nodes
-from compiler.registry import OnnxccPass, PassContext, PassReport, get_pass, make_config
+from onnxcc.compiler import verify as V
+from onnxcc.compiler.calibration import CalibrationSet
+from onnxcc.compiler.errors import BadInputError, BudgetError, VerificationError
+from onnxcc.compiler.ir_utils import name_unnamed_nodes
+from onnxcc.compiler.passbase import OnnxccPass, PassContext, PassReport, make_config
+from onnxcc.compiler.registry import get_pass
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,14 @@ class Pipeline:
         name, opts = s
         return PassSpec(name, dict(opts or {}))
 
-    def run(self, model: ir.Model, calibration: CalibrationSet | None = None) -> PipelineResult:
+    def run(
+        self,
+        model: ir.Model,
+        calibration: CalibrationSet | None = None,
+        *,
+        on_step: Callable[[StepRecord, ir.Model], None] | None = None,
+    ) -> PipelineResult:
+        """Run every pass on ``model`` in place, verifying each; ``on_step`` sees each finished step."""
         context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels, top_k=self.top_k)
         for cls, _ in self.passes:
             if cls.needs_calibration and calibration is None:
@@ -204,6 +212,15 @@ class Pipeline:
                     "nothing can be verified against it (check its weights and the data)"
                 )
         steps: list[StepRecord] = []
+        if self.verify and feeds is not None:
+            def run_nested(inner: OnnxccPass, m: ir.Model) -> PassReport:
+                """An exact pass run inside another (``quantize`` → ``lower-int8``), verified on its own."""
+                before = V.run_model(m, feeds)
+                rep = inner(m)
+                _check_exact(inner.name, before, _run_candidate(inner.name, m, feeds))
+                return rep
+
+            context.exact_runner = run_nested
         for cls, config in self.passes:
             p = cls(config, context)
             t0 = time.perf_counter()
@@ -216,20 +233,11 @@ class Pipeline:
             elapsed = time.perf_counter() - t0
             vs_prev = vs_orig = None
             if self.verify and feeds is not None:
-                try:
-                    cand = V.run_model(model, feeds)
-                except BadInputError as e:  # the input ran: a model onnxruntime rejects now is this pass's fault
-                    raise VerificationError(f"pass '{cls.name}' produced a model onnxruntime rejects: {e}") from e
+                cand = _run_candidate(cls.name, model, feeds)
                 vs_prev = V.compare_outputs(ref_prev, cand)
                 vs_orig = V.compare_outputs(ref_orig, cand, labels, self.top_k)
                 if p.exact:
-                    if not vs_prev.within(V.EXACT_RTOL):
-                        worst = max(vs_prev.outputs, key=lambda o: o.rel if not math.isnan(o.rel) else math.inf)
-                        detail = worst.problem or f"relative error {worst.rel:.3g} on output '{worst.name}'"
-                        raise VerificationError(
-                            f"pass '{cls.name}' is exact but changed the model's outputs: {detail} "
-                            f"(tolerance {V.EXACT_RTOL:g})"
-                        )
+                    _check_exact(cls.name, ref_prev, cand, vs_prev)
                 else:
                     if not vs_prev.ok_structure:
                         raise VerificationError(
@@ -245,7 +253,25 @@ class Pipeline:
                 StepRecord(cls.name, p.exact, _config_json(config), report, elapsed, vs_prev, vs_orig)
             )
             logger.info("%s: %d changed, %d skipped (%.2fs)", cls.name, len(report.changed), len(report.skipped), elapsed)
+            if on_step is not None:
+                on_step(steps[-1], model)
         return PipelineResult(model, steps)
+
+
+def _run_candidate(name: str, model: ir.Model, feeds) -> dict[str, np.ndarray]:
+    try:
+        return V.run_model(model, feeds)
+    except BadInputError as e:  # the input ran: a model onnxruntime rejects now is this pass's fault
+        raise VerificationError(f"pass '{name}' produced a model onnxruntime rejects: {e}") from e
+
+
+def _check_exact(name: str, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], comp: V.Comparison | None = None) -> None:
+    """An exact pass must agree with its input to float rounding (:data:`verify.EXACT_RTOL`)."""
+    comp = comp if comp is not None else V.compare_outputs(before, after)
+    if not comp.within(V.EXACT_RTOL):
+        worst = max(comp.outputs, key=lambda o: o.rel if not math.isnan(o.rel) else math.inf)
+        detail = worst.problem or f"relative error {worst.rel:.3g} on output '{worst.name}'"
+        raise VerificationError(f"pass '{name}' is exact but changed the model's outputs: {detail} (tolerance {V.EXACT_RTOL:g})")
 
 
 _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu"}
@@ -253,7 +279,7 @@ _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "I
 
 def _refuse_non_finite_weights(model: ir.Model) -> None:
     """NaN/Inf in a layer's weights make every output meaningless: refuse up front, naming the layer."""
-    from compiler.ir_utils import const_array, node_label
+    from onnxcc.compiler.ir_utils import const_array, node_label
 
     for node in model.graph.all_nodes():
         if node.op_type not in _WEIGHTED:

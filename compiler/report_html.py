@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from compiler.analysis import FACTOR_SUFFIX, layer_weight, per_layer_totals
+from onnxcc.compiler.analysis import FACTOR_SUFFIX, layer_weight, per_layer_totals
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -208,8 +208,8 @@ def render(report: Mapping[str, Any], before: ir.Model | None = None, after: ir.
 
 def write_html(path: str | os.PathLike, report: Mapping[str, Any], before: ir.Model | None = None, after: ir.Model | None = None) -> None:
     """Write the page atomically (a temporary file renamed into place)."""
+    from onnxcc.compiler.files import atomic_write
+
     text = render(report, before, after)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_write(path, what="HTML report") as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -29,81 +29,14 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
-from compiler.calibration import CalibrationSet, input_specs, random_inputs
-from compiler.errors import BadInputError
-from compiler.ir_utils import needs_file, saved_copy
+from onnxcc.compiler.calibration import CalibrationSet, input_specs, random_inputs
+from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.metrics import sqnr_db
+from onnxcc.compiler.sessions import make_session, run_model, run_session  # noqa: F401  (verify's public API)
 
 EXACT_RTOL = 1e-4
-
-
-def make_session(
-    model: ir.Model | onnx.ModelProto | bytes | str,
-    *,
-    optimize: bool = False,
-    threads: int | None = None,
-    optimized_path: str | None = None,
-) -> ort.InferenceSession:
-    """An onnxruntime CPU session; graph optimizations off unless ``optimize``."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    if isinstance(model, ir.Model):
-        if needs_file(model):
-            with saved_copy(model) as p:
-                return _session(p, so)
-        model = ir.to_proto(model).SerializeToString()
-    elif isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    return _session(model, so)
-
-
-def _session(src: Any, so: ort.SessionOptions) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises several exception types here
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"onnxruntime cannot load the model: {msg}") from e
-
-
-def run_session(session: ort.InferenceSession, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Run every feed and concatenate outputs along axis 0 (or stack scalars)."""
-    names = [o.name for o in session.get_outputs()]
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        try:
-            outs = session.run(names, dict(feed))
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInputError(f"onnxruntime failed to run the model: {msg}") from e
-        for n, o in zip(names, outs):
-            parts[n].append(np.asarray(o))
-    return {n: _join(v) for n, v in parts.items()}
-
-
-def _join(arrs: list[np.ndarray]) -> np.ndarray:
-    if len(arrs) == 1:
-        return arrs[0]
-    if all(a.ndim > 0 for a in arrs):
-        try:
-            return np.concatenate(arrs, axis=0)
-        except ValueError:
-            pass
-    return np.stack(arrs)
-
-
-def run_model(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, optimize: bool = False) -> dict[str, np.ndarray]:
-    return run_session(make_session(model, optimize=optimize), feeds)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -123,6 +56,8 @@ def verification_feeds(
     fixed = {s.fixed_batch for s in specs if s.fixed_batch is not None}
     if fixed:
         per = max(fixed)
+        if per < 1:  # a declared batch of 0: one empty feed is all there is to run
+            return random_inputs(specs, n=1, seed=seed, batch=per, overrides=overrides)
         return random_inputs(specs, n=max(1, samples // per), seed=seed, batch=per, overrides=overrides)
     return random_inputs(specs, n=1, seed=seed, batch=samples, overrides=overrides)
 
@@ -228,9 +163,7 @@ def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray | None) -> Outpu
     m.max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(r).max()) if r.size else 0.0
     m.rel = m.max_abs / scale if scale > 0 else (0.0 if m.max_abs == 0 else math.inf)
-    noise = float((diff**2).sum())
-    signal = float((r**2).sum())
-    m.sqnr_db = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    m.sqnr_db = sqnr_db(r, c)
     nr, nc = np.linalg.norm(r), np.linalg.norm(c)
     m.cosine = float((r.ravel() @ c.ravel()) / (nr * nc)) if nr > 0 and nc > 0 else (1.0 if nr == nc else 0.0)
     if is_classifier(r.shape):

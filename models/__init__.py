@@ -1,1 +1,1 @@
-"""Sample networks for tests, benchmarks and the README (not part of the installed package)."""
+"""Sample networks and the bundled sample model, for tests, benchmarks and the README (``onnxcc.models``)."""

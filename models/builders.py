@@ -211,7 +211,7 @@ def calibrate_head(model: ir.Model, *, seed: int = 0, batch: int = 32) -> None:
     mean/std into the final Gemm (as a trained head effectively does) gives
     logits that vary per input with zero mean per class.
     """
-    from compiler.verify import make_session
+    from onnxcc.compiler.sessions import make_session
 
     head = model.graph.outputs[0].producer()
     if head is None or head.op_type != "Gemm":

@@ -1,3 +1,19 @@
-"""onnxcc passes, one module per rewrite family. Importing this package registers them."""
+"""onnxcc passes, one module or package per rewrite family (installed as ``onnxcc.passes``).
 
-from passes import compression, factorization, fold, pruning, quantization  # noqa: F401
+:data:`PASSES` is the list of shipped passes, as data: the registry
+(:mod:`onnxcc.compiler.registry`) imports each entry when a pass is first looked
+up, so importing one pass module never imports the others.
+"""
+
+PASSES: tuple[str, ...] = (
+    "onnxcc.passes.fold:FoldPass",
+    "onnxcc.passes.pruning.prune:PrunePass",
+    "onnxcc.passes.factorization.factorize:FactorizePass",
+    "onnxcc.passes.compression.sparsify:SparsifyPass",
+    "onnxcc.passes.compression.codebook:CodebookPass",
+    "onnxcc.passes.quantization.equalize:EqualizePass",
+    "onnxcc.passes.quantization.lower:LowerInt8Pass",
+    "onnxcc.passes.quantization.qdq:QuantizePass",
+    "onnxcc.passes.quantization.dynamic:DynamicQuantizePass",
+    "onnxcc.passes.quantization.weights:WeightOnlyPass",
+)

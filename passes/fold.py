@@ -45,7 +45,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript import optimizer, rewriter
 
-from compiler.ir_utils import (
+from onnxcc.compiler.ir_utils import (
     add_initializer,
     check_model,
     const_array,
@@ -55,14 +55,13 @@ from compiler.ir_utils import (
     node_label,
     replace_contents,
 )
-from compiler.registry import OnnxccPass, PassReport, Skipped, register
+from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
 
 logger = logging.getLogger(__name__)
 
 _FOLDABLE_INTO = ("Conv", "ConvTranspose", "Gemm")
 
 
-@register
 class FoldPass(OnnxccPass):
     name = "fold"
     exact = True

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compiler.ir_utils import save_model
+from onnxcc.compiler.ir_utils import save_model
 
 
 class CliResult:
@@ -24,7 +24,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys):
     """Run ``onnxcc ARGS`` in-process; returns exit code, stdout, stderr."""
-    from compiler.cli import main
+    from onnxcc.compiler.cli import main
 
     def run(*args: str) -> CliResult:
         capsys.readouterr()
@@ -63,14 +63,14 @@ def named_model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
 @pytest.fixture(scope="session")
 def tiny_models():
     """Tiny builder models by family (built once per session)."""
-    from models.builders import FAMILIES, build
+    from onnxcc.models.builders import FAMILIES, build
 
     return {fam: build(fam, "tiny", seed=1) for fam in FAMILIES}
 
 
 @pytest.fixture
 def resnet_path(tmp_path):
-    from models.builders import build
+    from onnxcc.models.builders import build
 
     p = tmp_path / "resnet.onnx"
     save_model(build("resnet", "tiny", seed=3), p)
@@ -80,9 +80,9 @@ def resnet_path(tmp_path):
 @pytest.fixture(scope="session")
 def folded():
     """Getter for tiny builder models after the fold pass (BN scales recorded in node.meta); returns a copy each call."""
-    from compiler.ir_utils import clone_model
-    from compiler.pipeline import Pipeline
-    from models.builders import build
+    from onnxcc.compiler.ir_utils import clone_model
+    from onnxcc.compiler.pipeline import Pipeline
+    from onnxcc.models.builders import build
 
     cache: dict[str, ir.Model] = {}
 

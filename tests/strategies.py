@@ -12,8 +12,8 @@ import numpy as np
 import onnx_ir as ir
 from hypothesis import strategies as st
 
-from compiler.pipeline import Pipeline
-from models.builders import NetBuilder
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.models.builders import NetBuilder
 
 ALL_BLOCKS = ("cba1", "cba3", "strided", "dilated", "dw", "grouped", "residual", "concat", "split", "pool", "se")
 

@@ -12,10 +12,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from compiler import compile_model, shipped_recipes
-from compiler.calibration import input_specs, random_inputs
-from compiler.errors import BudgetError
-from compiler.ir_utils import clone_model, load_model, save_model
+from onnxcc import compile_model, shipped_recipes
+from onnxcc.compiler.calibration import input_specs, random_inputs
+from onnxcc.compiler.errors import BudgetError
+from onnxcc.compiler.ir_utils import clone_model, load_model, save_model
 
 
 def _calib(model, n=16):
@@ -79,7 +79,7 @@ def test_report_has_totals_latency_and_every_pass(tiny_models):
 
 
 def test_shipped_recipes_exist_and_parse():
-    from compiler.api import resolve_recipe
+    from onnxcc.compiler.api import resolve_recipe
 
     assert set(shipped_recipes()) == {"lossless", "int8-x86", "faster-2x", "smallest"}
     for name in shipped_recipes():
@@ -133,8 +133,8 @@ def test_html_report_loads_in_headless_chromium_with_every_plot(cli, tmp_path, r
 
 def test_fingerprints_change_only_after_a_rewritten_layer(folded):
     """Activations are recomputed only where a pass changed the graph before them."""
-    from compiler.calibration import tensor_fingerprints
-    from passes.factorization.factorize import factorize_layer
+    from onnxcc.compiler.calibration import tensor_fingerprints
+    from onnxcc.passes.factorization.factorize import factorize_layer
 
     model = folded("vgg")
     before = tensor_fingerprints(model)
@@ -150,11 +150,11 @@ def test_fingerprints_change_only_after_a_rewritten_layer(folded):
 
 
 def test_mixed_precision_tries_reuse_the_ranges_of_unchanged_tensors(folded):
-    from compiler.pipeline import Pipeline
+    from onnxcc.compiler.pipeline import Pipeline
 
     model = folded("mobilenet_v2")
     calib = _calib(model, 64)
-    from compiler.calibration import CalibrationSet
+    from onnxcc.compiler.calibration import CalibrationSet
 
     res = Pipeline([("quantize", {"max_drop": 10.0, "check_fusion": False})], verify_samples=64).run(model, CalibrationSet(calib))
     rep = res.steps[0].report

@@ -13,8 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from compiler import shipped_recipes  # noqa: E402
-from compiler.ir_utils import load_model  # noqa: E402
+from onnxcc import shipped_recipes  # noqa: E402
+from onnxcc.compiler.ir_utils import load_model  # noqa: E402
 from tests import torch_zoo as Z  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.calibration import input_specs, random_inputs
-from compiler.ir_utils import clone_model
-from compiler.pipeline import Pipeline
-from compiler.verify import EXACT_RTOL, compare_outputs, run_model
-from passes.fold import BN_SCALE_META
+from onnxcc.compiler.calibration import input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import EXACT_RTOL, compare_outputs, run_model
+from onnxcc.passes.fold import BN_SCALE_META
 from tests.conftest import model_from_text
 
 
@@ -321,7 +321,7 @@ def test_reduce_mean_over_spatial_axes_becomes_global_average_pool(opset, axes, 
     if keep:
         assert ops(folded)["GlobalAveragePool"] == 1 and ops(folded)["ReduceMean"] == 0
     else:  # fold keeps the single ReduceMean (GAP + Flatten is one node more); quantize rewrites it
-        from passes.fold import reduce_mean_to_global_pool
+        from onnxcc.passes.fold import reduce_mean_to_global_pool
 
         assert ops(folded)["ReduceMean"] == 1
         assert reduce_mean_to_global_pool(folded, squeezed=True) == 1 and ops(folded)["GlobalAveragePool"] == 1

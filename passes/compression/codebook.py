@@ -25,10 +25,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from compiler.ir_utils import add_initializer, convert_opset, node_label, replace_contents
-from compiler.registry import OnnxccPass, PassReport, Skipped, register
-from passes.compression.common import storage_sizes, weights
-from passes.quantization.qdq import _sqnr
+from onnxcc.compiler.ir_utils import add_initializer, convert_opset, node_label, replace_contents
+from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
+from onnxcc.compiler.metrics import weight_sqnr
+from onnxcc.passes.compression.common import storage_sizes, weights
 
 
 def kmeans_1d(values: np.ndarray, k: int, seed: int = 0, iters: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +113,6 @@ def _int8_weights(model: ir.Model, cfg) -> list[tuple[ir.Node, ir.Node, np.ndarr
     return out
 
 
-@register
 class CodebookPass(OnnxccPass):
     name = "codebook"
     exact = False
@@ -150,7 +149,7 @@ class CodebookPass(OnnxccPass):
             codebook, idx = cluster(w, cfg.bits, seed=self.context.seed)
             shared = _gather(graph, node, node.inputs[1].name or f"{node.name}_W", codebook, idx.astype(index_type), ir.DataType.FLOAT)
             node.replace_input_with(1, shared)
-            layers[node_label(node)] = {"centroids": int(codebook.size), "zero_centroid": bool((w == 0).any()), "sqnr_db": _sqnr(w, codebook[idx])}
+            layers[node_label(node)] = {"centroids": int(codebook.size), "zero_centroid": bool((w == 0).any()), "sqnr_db": weight_sqnr(w, codebook[idx])}
             changed.append(node_label(node))
         for dq, consumer, q in int8:  # INT8 QDQ weights: shared int8 levels, still fused by onnxruntime
             codebook, idx = cluster(q.astype(np.float32), cfg.bits, seed=self.context.seed)
@@ -158,7 +157,7 @@ class CodebookPass(OnnxccPass):
             shared = _gather(graph, dq, dq.inputs[0].name or f"{dq.name}_q", book, idx.astype(index_type), ir.DataType.INT8)
             dq.replace_input_with(0, shared)
             layers[node_label(consumer)] = {"centroids": int(np.unique(book).size), "int8": True, "zero_centroid": bool((q == 0).any()),
-                                            "sqnr_db": _sqnr(q.astype(np.float32), book[idx].astype(np.float32))}
+                                            "sqnr_db": weight_sqnr(q.astype(np.float32), book[idx].astype(np.float32))}
             changed.append(node_label(consumer))
         common.RemoveUnusedNodesPass()(model)
         stats = {"bits": cfg.bits, "index_type": "uint4" if packed else "uint8", "layers": layers, "size_before": before, "size_after": storage_sizes(model)}

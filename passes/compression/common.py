@@ -8,8 +8,8 @@ import zlib
 import numpy as np
 import onnx_ir as ir
 
-from compiler.ir_utils import const_array, node_label
-from compiler.registry import Skipped
+from onnxcc.compiler.ir_utils import const_array, node_label
+from onnxcc.compiler.passbase import Skipped
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

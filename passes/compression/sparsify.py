@@ -8,7 +8,7 @@ zipped size, which does. ``steps`` reaches the target in increments; with
 calibration data and ``reconstruct`` each step refits the remaining weights
 of every group-1 layer by least squares on calibration data, each output on
 its own non-zero support, so the sparsity pattern is kept exactly
-(:func:`passes.pruning.reconstruct.reconstruct` with masks).
+(:func:`passes.refit.reconstruct` with masks).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from compiler.ir_utils import clone_model, infer_shapes, node_label
-from compiler.registry import OnnxccPass, PassReport, Skipped, register
-from passes.compression.common import storage_sizes, weights
-from passes.pruning.surgery import _set_input_const
+from onnxcc.compiler.ir_utils import clone_model, infer_shapes, node_label
+from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
+from onnxcc.compiler import weights as W
+from onnxcc.passes.compression.common import storage_sizes, weights
+from onnxcc.compiler.ir_utils import set_input_const
 
 
 def _prune_smallest(w: np.ndarray, fraction: float) -> np.ndarray:
@@ -34,7 +35,6 @@ def _prune_smallest(w: np.ndarray, fraction: float) -> np.ndarray:
     return flat.reshape(w.shape)
 
 
-@register
 class SparsifyPass(OnnxccPass):
     name = "sparsify"
     exact = False
@@ -72,7 +72,7 @@ class SparsifyPass(OnnxccPass):
             current = weights(model, min_size=cfg.min_size, exclude=cfg.exclude)
             fractions = self._fractions(current, s)
             for node, w in current:
-                _set_input_const(model.graph, node, 1, _prune_smallest(w, fractions[node_label(node)]))
+                set_input_const(model.graph, node, 1, _prune_smallest(w, fractions[node_label(node)]))
             if original is not None:
                 refit_stats.append(self._refit(original, model))
         layers = {}
@@ -101,14 +101,14 @@ class SparsifyPass(OnnxccPass):
         return out
 
     def _refit(self, original: ir.Model, model: ir.Model) -> dict:
-        from passes.pruning.reconstruct import ReconstructOptions, _weight_as_matrix, reconstruct
+        from onnxcc.passes.refit import ReconstructOptions, reconstruct
 
         infer_shapes(model)
         masks, layers = {}, {}
         for node, _ in weights(model, min_size=self.config.min_size, exclude=self.config.exclude):
             if node.op_type == "ConvTranspose" or not node.name:
                 continue
-            w_mat, _ = _weight_as_matrix(node)
+            w_mat, _ = W.as_matrix(node)
             masks[node.name] = w_mat != 0
             layers[node.name] = None
         opts = ReconstructOptions(samples=self.config.calib_samples, seed=self.context.seed)

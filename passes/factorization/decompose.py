@@ -37,7 +37,7 @@ def svd_matrix(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     return (u[:, :r] * root).astype(np.float32), (root[:, None] * vt[:r]).astype(np.float32)
 
 
-def _spatial_matrix(w: np.ndarray) -> np.ndarray:
+def spatial_matrix(w: np.ndarray) -> np.ndarray:
     o, i, kh, kw = w.shape
     return w.transpose(1, 2, 0, 3).reshape(i * kh, o * kw)
 
@@ -45,7 +45,7 @@ def _spatial_matrix(w: np.ndarray) -> np.ndarray:
 def spatial_svd(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """(vertical ``[r, I, kh, 1]``, horizontal ``[O, r, 1, kw]``) with ``Σ_r V·H ≈ w``."""
     o, i, kh, kw = w.shape
-    a, b = svd_matrix(_spatial_matrix(w), r)  # a[(i, y), r], b[r, (o, x)]
+    a, b = svd_matrix(spatial_matrix(w), r)  # a[(i, y), r], b[r, (o, x)]
     r = a.shape[1]
     vertical = a.reshape(i, kh, r).transpose(2, 0, 1)[..., None]
     horizontal = b.reshape(r, o, kw).transpose(1, 0, 2)[:, :, None, :]

@@ -30,7 +30,7 @@ layer's MACs leaves it alone.
 With calibration data and ``refit`` (default), the last factor of every
 layer is re-solved by ridge least squares so its output on calibration data
 matches the original layer's output, layer by layer in topological order
-(:func:`passes.pruning.reconstruct.reconstruct`); the dense layers left whole
+(:func:`passes.refit.reconstruct`); the dense layers left whole
 after the first factorized one are refit the same way, so the error that
 reaches them is absorbed too.
 
@@ -51,11 +51,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from compiler.analysis import layer_macs
-from compiler.ir_utils import add_initializer, clone_model, const_array, gemm_as_matmul, infer_shapes, node_label, replace_contents
-from compiler.registry import OnnxccPass, PassReport, Skipped, register
-from passes.factorization import decompose as D
-from passes.pruning.dependency import _attr
+from onnxcc.compiler.analysis import layer_macs
+from onnxcc.compiler.ir_utils import attr, add_initializer, clone_model, const_array, gemm_as_matmul, infer_shapes, node_label, replace_contents
+from onnxcc.compiler import speed
+from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
+from onnxcc.passes.factorization import decompose as D
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,10 @@ def _static(shape) -> tuple[int, ...] | None:
 
 
 def _explicit_pads(node: ir.Node, in_hw, k, s, d) -> tuple[int, int, int, int] | None:
-    auto = _attr(node, "auto_pad", "NOTSET")
+    auto = attr(node, "auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto == "NOTSET":
-        p = _attr(node, "pads", [0, 0, 0, 0])
+        p = attr(node, "pads", [0, 0, 0, 0])
         return (int(p[0]), int(p[1]), int(p[2]), int(p[3]))
     if auto == "VALID":
         return (0, 0, 0, 0)
@@ -174,7 +174,7 @@ def _layer(node: ir.Node, method: str) -> tuple[_Layer | None, str]:
         return None, "weight is not a constant float32 tensor"
     if w.ndim != 4:
         return None, f"{w.ndim - 2}-D conv (only 2-D convs are factorized)"
-    if _attr(node, "group", 1) != 1:
+    if attr(node, "group", 1) != 1:
         return None, "grouped or depthwise conv: already factored"
     if len(node.inputs[1].uses()) > 1:
         return None, "weight is shared with another node"
@@ -198,8 +198,8 @@ def _layer(node: ir.Node, method: str) -> tuple[_Layer | None, str]:
             return None, "spatial size unknown (give --input-shape)"
     else:
         in_hw, out_hw = x_shape[2:], y_shape[2:]
-    s = tuple(_attr(node, "strides", [1, 1]))
-    d = tuple(_attr(node, "dilations", [1, 1]))
+    s = tuple(attr(node, "strides", [1, 1]))
+    d = tuple(attr(node, "dilations", [1, 1]))
     pads = _explicit_pads(node, in_hw, (kh, kw), s, d)
     if pads is None:
         return None, "auto_pad SAME with unknown input size"
@@ -214,7 +214,7 @@ def _singular_values(layer: _Layer, method: str) -> list[np.ndarray]:
         m = w if layer.kind == "linear" else w[:, :, 0, 0]
         return [np.linalg.svd(m, compute_uv=False)]
     if method == "spatial-svd":
-        return [np.linalg.svd(D._spatial_matrix(w), compute_uv=False)]
+        return [np.linalg.svd(D.spatial_matrix(w), compute_uv=False)]
     o, i = w.shape[:2]
     unfold0, unfold1 = w.reshape(o, -1), w.transpose(1, 0, 2, 3).reshape(i, -1)
     if method in ("tucker", "cp"):
@@ -227,7 +227,7 @@ def _matrices(layer: _Layer, method: str) -> list[np.ndarray]:
     if layer.kind == "linear" or method == "svd":
         return [w if layer.kind == "linear" else w[:, :, 0, 0]]
     if method == "spatial-svd":
-        return [D._spatial_matrix(w)]
+        return [D.spatial_matrix(w)]
     o, i = w.shape[:2]
     if method in ("tucker", "cp"):
         return [w.reshape(o, -1), w.transpose(1, 0, 2, 3).reshape(i, -1)]
@@ -421,7 +421,6 @@ def _parse_overrides(items) -> list[tuple[str, float]]:
     return out
 
 
-@register
 class FactorizePass(OnnxccPass):
     name = "factorize"
     exact = False
@@ -467,7 +466,7 @@ class FactorizePass(OnnxccPass):
                     t = stats["layers"][k]["timing"]
                     skipped.append(Skipped(k, f"factorized form measured {t['factored_us']:.0f} us vs {t['original_us']:.0f} us: kept whole"))
         if changed and cfg.refit and self.context.calibration is not None:
-            from passes.pruning.reconstruct import ReconstructOptions, reconstruct
+            from onnxcc.passes.refit import ReconstructOptions, reconstruct
 
             infer_shapes(model)
             last = {stats["layers"][k]["factors"][-1]: None for k in changed}
@@ -478,20 +477,15 @@ class FactorizePass(OnnxccPass):
             nodes = list(model.graph)
             first = min(i for i, n in enumerate(nodes) if n.name in factor_nodes)
             for n in nodes[first:]:
-                if n.name and n.name not in factor_nodes and n.op_type in ("Conv", "Gemm", "MatMul") and _attr(n, "group", 1) == 1 and const_array(n.inputs[1]) is not None:
+                if n.name and n.name not in factor_nodes and n.op_type in ("Conv", "Gemm", "MatMul") and attr(n, "group", 1) == 1 and const_array(n.inputs[1]) is not None:
                     last[n.name] = None
             refit, refit_skipped, refit_stats = reconstruct(original, model, self.context.calibration, last, ReconstructOptions(samples=cfg.calib_samples, seed=self.context.seed))
             skipped.extend(s for s in refit_skipped if s.layer not in last or s.layer in factor_nodes or "max_dim" not in s.reason)
             stats["refit"] = {"layers": refit, "residuals": refit_stats}
         if cfg.keep_if_faster and changed:
-            from compiler.bench import bench_models
-
-            res = bench_models([("original", original), ("factorized", model)], threads=2, batch=1, rounds=5, block=10, measure_memory=False)
-            ratio = res.entries[1].median_ms / res.entries[0].median_ms
+            ratio = speed.worst_ratio(speed.median_ms([("original", original), ("factorized", model)], speed.FACTORIZED), 1)
             stats["latency_ratio_batch1"] = round(ratio, 3)
-            # A 5% margin: on sub-millisecond models run-to-run noise is of that order, and a
-            # factorization that is not clearly faster is not worth its accuracy cost.
-            if ratio > 0.95:
+            if ratio > speed.FACTORIZED.model_ratio:
                 replace_contents(model, original)
                 skipped.append(Skipped("model", f"factorized model measured {ratio:.2f}x the original latency (not 5% faster): the input is returned unchanged"))
                 return PassReport(model, False, skipped=skipped, stats=stats)
@@ -578,21 +572,17 @@ class FactorizePass(OnnxccPass):
         return changed
 
     def _slower_layers(self, original: ir.Model, model: ir.Model, plan: dict, stats: dict) -> list[str]:
-        from compiler.bench import layer_times, profile_nodes
-
-        def times(m):
-            return layer_times(m, profile_nodes(m, threads=2, batch=1, runs=20))
-
-        runs = [times(original), times(model), times(original), times(model)]
+        """Layers whose factors together do not measure clearly faster (:data:`onnxcc.compiler.speed.FACTORIZED`)."""
+        before, after = speed.layer_profiles(original, model)
         slower = []
         for name, info in stats["layers"].items():
             if name not in plan:
                 continue
-            t0 = min(runs[0].get(name, np.inf), runs[2].get(name, np.inf))
-            t1 = min(sum(runs[1].get(f, 0.0) for f in info["factors"]), sum(runs[3].get(f, 0.0) for f in info["factors"]))
+            t0 = before.get(name, np.inf)
+            t1 = sum(after.get(f, 0.0) for f in info["factors"])
             if not np.isfinite(t0) or t1 <= 0:
                 continue  # not profiled (fused away): the whole-model check decides
             info["timing"] = {"original_us": round(t0, 1), "factored_us": round(t1, 1)}
-            if t1 >= 0.95 * t0:
+            if speed.is_slower(t0, t1, speed.FACTORIZED):
                 slower.append(name)
         return slower

@@ -31,39 +31,13 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from compiler.ir_utils import const_array
-from passes.fold import BN_SCALE_META
-from passes.pruning.dependency import ChannelGraph
+from onnxcc.compiler.ir_utils import const_array
+from onnxcc.compiler import weights as W
+from onnxcc.passes.fold import BN_SCALE_META
+from onnxcc.passes.pruning import rules
+from onnxcc.passes.pruning.dependency import ChannelGraph
 
 CRITERIA = ("l1", "l2", "bn_scale", "fpgm", "activation", "zero", "reconstruction")
-
-
-def filter_rows(node: ir.Node) -> np.ndarray:
-    """Producing filters of a source node, one row per output channel."""
-    w = const_array(node.inputs[1]).astype(np.float64)
-    op = node.op_type
-    if op == "Conv":
-        return w.reshape(w.shape[0], -1)
-    if op == "ConvTranspose":
-        return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
-    if op == "Gemm":
-        trans_b = node.attributes.get("transB")
-        return w if trans_b is not None and trans_b.value else w.T
-    return w.T  # MatMul
-
-
-def consumer_slices(node: ir.Node) -> np.ndarray:
-    """Weight slices a consumer applies to each of its input channels, one row per input channel."""
-    w = const_array(node.inputs[1]).astype(np.float64)
-    op = node.op_type
-    if op == "Conv":
-        return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
-    if op == "ConvTranspose":
-        return w.reshape(w.shape[0], -1)
-    if op == "Gemm":
-        trans_b = node.attributes.get("transB")
-        return w.T if trans_b is not None and trans_b.value else w
-    return w  # MatMul
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -78,7 +52,7 @@ def _fpgm(rows: np.ndarray) -> np.ndarray:
 
 
 def source_statistic(node: ir.Node, criterion: str) -> np.ndarray | None:
-    rows = filter_rows(node)
+    rows = W.by_output(node).astype(np.float64)
     if criterion == "l1":
         return np.abs(rows).sum(1)
     if criterion == "l2":
@@ -117,8 +91,8 @@ def scores(
                 add(value, stat)
     elif criterion == "bn_scale":
         seen = set()
-        for node, kind in cg.records.items():
-            if node.op_type == "BatchNormalization" and kind == "channel_params":
+        for node, cut in cg.records.items():
+            if node.op_type == "BatchNormalization" and cut is rules.cut_channel_params:
                 gamma, var = const_array(node.inputs[1]), const_array(node.inputs[4])
                 eps = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
                 add(node.outputs[0], np.abs(gamma) / np.sqrt(var + eps))
@@ -171,14 +145,14 @@ def dead_groups(cg: ChannelGraph) -> dict[int, str]:
         group = node.attributes.get("group")
         if node.outputs[0] not in cg.tracked or (group is not None and group.value > 1):
             continue
-        rows = filter_rows(node)
+        rows = W.by_output(node).astype(np.float64)
         for i, g in enumerate(cg.value_groups(node.outputs[0])):
             produced[g] = True
             nonzero_src[g] |= bool(np.any(rows[i] != 0))
     consumed = np.zeros(len(cg.groups), dtype=bool)
     nonzero_use = np.zeros(len(cg.groups), dtype=bool)
     for node, idx in cg.consumers:
-        rows = consumer_slices(node)
+        rows = W.by_input(node).astype(np.float64)
         for i, g in enumerate(cg.value_groups(node.inputs[idx])):
             consumed[g] = True
             nonzero_use[g] |= bool(np.any(rows[i] != 0))
@@ -288,7 +262,7 @@ def reconstruction_scores(cg: ChannelGraph, covariances: Mapping[str, np.ndarray
         cov = covariances.get(x.name)
         if cov is None:
             continue
-        rows = consumer_slices(node)
+        rows = W.by_input(node).astype(np.float64)
         energy = (rows * rows).sum(1)
         groups = cg.value_groups(x)
         c = cov + ridge * (np.trace(cov) / max(len(cov), 1) + 1e-12) * np.eye(len(cov))

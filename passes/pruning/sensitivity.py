@@ -25,13 +25,13 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from compiler.analysis import analyze
-from compiler.calibration import ActivationCollector, CalibrationSet, ChannelStats
-from compiler.ir_utils import clone_model
-from compiler import verify as V
-from compiler.registry import PassContext, make_config
-from passes.pruning.dependency import ChannelGraph
-from passes.pruning.prune import PrunePass, prepare
+from onnxcc.compiler.analysis import analyze
+from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet, ChannelStats
+from onnxcc.compiler.ir_utils import clone_model
+from onnxcc.compiler import verify as V
+from onnxcc.compiler.passbase import PassContext
+from onnxcc.passes.pruning.dependency import ChannelGraph
+from onnxcc.passes.pruning.cut import PruneConfig, prepare, prune_once
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Sensitivity:
                 "seconds": round(self.seconds, 2), "spaces": [c.to_json() for c in self.curves]}
 
     def table(self) -> str:
-        from compiler.analysis import format_table
+        from onnxcc.compiler.analysis import format_table
 
         ratios = self.curves[0].ratios if self.curves else []
         rows = []
@@ -127,7 +127,7 @@ def analyse(
     total = len(keys) * len(ratios)
     done = 0
     if progress is None:
-        from compiler.progress import bar
+        from onnxcc.compiler.progress import bar
 
         progress = bar("sensitivity")
     for sp_id, key in keys.items():
@@ -135,8 +135,8 @@ def analyse(
         curve = SpaceCurve(sp_id, key, sp.names(), sp.channels, list(ratios), [], [], [])
         for r in ratios:
             m = clone_model(base)
-            opts = {"ratio": 0.0, "criterion": criterion, "space_ratio": (f"{key}={r}",), "reconstruct": reconstruct, "calib_samples": samples}
-            PrunePass(make_config(PrunePass, opts), context)(m)
+            cut = PruneConfig(ratio=0.0, criterion=criterion, space_ratio=(f"{key}={r}",), reconstruct=reconstruct, calib_samples=samples)
+            prune_once(m, cut, context, 0.0, cut.space_ratio)
             after = analyze(m, stats=False)
             comp = V.compare_outputs(ref, V.run_model(m, feeds, optimize=True), lab, top_k)
             curve.loss.append(round(_loss(comp), 4))

@@ -26,13 +26,12 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from compiler.ir_utils import const_array, node_label
-from compiler.registry import OnnxccPass, PassReport, Skipped, register
+from onnxcc.compiler.ir_utils import const_array, node_label
+from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
 
 HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu"}
 
 
-@register
 class EqualizePass(OnnxccPass):
     name = "equalize"
     exact = True

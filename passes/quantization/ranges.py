@@ -21,11 +21,60 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from compiler.calibration import ActivationCollector, CalibrationSet, Histogram, MinMax
+from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet, Histogram, MinMax, Statistics
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
 LEVELS = 256
+
+
+class RangeRequest:
+    """(lo, hi) of ``tensors``, declared on a :class:`~onnxcc.compiler.calibration.Statistics` (min/max
+    reducers fed by the pass's one run over the data); :meth:`result` once it was collected.
+
+    ``cache`` (shared by the passes of one pipeline run) keeps ranges by the tensor's content
+    fingerprint (:func:`compiler.calibration.tensor_fingerprints`): a tensor whose computation no
+    pass has changed since its range was collected is not collected again. The histogram methods
+    need a second run (the bins come from the min/max), made by :meth:`result`.
+    """
+
+    def __init__(self, stats: Statistics, tensors: Sequence[str], *, method: str = "minmax", percentile: float = 99.999,
+                 cache: dict | None = None):
+        if method not in METHODS:
+            raise ValueError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
+        self.stats, self.tensors, self.method, self.percentile, self.cache = stats, list(tensors), method, percentile, cache
+        if cache is not None:
+            from onnxcc.compiler.calibration import tensor_fingerprints
+
+            fps = tensor_fingerprints(stats.model)
+            self.keys = {t: (fps.get(t, t), method, percentile, stats.limit, stats.batch_size) for t in self.tensors}
+            self.missing = [t for t in self.tensors if self.keys[t] not in cache]
+        else:
+            self.keys, self.missing = {}, list(self.tensors)
+        self.minmax = {t: stats.add(t, MinMax()) for t in self.missing}
+
+    def result(self) -> dict[str, tuple[float, float]]:
+        self.stats.collect()
+        mm = self.minmax
+        got = {t: (min(float(r.min), 0.0) if np.isfinite(r.min) else 0.0, max(float(r.max), 0.0) if np.isfinite(r.max) else 0.0) for t, r in mm.items()}
+        bad = [t for t, r in mm.items() if not (np.isfinite(r.min) and np.isfinite(r.max))]
+        if bad:
+            from onnxcc.compiler.errors import BadInputError
+
+            raise BadInputError(f"calibration produced NaN/Inf activations in '{bad[0]}' (and {len(bad) - 1} more)")
+        if self.method != "minmax" and got:
+            hists = {t: Histogram(lo, hi, BINS) for t, (lo, hi) in got.items()}
+            ActivationCollector(self.stats.model, self.stats.calibration, batch_size=self.stats.batch_size).collect(
+                {t: [h] for t, h in hists.items()}, limit=self.stats.limit)
+            got = {t: choose_range(h.counts, h.edges, self.method, self.percentile) for t, h in hists.items()}
+        if self.cache is None:
+            return got
+        for t in self.missing:
+            self.cache[self.keys[t]] = got[t]
+        self.cache.setdefault("_stats", {"collected": 0, "reused": 0})
+        self.cache["_stats"]["collected"] += len(self.missing)
+        self.cache["_stats"]["reused"] += len(self.tensors) - len(self.missing)
+        return {t: self.cache[self.keys[t]] for t in self.tensors}
 
 
 def collect_ranges(
@@ -39,42 +88,9 @@ def collect_ranges(
     batch_size: int = 8,
     cache: dict | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """(lo, hi) per tensor name.
-
-    ``cache`` (shared by the passes of one pipeline run) keeps ranges by the tensor's content
-    fingerprint (:func:`compiler.calibration.tensor_fingerprints`): a tensor whose computation no
-    pass has changed since its range was collected is not collected again.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
-    if cache is not None:
-        from compiler.calibration import tensor_fingerprints
-
-        fps = tensor_fingerprints(model)
-        keys = {t: (fps.get(t, t), method, percentile, samples, batch_size) for t in tensors}
-        missing = [t for t in tensors if keys[t] not in cache]
-        if missing:
-            got = collect_ranges(model, calib, missing, method=method, percentile=percentile, samples=samples, batch_size=batch_size)
-            for t in missing:
-                cache[keys[t]] = got[t]
-        cache.setdefault("_stats", {"collected": 0, "reused": 0})
-        cache["_stats"]["collected"] += len(missing)
-        cache["_stats"]["reused"] += len(tensors) - len(missing)
-        return {t: cache[keys[t]] for t in tensors}
-    collector = ActivationCollector(model, calib, batch_size=batch_size)
-    mm = {t: MinMax() for t in tensors}
-    collector.collect({t: [r] for t, r in mm.items()}, limit=samples)
-    ranges = {t: (min(float(r.min), 0.0) if np.isfinite(r.min) else 0.0, max(float(r.max), 0.0) if np.isfinite(r.max) else 0.0) for t, r in mm.items()}
-    bad = [t for t, r in mm.items() if not (np.isfinite(r.min) and np.isfinite(r.max))]
-    if bad:
-        from compiler.errors import BadInputError
-
-        raise BadInputError(f"calibration produced NaN/Inf activations in '{bad[0]}' (and {len(bad) - 1} more)")
-    if method == "minmax":
-        return ranges
-    hists = {t: Histogram(lo, hi, BINS) for t, (lo, hi) in ranges.items()}
-    collector.collect({t: [h] for t, h in hists.items()}, limit=samples)
-    return {t: choose_range(h.counts, h.edges, method, percentile) for t, h in hists.items()}
+    """(lo, hi) per tensor name: a :class:`RangeRequest` on its own run over the data."""
+    stats = Statistics(model, calib, batch_size=batch_size, limit=samples)
+    return RangeRequest(stats, tensors, method=method, percentile=percentile, cache=cache).result()
 
 
 def choose_range(counts: np.ndarray, edges: np.ndarray, method: str, percentile: float = 99.999) -> tuple[float, float]:

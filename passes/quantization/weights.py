@@ -28,21 +28,14 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from compiler.ir_utils import add_initializer, const_array, convert_opset, node_label, replace_contents
-from compiler.registry import OnnxccPass, PassReport, Skipped, register
-from passes.quantization.qdq import _sqnr
+from onnxcc.compiler.ir_utils import add_initializer, const_array, convert_opset, node_label, replace_contents
+from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
+from onnxcc.compiler import weights as W
+from onnxcc.compiler.metrics import weight_sqnr
 
-WEIGHTED = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": 1}
-
-
-def _out_axis(node: ir.Node) -> int:
-    if node.op_type == "Gemm":
-        tb = node.attributes.get("transB")
-        return 0 if tb is not None and tb.value else 1
-    return WEIGHTED[node.op_type]
+WEIGHTED = W.WEIGHTED_OPS
 
 
-@register
 class WeightOnlyPass(OnnxccPass):
     name = "weight-only"
     exact = False
@@ -89,12 +82,12 @@ class WeightOnlyPass(OnnxccPass):
             if w_val.name in done:
                 node.replace_input_with(1, done[w_val.name])
                 continue
-            axis = _out_axis(node)
+            axis = W.out_axis(node)
             if cfg.dtype == "fp16":
                 h = w.astype(np.float16)
                 src = add_initializer(graph, f"{w_val.name}_fp16", h)
                 rebuilt = ir.node("Cast", [src], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}_weight_cast")
-                layers[node_label(node)] = {"dtype": "fp16", "sqnr_db": _sqnr(w, h.astype(np.float32))}
+                layers[node_label(node)] = {"dtype": "fp16", "sqnr_db": weight_sqnr(w, h.astype(np.float32))}
             elif cfg.dtype == "int8":
                 red = tuple(i for i in range(w.ndim) if i != axis)
                 m = np.abs(w).max(axis=red)
@@ -106,7 +99,7 @@ class WeightOnlyPass(OnnxccPass):
                 sv = add_initializer(graph, f"{w_val.name}_scale", scale)
                 zv = add_initializer(graph, f"{w_val.name}_zero_point", np.zeros(scale.shape, np.int8))
                 rebuilt = ir.node("DequantizeLinear", [qv, sv, zv], attributes={"axis": axis}, name=f"{node.name}_weight_dq")
-                layers[node_label(node)] = {"dtype": "int8", "sqnr_db": _sqnr(w, q.astype(np.float32) * scale.reshape(shape))}
+                layers[node_label(node)] = {"dtype": "int8", "sqnr_db": weight_sqnr(w, q.astype(np.float32) * scale.reshape(shape))}
             elif cfg.dtype in ("binary", "ternary"):
                 q, scale = _binary_ternary(w, axis, cfg.dtype, cfg.ternary_threshold)
                 shape = [1] * w.ndim
@@ -114,17 +107,17 @@ class WeightOnlyPass(OnnxccPass):
                 qv = add_initializer(graph, f"{w_val.name}_{cfg.dtype}", q.astype(ml_dtypes.int4))
                 sv = add_initializer(graph, f"{w_val.name}_scale", scale)
                 rebuilt = ir.node("DequantizeLinear", [qv, sv], attributes={"axis": axis}, name=f"{node.name}_weight_dq")
-                layers[node_label(node)] = {"dtype": cfg.dtype, "sqnr_db": _sqnr(w, q.astype(np.float32) * scale.reshape(shape)), "zeros": round(float(np.mean(q == 0)), 4)}
+                layers[node_label(node)] = {"dtype": cfg.dtype, "sqnr_db": weight_sqnr(w, q.astype(np.float32) * scale.reshape(shape)), "zeros": round(float(np.mean(q == 0)), 4)}
             else:
                 block_axis = 1 - axis if w.ndim == 2 else 1  # the input-channel axis
-                q, scale, rec = _int4_blocks(w, block_axis, cfg.block_size)
+                q, scale, rec = int4_blocks(w, block_axis, cfg.block_size)
                 if q is None:
                     skipped.append(Skipped(node_label(node), f"input axis of {w.shape[block_axis]} is not a multiple of block_size {cfg.block_size}"))
                     continue
                 qv = add_initializer(graph, f"{w_val.name}_int4", q)
                 sv = add_initializer(graph, f"{w_val.name}_scale", scale)
                 rebuilt = ir.node("DequantizeLinear", [qv, sv], attributes={"axis": block_axis, "block_size": cfg.block_size}, name=f"{node.name}_weight_dq")
-                layers[node_label(node)] = {"dtype": "int4", "block_size": cfg.block_size, "sqnr_db": _sqnr(w, rec)}
+                layers[node_label(node)] = {"dtype": "int4", "block_size": cfg.block_size, "sqnr_db": weight_sqnr(w, rec)}
             rebuilt.outputs[0].name = f"{w_val.name}_rebuilt"
             rebuilt.outputs[0].dtype = ir.DataType.FLOAT
             rebuilt.outputs[0].shape = ir.Shape(w.shape)
@@ -163,7 +156,7 @@ def _binary_ternary(w: np.ndarray, axis: int, kind: str, threshold: float) -> tu
     return q, alpha
 
 
-def _int4_blocks(w: np.ndarray, axis: int, block: int):
+def int4_blocks(w: np.ndarray, axis: int, block: int):
     """Symmetric int4 in blocks of ``block`` along ``axis``: (int4 array, float32 scales, reconstruction)."""
     n = w.shape[axis]
     if n % block:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 
-from compiler.calibration import CalibrationSet, input_specs, random_inputs
-from compiler.ir_utils import clone_model, const_array
-from compiler.pipeline import Pipeline
-from compiler.verify import compare_outputs, run_model
-from passes.compression.codebook import cluster, kmeans_1d
-from passes.quantization.fusion import optimized_graph
+from onnxcc.compiler.calibration import CalibrationSet, input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model, const_array
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import compare_outputs, run_model
+from onnxcc.passes.compression.codebook import cluster, kmeans_1d
+from onnxcc.compiler.sessions import optimized_graph
 
 
 def _calib(model, n=32):
@@ -127,7 +126,7 @@ def test_binary_and_ternary_weights_take_only_the_allowed_values(folded, kind, a
 
 def test_cli_sparsify_codebook_compress(cli, tmp_path, resnet_path):
     x = np.random.default_rng(0).normal(size=(32, 3, 32, 32)).astype(np.float32)
-    from compiler.ir_utils import load_model
+    from onnxcc.compiler.ir_utils import load_model
 
     spec = input_specs(load_model(resnet_path))[0]
     x = random_inputs([spec], batch=32, seed=0)[0][spec.name]
@@ -150,7 +149,7 @@ def test_cli_sparsify_codebook_compress(cli, tmp_path, resnet_path):
 
 def test_codebook_on_int8_weights_keeps_every_conv_fused(folded):
     """INT8 activations + codebook: shared int8 levels, Gather folded at session start, QLinearConv kept."""
-    from passes.quantization.fusion import fusion_report
+    from onnxcc.passes.quantization.fusion import fusion_report
 
     model = folded("resnet")
     calib = _calib(model)
@@ -166,7 +165,7 @@ def test_codebook_on_int8_weights_keeps_every_conv_fused(folded):
 
 
 def test_cli_compress_int8(cli, tmp_path, resnet_path):
-    from compiler.ir_utils import load_model
+    from onnxcc.compiler.ir_utils import load_model
 
     spec = input_specs(load_model(resnet_path))[0]
     np.save(tmp_path / "c.npy", random_inputs([spec], batch=16, seed=0)[0][spec.name])

@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from compiler.calibration import CalibrationSet  # noqa: E402
-from compiler.ir_utils import clone_model, load_model  # noqa: E402
-from compiler.pipeline import Pipeline  # noqa: E402
-from compiler.verify import run_model  # noqa: E402
-from passes.compression.common import storage_sizes  # noqa: E402
+from onnxcc.compiler.calibration import CalibrationSet  # noqa: E402
+from onnxcc.compiler.ir_utils import clone_model, load_model  # noqa: E402
+from onnxcc.compiler.pipeline import Pipeline  # noqa: E402
+from onnxcc.compiler.verify import run_model  # noqa: E402
+from onnxcc.passes.compression.common import storage_sizes  # noqa: E402
 from tests.trained import digits, trained  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]

@@ -9,11 +9,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from compiler.analysis import analyze
-from compiler.calibration import CalibrationSet, input_specs, random_inputs
-from compiler.ir_utils import clone_model, load_model
-from compiler.pipeline import Pipeline
-from compiler.verify import compare_outputs, run_model
+from onnxcc.compiler.analysis import analyze
+from onnxcc.compiler.calibration import CalibrationSet, input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model, load_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import compare_outputs, run_model
 
 METHODS = ["svd", "spatial-svd", "tucker", "cp", "depthwise"]
 
@@ -98,7 +98,7 @@ def test_gemm_svd_keeps_bias_alpha_beta_and_transb():
     ref = clone_model(model)
     Pipeline([("factorize", {"method": "svd", "rank": 30.0, "layer_rank": ()})], verify=False).run(model)
     # rank 30 = full rank: two Gemms whose product is the original (MACs 30·70 > 30·40, so force via the helper)
-    from passes.factorization.factorize import factorize_layer
+    from onnxcc.passes.factorization.factorize import factorize_layer
 
     model = clone_model(ref)
     info = factorize_layer(model.graph, next(iter(model.graph)), "svd", 30)
@@ -121,7 +121,7 @@ def test_refit_reduces_the_output_error(folded):
 
 
 def test_cp_degenerate_fits_are_skipped_with_a_reason(monkeypatch, folded):
-    import passes.factorization.decompose as D
+    import onnxcc.passes.factorization.decompose as D
 
     real = D.cp
 
@@ -139,7 +139,7 @@ def test_cp_degenerate_fits_are_skipped_with_a_reason(monkeypatch, folded):
 @pytest.mark.parametrize("model_ms, kept", [(0.5, True), (2.0, False)])
 def test_keep_if_faster_keeps_faster_layers_and_never_a_slower_model(folded, monkeypatch, model_ms, kept):
     """Decisions with the timings replaced (timings themselves are benchmarks)."""
-    import compiler.bench as B
+    import onnxcc.compiler.bench as B
 
     model = folded("vgg")
     convs = [n.name for n in model.graph if n.op_type == "Conv"]

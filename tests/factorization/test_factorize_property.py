@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.calibration import input_specs, random_inputs
-from compiler.ir_utils import clone_model, const_array, infer_shapes
-from compiler.verify import compare_outputs, run_model
-from passes.factorization import decompose as D
-from passes.factorization.factorize import factorize_layer
+from onnxcc.compiler.calibration import input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model, const_array, infer_shapes
+from onnxcc.compiler.verify import compare_outputs, run_model
+from onnxcc.passes.factorization import decompose as D
+from onnxcc.passes.factorization.factorize import factorize_layer
 from tests.conftest import named_model_from_text
 
 FULL = {"spatial-svd": 10**6, "tucker": (10**6, 10**6), "depthwise": 10**6, "svd": 10**6}

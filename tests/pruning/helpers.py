@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from compiler.ir_utils import const_array
-from passes.pruning.dependency import ChannelGraph
-from passes.pruning.prune import prepare
+from onnxcc.compiler.ir_utils import const_array
+from onnxcc.passes.pruning.dependency import ChannelGraph
+from onnxcc.passes.pruning.cut import prepare
 
 
 def zero_groups(model: ir.Model, fraction: float = 0.3, seed: int = 0, zero_bias: bool = False) -> int:

@@ -9,12 +9,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from compiler.calibration import input_specs, random_inputs
-from compiler.ir_utils import clone_model, const_array
-from compiler.pipeline import Pipeline
-from compiler.verify import EXACT_RTOL, compare_outputs, run_model
-from passes.pruning.dependency import ChannelGraph
-from passes.pruning.prune import prepare
+from onnxcc.compiler.calibration import input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model, const_array
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import EXACT_RTOL, compare_outputs, run_model
+from onnxcc.passes.pruning.dependency import ChannelGraph
+from onnxcc.passes.pruning.cut import prepare
 from tests.conftest import named_model_from_text as model_from_text
 
 HEAD = '<ir_version: 8, opset_import: ["" : {opset}]>\n'

@@ -9,14 +9,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from compiler.analysis import analyze
-from compiler.calibration import CalibrationSet, input_specs, random_inputs
-from compiler.ir_utils import clone_model, const_array, load_model, save_model
-from compiler.pipeline import Pipeline
-from compiler.verify import EXACT_RTOL, compare_outputs, run_model
-from models.builders import FAMILIES, build
-from passes.pruning.dependency import ChannelGraph
-from passes.pruning.prune import prepare
+from onnxcc.compiler.analysis import analyze
+from onnxcc.compiler.calibration import CalibrationSet, input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model, const_array, load_model, save_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import EXACT_RTOL, compare_outputs, run_model
+from onnxcc.models.builders import FAMILIES, build
+from onnxcc.passes.pruning.dependency import ChannelGraph
 from tests.conftest import digest
 from tests.pruning.helpers import zero_groups
 
@@ -79,7 +78,7 @@ def test_every_criterion_produces_a_valid_smaller_model(folded, criterion):
 
 
 def test_activation_criterion_without_calibration_is_bad_input(folded):
-    from compiler.errors import BadInputError
+    from onnxcc.compiler.errors import BadInputError
 
     with pytest.raises(BadInputError, match="calibration"):
         Pipeline([("prune", {"criterion": "activation"})]).run(folded("vgg"))
@@ -101,6 +100,38 @@ def test_bn_scale_removes_the_channels_with_the_smallest_recorded_scale():
     kept_rows = [i for i in range(w_before.shape[0]) if any(np.array_equal(w_before[i], r) for r in w_after)]
     assert 0 not in kept_rows and 2 not in kept_rows
     del conv
+
+
+@pytest.mark.parametrize("opts", [{"target_macs": 0.75, "sensitivity_ratios": (0.25, 0.5)}, {"ratio": 0.25, "steps": 2}])
+def test_bn_scale_survives_the_clones_of_automatic_and_stepped_pruning(opts):
+    """The BN scale fold records is node metadata; every path that clones the model (targets, steps,
+    sensitivity) must keep it, else bn_scale quietly ranks by L2. Channels 0 and 2 get a tiny BN scale
+    but filters so large that they are still the largest after folding: L2 keeps them, bn_scale cuts."""
+    m = build("vgg", "tiny", seed=3)
+    firsts = {}
+    for bn in [n for n in m.graph if n.op_type == "BatchNormalization"]:
+        conv = bn.inputs[0].producer()
+        gamma = const_array(bn.inputs[1]).copy()
+        gamma[[0, 2]] = 1e-4
+        bn.inputs[1].const_value = ir.tensor(gamma)
+        w = const_array(conv.inputs[1]).copy()
+        w[[0, 2]] *= 1e6
+        conv.inputs[1].const_value = ir.tensor(w)
+        firsts[conv.name] = None
+    Pipeline(["fold"], verify=False).run(m)
+    convs = {n.name: n for n in m.graph if n.name in firsts}
+    before = {k: const_array(n.inputs[1]).copy() for k, n in convs.items()}
+    calib = CalibrationSet(random_inputs(input_specs(m), n=1, batch=16, seed=0)[0])
+    Pipeline([("prune", {"criterion": "bn_scale", "calib_samples": 16, **opts})], verify=False).run(m, calib)
+    cut = 0
+    after = {n.name: n for n in m.graph}  # a target's cut replaces the graph: look the layers up again
+    for k in convs:
+        w_b, w_a = before[k], const_array(after[k].inputs[1])
+        if w_a.shape[0] <= w_b.shape[0] - 2:
+            cut += 1
+            small = np.abs(np.delete(w_b, [0, 2], axis=0)).max()  # the filters L2 would cut
+            assert np.abs(w_a).max() < 10 * small, k  # filters 0 and 2 (about 1e6x larger) are gone
+    assert cut >= 1
 
 
 def test_round_to_keeps_multiples(folded):

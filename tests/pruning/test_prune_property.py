@@ -11,10 +11,10 @@ import onnx_ir as ir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.calibration import input_specs, random_inputs
-from compiler.ir_utils import clone_model
-from compiler.pipeline import Pipeline
-from compiler.verify import EXACT_RTOL, compare_outputs, run_model
+from onnxcc.compiler.calibration import input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import EXACT_RTOL, compare_outputs, run_model
 from tests.pruning.helpers import zero_groups
 from tests.strategies import cnn_graphs
 

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from compiler.analysis import analyze  # noqa: E402
-from compiler.ir_utils import clone_model, load_model  # noqa: E402
-from compiler.pipeline import Pipeline  # noqa: E402
+from onnxcc.compiler.analysis import analyze  # noqa: E402
+from onnxcc.compiler.ir_utils import clone_model, load_model  # noqa: E402
+from onnxcc.compiler.pipeline import Pipeline  # noqa: E402
 from tests import torch_zoo as Z  # noqa: E402
 from tests.pruning.test_prune import check_same_outputs  # noqa: E402
 

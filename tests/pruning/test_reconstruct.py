@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.calibration import CalibrationSet
-from compiler.ir_utils import clone_model, const_array
-from compiler.pipeline import Pipeline
-from compiler.verify import compare_outputs, run_model
+from onnxcc.compiler.calibration import CalibrationSet
+from onnxcc.compiler.ir_utils import clone_model, const_array
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import compare_outputs, run_model
 from tests.conftest import named_model_from_text as model_from_text
 
 
@@ -43,7 +43,7 @@ def test_reconstruction_recovers_a_linearly_redundant_channel():
 
 
 def test_reconstruction_needs_calibration(folded):
-    from compiler.errors import BadInputError
+    from onnxcc.compiler.errors import BadInputError
 
     with pytest.raises(BadInputError, match="calibration"):
         Pipeline([("prune", {"reconstruct": True})]).run(folded("resnet"))

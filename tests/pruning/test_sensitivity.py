@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from compiler.analysis import analyze
-from compiler.calibration import CalibrationSet
-from compiler.ir_utils import clone_model
-from compiler.pipeline import Pipeline
-from passes.pruning import sensitivity as S
+from onnxcc.compiler.analysis import analyze
+from onnxcc.compiler.calibration import CalibrationSet
+from onnxcc.compiler.ir_utils import clone_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.passes.pruning import sensitivity as S
 
 
 def _calib(model, n=32):
@@ -92,7 +92,7 @@ def test_prune_cli_target_macs_and_budget(cli, tmp_path, resnet_path):
 
 def test_target_latency_steps_until_the_measured_latency_is_met(folded, monkeypatch):
     """The allocation loop for --target-latency, with latency replaced by a deterministic stand-in (MACs)."""
-    import passes.pruning.prune as P
+    import onnxcc.passes.pruning.auto as P
 
     monkeypatch.setattr(P, "measured_latency_ms", lambda m: analyze(m, stats=False).macs / 1e6 + 0.05)
     model = folded("resnet_bottleneck")
@@ -104,7 +104,7 @@ def test_target_latency_steps_until_the_measured_latency_is_met(folded, monkeypa
 
 
 def test_only_one_target_at_a_time():
-    from compiler.errors import BadInputError
+    from onnxcc.compiler.errors import BadInputError
 
     with pytest.raises(BadInputError, match="one of"):
         Pipeline([("prune", {"target_macs": 0.5, "target_latency": 0.5})])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import pytest
 
-from compiler.calibration import input_specs, random_inputs
-from compiler.ir_utils import clone_model
-from compiler.pipeline import Pipeline
-from compiler.verify import compare_outputs, run_model
-from passes.quantization.fusion import fusion_report
+from onnxcc.compiler.calibration import input_specs, random_inputs
+from onnxcc.compiler.ir_utils import clone_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.verify import compare_outputs, run_model
+from onnxcc.passes.quantization.fusion import fusion_report
 from tests.conftest import named_model_from_text
 
 MLP = """
@@ -94,16 +93,38 @@ def test_refuses_quantized_models_and_skips_non_constant_weights():
 
 
 def test_cli_dynamic_needs_no_calibration(cli, tmp_path):
-    from compiler.ir_utils import save_model
+    from onnxcc.compiler.ir_utils import save_model
 
     src = tmp_path / "mlp.onnx"
     save_model(_mlp(), src)
     out = tmp_path / "q.onnx"
     r = cli("quantize", src, "-o", out, "--dynamic", "--input-shape", "x:4x5x64")
     assert r.code == 0, r.err
-    from compiler.ir_utils import load_model
+    from onnxcc.compiler.ir_utils import load_model
 
     fused = fusion_report(load_model(out))["ops"].get("com.microsoft:DynamicQuantizeMatMul", 0)
     assert fused == 2
     r = cli("quantize", src, "-o", tmp_path / "x.onnx", "--dynamic", "--fp16")
     assert r.code == 2 and "alternatives" in r.err
+
+
+def test_default_weights_give_the_same_result_on_every_x86_cpu():
+    """7-bit weights: onnxruntime's int8 GEMM gives the same outputs whether it adds products in
+    saturating int16 (AVX2 without VNNI) or exactly ("session.x64quantprecision", which promotes
+    to int16 operands and int32 sums, as a VNNI kernel computes): the model does not depend on
+    the CPU it runs on."""
+    import onnxruntime as ort
+
+    model = _mlp()
+    ref = clone_model(model)
+    rep = Pipeline([("quantize-dynamic", {})], verify=False).run(model).steps[0].report
+    assert rep.stats["weight_bits"] == 7
+    feeds = random_inputs(input_specs(ref), batch=8, seed=3, overrides={"x": (8, 5, 64)})[0]
+    y_ref = run_model(ref, [feeds])["y"]
+    outs = []
+    for exact in ("0", "1"):
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.x64quantprecision", exact)
+        outs.append(ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5 * float(np.abs(y_ref).max()))
+    assert compare_outputs({"y": y_ref}, {"y": outs[0]}).outputs[0].sqnr_db > 30

@@ -12,9 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from compiler.calibration import CalibrationSet  # noqa: E402
-from compiler.ir_utils import load_model  # noqa: E402
-from compiler.pipeline import Pipeline  # noqa: E402
+from onnxcc.compiler.calibration import CalibrationSet  # noqa: E402
+from onnxcc.compiler.ir_utils import load_model  # noqa: E402
+from onnxcc.compiler.pipeline import Pipeline  # noqa: E402
 from tests import torch_zoo as Z  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]

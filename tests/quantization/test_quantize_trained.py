@@ -16,10 +16,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from compiler.calibration import CalibrationSet  # noqa: E402
-from compiler.ir_utils import clone_model, load_model  # noqa: E402
-from compiler.pipeline import Pipeline  # noqa: E402
-from compiler.verify import compare_outputs, run_model  # noqa: E402
+from onnxcc.compiler.calibration import CalibrationSet  # noqa: E402
+from onnxcc.compiler.ir_utils import clone_model, load_model  # noqa: E402
+from onnxcc.compiler.pipeline import Pipeline  # noqa: E402
+from onnxcc.compiler.verify import compare_outputs, run_model  # noqa: E402
 from tests.trained import digits, trained  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
@@ -46,7 +46,7 @@ def test_int8_keeps_trained_accuracy_within_half_a_point(name, min_sqnr):
 def _ort_quantized(fp32, calib: np.ndarray, tmp_path):
     """The benchmark's baseline, on the same calibration images."""
     from benchmarks.quantize_vs_ort import ort_quantize_static
-    from compiler.ir_utils import save_model
+    from onnxcc.compiler.ir_utils import save_model
 
     src, dst = tmp_path / "fp32.onnx", tmp_path / "ort.onnx"
     save_model(fp32, src)

@@ -161,3 +161,109 @@ def test_unknown_pass_and_option(cli, tmp_path, resnet_path):
     assert_refused(cli("compile", resnet_path, "-o", out, "--pass", "nonesuch"), str(out), "unknown pass 'nonesuch'")
     assert_refused(cli("compile", resnet_path, "-o", out, "--pass", "fold:bogus=1"), str(out), "has no option 'bogus'")
     assert_refused(cli("compile", resnet_path, "-o", out, "--pass", "fold:max-iterations=x"), str(out), "max-iterations")
+
+
+def test_an_internal_error_has_its_own_exit_code_and_writes_nothing(cli, tmp_path, resnet_path, monkeypatch):
+    """A bug in onnxcc is exit 3, one line, never exit 1 (a model that failed its check or budget)
+    nor 2 (the user's input)."""
+    import onnxcc.compiler.api as api
+
+    def broken(*a, **k):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(api, "compile_model", broken)
+    out = tmp_path / "o.onnx"
+    r = cli("fold", resnet_path, "-o", out)
+    assert r.code == 3 and r.err.strip().count("\n") == 0 and "internal error (KeyError)" in r.err
+    assert not out.exists()
+
+
+def test_no_input_file_is_ever_overwritten(cli, tmp_path, resnet_path):
+    """Calibration data, labels, a recipe and the model's external data are inputs like the model:
+    an output path naming one of them is refused, even with --in-place (which is for the model)."""
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(4, np.int64))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: [fold]\n")
+    ext = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(resnet_path), ext, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    cases = [
+        (calib, ["quantize", resnet_path, "--calib", calib, "-o", calib]),
+        (calib, ["quantize", resnet_path, "--calib", calib, "-o", calib, "--in-place"]),
+        (labels, ["prune", resnet_path, "--calib", calib, "--labels", labels, "-o", labels]),
+        (recipe, ["compile", resnet_path, "--recipe", recipe, "-o", recipe, "--no-latency"]),
+        (tmp_path / "ext.onnx.data", ["fold", ext, "-o", tmp_path / "ext.onnx.data"]),
+        (calib, ["prune", resnet_path, "--calib", calib, "-o", tmp_path / "o.onnx", "--report", calib]),
+    ]
+    for victim, args in cases:
+        before = digest(victim)
+        r = cli(*args)
+        assert r.code == 2 and "refusing to overwrite an input file" in r.err, (args, r)
+        assert digest(victim) == before
+
+
+def test_two_outputs_may_not_be_one_file(cli, tmp_path, resnet_path):
+    out = tmp_path / "o.onnx"
+    r = cli("fold", resnet_path, "-o", out, "--report", out)
+    assert r.code == 2 and "given for two outputs" in r.err and not out.exists()
+
+
+def test_an_output_path_ending_in_a_separator_is_a_folder_not_a_file(cli, tmp_path, resnet_path):
+    r = cli("fold", resnet_path, "-o", f"{tmp_path / 'newdir'}/")
+    assert r.code == 2 and "names a folder" in r.err
+    assert not (tmp_path / "newdir").exists()
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_external_data_outside_the_folder_gets_one_message_whether_or_not_the_file_exists(cli, tmp_path, resnet_path, exists):
+    """A crafted model must not learn whether a file outside its folder exists."""
+    inner = tmp_path / "m"
+    inner.mkdir()
+    target = tmp_path / "secret.bin"
+    if exists:
+        target.write_bytes(b"\0" * 1024)
+    m = onnx.load(resnet_path)
+    t = m.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value="../secret.bin")
+    src = inner / "m.onnx"
+    onnx.save(m, src)
+    out = inner / "o.onnx"
+    assert_refused(cli("fold", src, "-o", out), str(out), "points outside the model's folder")
+    lines = cli("fold", src, "-o", out).err.strip()
+    assert "secret" not in lines and "missing" not in lines
+
+
+@pytest.mark.parametrize("dims", [[1, 3, 100000, 100000], [1, 3, 2**62, 1]])
+def test_inputs_too_large_to_make_up_are_refused_up_front(cli, tmp_path, dims):
+    """Random verification data for a huge declared input would exhaust memory: one line, exit 2."""
+    from tests.conftest import named_model_from_text
+
+    model = named_model_from_text(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[{dims[0]}, {dims[1]}, {dims[2]}, {dims[3]}] x) => (float[{dims[0]}, {dims[1]}, {dims[2]}, {dims[3]}] y) {{
+            y = Relu (x)
+        }}
+    """)
+    from onnxcc.compiler.ir_utils import save_model
+
+    src = tmp_path / "big.onnx"
+    save_model(model, src)
+    out = tmp_path / "o.onnx"
+    assert_refused(cli("fold", src, "-o", out), str(out), "input 'x'", "GiB")
+
+
+def test_a_batch_stored_as_minus_one_is_dynamic(cli, tmp_path):
+    """Some paddle2onnx exports store the batch as dim_value -1: a dynamic batch, not a size."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, 4, 4])])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    r = cli("fold", src, "-o", tmp_path / "o.onnx")
+    assert r.code == 0, r.err

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compiler.ir_utils import const_array, save_model
-from models.builders import build
+from onnxcc.compiler.ir_utils import const_array, save_model
+from onnxcc.models.builders import build
 from tests.conftest import digest
 
 
@@ -50,8 +50,8 @@ def test_prune_on_an_already_quantized_model_changes_nothing_and_says_why(cli, t
     r = cli("prune", q, "-o", out, "--ratio", "0.5")
     assert r.code == 0, r.err
     assert "weight is not a constant" in r.out or "skipped" in r.out
-    from compiler.analysis import analyze
-    from compiler.ir_utils import load_model
+    from onnxcc.compiler.analysis import analyze
+    from onnxcc.compiler.ir_utils import load_model
 
     assert analyze(load_model(out), stats=False).macs == analyze(load_model(q), stats=False).macs
 

@@ -24,12 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from compiler.calibration import CalibrationSet, input_specs, random_inputs
-from compiler.errors import BadInputError
-from compiler.ir_utils import clone_model
-from compiler.pipeline import Pipeline
-from compiler.registry import registered_passes
-from compiler.verify import compare_outputs, run_model
+from onnxcc.compiler.calibration import CalibrationSet, input_specs, random_inputs
+from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.ir_utils import clone_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.registry import registered_passes
+from onnxcc.compiler.verify import compare_outputs, run_model
 from tests.strategies import cnn_graphs
 
 EXAMPLES = int(os.environ.get("ONNXCC_FUZZ_EXAMPLES", "6"))
@@ -50,6 +50,7 @@ OPTIONS = {
     "fold": st.just({}),
     "prune": st.fixed_dictionaries({"ratio": st.floats(0.1, 0.7), "criterion": st.sampled_from(["l1", "l2", "fpgm", "bn_scale", "zero"]), "round_to": st.sampled_from([1, 2])}),
     "equalize": st.just({}),
+    "lower-int8": st.fixed_dictionaries({"hard_activations": st.booleans()}),
     "quantize": st.fixed_dictionaries({"method": st.sampled_from(["minmax", "percentile", "entropy", "mse"]), "per_channel": st.booleans(), "bias_correction": st.booleans(), "check_fusion": st.just(False)}),
     "quantize-dynamic": st.fixed_dictionaries({"min_size": st.just(16)}),
     "weight-only": st.fixed_dictionaries({"dtype": st.sampled_from(["int8", "int4", "fp16", "binary", "ternary"]), "min_size": st.just(64), "block_size": st.just(16)}),

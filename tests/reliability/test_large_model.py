@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compiler.ir_utils import load_model, save_model
+from onnxcc.compiler.ir_utils import load_model, save_model
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_fold_a_model_over_2gb_within_3x_its_size(tmp_path):
     size = data.stat().st_size
     assert size > 2 * 1024**3 and src.stat().st_size < 1024**2  # weights outside the protobuf
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    r = subprocess.run([sys.executable, "-m", "compiler.cli", "fold", str(src), "-o", str(out)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-m", "onnxcc.compiler.cli", "fold", str(src), "-o", str(out)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     assert before * 1024 < 3 * size  # no earlier child was larger (the measurement is this run's)

@@ -15,11 +15,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from compiler.calibration import CalibrationSet
-from compiler.errors import BadInputError
-from compiler.ir_utils import clone_model
-from compiler.pipeline import Pipeline
-from compiler.registry import registered_passes
+from onnxcc.compiler.calibration import CalibrationSet
+from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.ir_utils import clone_model
+from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.registry import registered_passes
 from tests.conftest import model_from_text, named_model_from_text
 
 R = np.random.default_rng(0)

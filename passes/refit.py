@@ -29,12 +29,13 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from compiler.calibration import CalibrationSet, Reducer, SegmentRunner
-from compiler.ir_utils import const_array, node_label
-from compiler.progress import bar
-from compiler.registry import Skipped
-from passes.pruning.dependency import _attr
-from passes.pruning.surgery import _add_bias, _set_input_const
+from onnxcc.compiler.calibration import CalibrationSet, Reducer, SegmentRunner
+from onnxcc.compiler.ir_utils import attr, const_array, node_label
+from onnxcc.compiler.progress import bar
+from onnxcc.compiler.passbase import Skipped
+from onnxcc.compiler import weights as W
+from onnxcc.compiler.ir_utils import set_input_const
+from onnxcc.passes.pruning.surgery import add_bias
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,9 @@ def conv_patches(node: ir.Node, x: np.ndarray, b: np.ndarray, h: np.ndarray, w: 
     (``kernel_shape`` is optional in ONNX).
     """
     kh, kw = const_array(node.inputs[1]).shape[2:]
-    sh, sw = _attr(node, "strides") or [1, 1]
-    dh, dw = _attr(node, "dilations") or [1, 1]
-    pads = _attr(node, "pads") or [0, 0, 0, 0]
+    sh, sw = attr(node, "strides") or [1, 1]
+    dh, dw = attr(node, "dilations") or [1, 1]
+    pads = attr(node, "pads") or [0, 0, 0, 0]
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     hi = h[:, None, None] * sh + dh * np.arange(kh)[None, :, None]
     wi = w[:, None, None] * sw + dw * np.arange(kw)[None, None, :]
@@ -122,16 +123,6 @@ class _NormalEquations(Reducer):
         self.rows += a.shape[0]
 
 
-def _weight_as_matrix(node: ir.Node) -> tuple[np.ndarray, callable]:
-    """(W as outputs × inputs, function turning such a matrix back into the node's weight layout)."""
-    w = const_array(node.inputs[1])
-    if node.op_type == "Conv":
-        return w.reshape(w.shape[0], -1), lambda m: m.reshape(w.shape)
-    if node.op_type == "Gemm" and _attr(node, "transB", 0):
-        return w, lambda m: m
-    return w.T, lambda m: np.ascontiguousarray(m.T)
-
-
 def reconstruct(
     original: ir.Model,
     pruned: ir.Model,
@@ -144,7 +135,7 @@ def reconstruct(
 
     ``layers`` maps a layer name to the original output channels it kept (None: all).
     ``masks`` (optional, per layer) is a boolean ``outputs × inputs`` matrix in the layout of
-    :func:`_weight_as_matrix`: only those weights are refit, the others stay zero (a sparse
+    :func:`onnxcc.compiler.weights.as_matrix`: only those weights are refit, the others stay zero (a sparse
     layer stays exactly as sparse), each output solved on its own support.
     """
     changed: list[str] = []
@@ -161,7 +152,7 @@ def reconstruct(
         if why:
             skipped.append(Skipped(node_label(node), f"not reconstructed: {why}"))
             continue
-        w_mat, back = _weight_as_matrix(node)
+        w_mat, back = W.as_matrix(node)
         d = w_mat.shape[1] + 1
         if d > options.max_dim:
             skipped.append(Skipped(node_label(node), f"not reconstructed: {d} inputs per output exceed max_dim {options.max_dim}"))
@@ -192,7 +183,7 @@ def reconstruct(
         if progress:
             progress(step - 1, len(plan))
         node = by_name[name]
-        w_mat, back = _weight_as_matrix(node)
+        w_mat, back = W.as_matrix(node)
         eq = _NormalEquations(node, targets, out_hw)
         runner.collect({node.inputs[0].name: [eq]}, before=node)
         if eq.rows < d:
@@ -210,11 +201,11 @@ def reconstruct(
             skipped.append(Skipped(node_label(node), "not reconstructed: the least-squares fit did not reduce the layer's error"))
             continue
         new_w, new_b = sol[:-1].T, sol[-1]
-        _set_input_const(pruned.graph, node, 1, back(new_w.astype(np.float32)))
+        set_input_const(pruned.graph, node, 1, back(new_w.astype(np.float32)))
         if node.op_type == "MatMul":
             delta = new_b - _bias(node, w_mat.shape[0])
             if np.any(delta != 0):
-                _add_bias(pruned.graph, node, delta)
+                add_bias(pruned.graph, node, delta)
         else:
             _set_bias(pruned.graph, node, new_b)
         changed.append(node_label(node))
@@ -277,16 +268,16 @@ def _masked_solve(a: np.ndarray, b: np.ndarray, mask: np.ndarray, x0: np.ndarray
 
 def _why_not(node: ir.Node) -> str | None:
     if node.op_type == "Conv":
-        if _attr(node, "group", 1) != 1:
+        if attr(node, "group", 1) != 1:
             return "grouped conv"
-        auto = _attr(node, "auto_pad", "NOTSET")
+        auto = attr(node, "auto_pad", "NOTSET")
         if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
             return "auto_pad SAME"
-        if len(_attr(node, "kernel_shape") or []) != 2:
+        if len(attr(node, "kernel_shape") or []) != 2:
             return "not a 2-D conv"
         return None
     if node.op_type == "Gemm":
-        return "transposed input" if _attr(node, "transA", 0) else None
+        return "transposed input" if attr(node, "transA", 0) else None
     if node.op_type == "MatMul":
         return None
     return f"{node.op_type} is not reconstructed"
@@ -296,18 +287,18 @@ def _bias(node: ir.Node, n_out: int) -> np.ndarray:
     if node.op_type == "MatMul" or len(node.inputs) < 3 or node.inputs[2] is None:
         return np.zeros(n_out)
     b = const_array(node.inputs[2]).astype(np.float64)
-    beta = _attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+    beta = attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
     return np.broadcast_to(b.reshape(-1) if b.size in (1, n_out) else b, (n_out,)) * beta
 
 
 def _set_bias(graph: ir.Graph, node: ir.Node, b: np.ndarray) -> None:
     if node.op_type == "Gemm":
         node.attributes.pop("beta", None)
-        alpha = _attr(node, "alpha", 1.0)
+        alpha = attr(node, "alpha", 1.0)
         if alpha != 1.0:
             w = const_array(node.inputs[1])
-            _set_input_const(graph, node, 1, w / alpha)
-    _set_input_const(graph, node, 2, b.astype(np.float32))
+            set_input_const(graph, node, 1, w / alpha)
+    set_input_const(graph, node, 2, b.astype(np.float32))
 
 
 def _residual(eq: _NormalEquations, w: np.ndarray) -> float:
