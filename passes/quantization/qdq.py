@@ -104,8 +104,9 @@ class QuantizePass(OnnxccPass):
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
         fp32 = clone_model(model) if (cfg.speed_guard or cfg.max_drop is not None or cfg.layer_errors) else None
+        names_before = E.value_names(model.graph)  # what the lowering adds gets short names too
         lowered = self.context.run_exact(LowerInt8Pass(LowerInt8Pass.Config(hard_activations=cfg.decompose_hard_activations), self.context), model)
-        report = self._quantize(model)
+        report = self._quantize(model, names_before)
         report.stats["lowered"] = lowered.stats
         if report.modified and cfg.max_drop is not None:
             report = policies.mixed_precision(model, fp32, report, max_drop=cfg.max_drop, eval_samples=cfg.eval_samples,
@@ -124,18 +125,18 @@ class QuantizePass(OnnxccPass):
     def _requantize(self, fp32: ir.Model, extra_exclude: Sequence[str]) -> tuple[ir.Model, PassReport]:
         """The float model quantized again with ``extra_exclude`` left float (lowered as the first time)."""
         trial = clone_model(fp32)
+        names_before = E.value_names(trial.graph)
         lower(trial, hard_activations=self.config.decompose_hard_activations)
         c = dataclasses.replace(self.config, exclude=self.config.exclude + tuple(extra_exclude), max_drop=None, speed_guard=False)
-        return trial, QuantizePass(c, self.context)._quantize(trial)
+        return trial, QuantizePass(c, self.context)._quantize(trial, names_before)
 
-    def _quantize(self, model: ir.Model) -> PassReport:
-        """Place, calibrate and emit QDQ on a lowered model."""
+    def _quantize(self, model: ir.Model, names_before: set[str]) -> PassReport:
+        """Place, calibrate and emit QDQ on a lowered model; tensors not in ``names_before`` get short names."""
         cfg = self.config
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common.TopologicalSortPass()(model)
         infer_shapes(model)
         graph = model.graph
-        names_before = E.value_names(graph)
         skipped: list[Skipped] = []
         limits = flat_limits(graph)  # value → interval outside which its activation is flat
         plan = P.plan(graph, cfg, skipped)
