@@ -230,20 +230,6 @@ def summary_table(summary: ModelSummary) -> str:
     return table + "\n" + total
 
 
-def compare_table(before: ModelSummary, after: ModelSummary) -> str:
-    def ratio(a, b):
-        return f"{b / a:.3f}x" if a else "-"
-
-    rows = [
-        ["parameters", human(before.params), human(after.params), ratio(before.params, after.params)],
-        ["MACs", human(before.macs), human(after.macs), ratio(before.macs, after.macs)],
-        ["nodes", str(before.nodes), str(after.nodes), ratio(before.nodes, after.nodes)],
-    ]
-    if before.file_size is not None and after.file_size is not None:
-        rows.append(["file size", human(before.file_size, "B"), human(after.file_size, "B"), ratio(before.file_size, after.file_size)])
-    return format_table(rows, ["", "before", "after", "ratio"])
-
-
 # Factor nodes of a factorized layer ``L`` are named ``L_f1``, ``L_f2``, …: totals sum them under ``L``.
 FACTOR_SUFFIX = re.compile(r"_f\d+$")
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-import onnx_ir as ir
 
-from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet, Histogram, MinMax, Statistics
+from onnxcc.compiler.calibration import ActivationCollector, Histogram, MinMax, Statistics
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
@@ -75,22 +74,6 @@ class RangeRequest:
         self.cache["_stats"]["collected"] += len(self.missing)
         self.cache["_stats"]["reused"] += len(self.tensors) - len(self.missing)
         return {t: self.cache[self.keys[t]] for t in self.tensors}
-
-
-def collect_ranges(
-    model: ir.Model,
-    calib: CalibrationSet,
-    tensors: Sequence[str],
-    *,
-    method: str = "minmax",
-    percentile: float = 99.999,
-    samples: int | None = None,
-    batch_size: int = 8,
-    cache: dict | None = None,
-) -> dict[str, tuple[float, float]]:
-    """(lo, hi) per tensor name: a :class:`RangeRequest` on its own run over the data."""
-    stats = Statistics(model, calib, batch_size=batch_size, limit=samples)
-    return RangeRequest(stats, tensors, method=method, percentile=percentile, cache=cache).result()
 
 
 def choose_range(counts: np.ndarray, edges: np.ndarray, method: str, percentile: float = 99.999) -> tuple[float, float]:
