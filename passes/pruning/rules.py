@@ -145,6 +145,18 @@ def analyse_conv(cg: ChannelGraph, node: ir.Node, tin) -> None:
         )
 
 
+def _weighted_source(cg: ChannelGraph, node: ir.Node, x: Tracked | None, matches: bool, why: str) -> None:
+    """A ConvTranspose / Gemm / MatMul source: record its cut, and its input ``x`` as a consumer
+    when the channels line up with the weight's input axis (``matches``), else block them."""
+    cg.records[node] = cut_weighted
+    cg.sources.append(node)
+    if x is not None:
+        if matches:
+            cg.consumers.append((node, 0))
+        else:
+            cg.block(x, f"{node_label(node)}: {why}")
+
+
 def analyse_conv_transpose(cg: ChannelGraph, node: ir.Node, tin) -> None:
     w = _private_const(node.inputs[1])
     if w is None or attr(node, "group", 1) != 1:
@@ -154,14 +166,8 @@ def analyse_conv_transpose(cg: ChannelGraph, node: ir.Node, tin) -> None:
     cg.touch(t_out, node)
     if len(node.inputs) > 2 and node.inputs[2] is not None and _private_const(node.inputs[2]) is None:
         cg.block(t_out, f"{node_label(node)}: bias is shared or not a constant")
-    cg.records[node] = cut_weighted
-    cg.sources.append(node)
     x = tin[0]
-    if x is not None:
-        if x.axis != 1 or x.size != w.shape[0]:
-            cg.block(x, f"{node_label(node)}: input channel axis does not match the weight")
-        else:
-            cg.consumers.append((node, 0))
+    _weighted_source(cg, node, x, x is not None and x.axis == 1 and x.size == w.shape[0], "input channel axis does not match the weight")
 
 
 def analyse_gemm(cg: ChannelGraph, node: ir.Node, tin) -> None:
@@ -182,13 +188,7 @@ def analyse_gemm(cg: ChannelGraph, node: ir.Node, tin) -> None:
             cg.block(t_out, f"{node_label(node)}: bias is not a constant")
         elif (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2 or (c.ndim and c.shape[-1] not in (1, m)):
             cg.block(t_out, f"{node_label(node)}: bias is not a per-output vector")
-    cg.records[node] = cut_weighted
-    cg.sources.append(node)
-    if a is not None:
-        if a.axis != 1 or a.size != k:
-            cg.block(a, f"{node_label(node)}: input features do not match the weight")
-        else:
-            cg.consumers.append((node, 0))
+    _weighted_source(cg, node, a, a is not None and a.axis == 1 and a.size == k, "input features do not match the weight")
 
 
 def analyse_matmul(cg: ChannelGraph, node: ir.Node, tin) -> None:
@@ -203,14 +203,9 @@ def analyse_matmul(cg: ChannelGraph, node: ir.Node, tin) -> None:
         return
     t_out = cg.new(node.outputs[0], len(out_dims) - 1, b.shape[1])
     cg.touch(t_out, node)
-    cg.records[node] = cut_weighted
-    cg.sources.append(node)
-    if a is not None:
-        a_dims = dims_of(node.inputs[0])
-        if a_dims is None or a.axis != len(a_dims) - 1 or a.size != b.shape[0]:
-            cg.block(a, f"{node_label(node)}: channels are not the contracted (last) axis")
-        else:
-            cg.consumers.append((node, 0))
+    a_dims = dims_of(node.inputs[0])
+    contracted = a is not None and a_dims is not None and a.axis == len(a_dims) - 1 and a.size == b.shape[0]
+    _weighted_source(cg, node, a, contracted, "channels are not the contracted (last) axis")
 
 
 def analyse_unary(cg: ChannelGraph, node: ir.Node, tin) -> None:
