@@ -96,6 +96,14 @@ class FoldPass(OnnxccPass):
             replace_contents(model, converted)
             stats["opset"] = cfg.opset
 
+        # Declared graph-output shapes are the exporter's claim, not a fact (the torch 1.9
+        # CRNN declares its [T, 1, classes] output as [1, seqlen]); rewrites that trust
+        # them (onnxscript's MaterializeReshapeShape) bake the wrong shape in. Fold on
+        # inferred shapes only and put the declared ones back where they agree.
+        declared = {id(v): v.shape for v in model.graph.outputs}
+        for v in model.graph.outputs:
+            v.shape = None
+
         lifted = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
         modified = lifted or stats.get("opset") is not None
         modified |= common.InlinePass()(model).modified
@@ -122,6 +130,7 @@ class FoldPass(OnnxccPass):
             changed |= rewrite(model).modified
             infer_shapes(model)  # whole-graph inference with data propagation: symbolic reshape targets
             changed |= fold_static_shape_gathers(model) > 0
+            changed |= fold_reshape_shape_chains(model) > 0
             changed |= reduce_mean_to_global_pool(model) > 0
             if cfg.fold_batchnorm:
                 n = fold_batchnorms(model)
@@ -143,6 +152,9 @@ class FoldPass(OnnxccPass):
             modified |= cleanup(model).modified
         common.TopologicalSortPass()(model)
         _drop_attributes_newer_than_opset(model)
+        corrected = _restore_declared_output_shapes(model, declared)
+        if corrected:
+            stats["output_shapes_corrected"] = corrected
 
         after = Counter(n.op_type for n in model.graph.all_nodes())
         n_after = sum(after.values())
@@ -258,6 +270,102 @@ def fold_static_shape_gathers(model: ir.Model) -> int:
     return count
 
 
+def _shape_elements(value: ir.Value) -> list | None:
+    """The elements of a 1-D int64 shape tensor built by ``Concat`` of constants and
+    ``[Unsqueeze](Gather(Shape(src), i))`` pieces: each element is an int, or a
+    ``(src, i)`` pair naming a dim of another tensor. None for any other construction."""
+    prod = value.producer()
+    pieces = prod.inputs if prod is not None and prod.op_type == "Concat" else [value]
+    out: list = []
+    for piece in pieces:
+        arr = const_array(piece)
+        if arr is not None:
+            if arr.ndim != 1:
+                return None
+            out.extend(int(a) for a in arr)
+            continue
+        node = piece.producer() if piece is not None else None
+        if node is not None and node.op_type == "Unsqueeze":
+            axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if axes is None and "axes" in node.attributes:
+                axes = np.array(node.attributes["axes"].as_ints())
+            if axes is None or list(np.ravel(axes)) not in ([0], [-1]):
+                return None
+            node = node.inputs[0].producer()
+            scalar = True
+        else:
+            scalar = False
+        if node is None or node.op_type != "Gather" or node.inputs[0] is None:
+            return None
+        if "axis" in node.attributes and node.attributes["axis"].as_int() != 0:
+            return None
+        shape_node = node.inputs[0].producer()
+        idx = const_array(node.inputs[1])
+        if shape_node is None or shape_node.op_type != "Shape" or shape_node.attributes or idx is None:
+            return None
+        if idx.ndim != (0 if scalar else 1) or (scalar and idx.ndim != 0):
+            return None
+        src = shape_node.inputs[0]
+        if src is None or src.shape is None:
+            return None
+        out.extend((src, int(i) % len(src.shape)) for i in np.ravel(idx))
+    return out
+
+
+def _same_dim(data: ir.Value, pos: int, src: ir.Value, idx: int, declared: set[str]) -> bool:
+    """Dim ``pos`` of ``data`` is dim ``idx`` of ``src``: the same tensor and index, or the
+    same named dim of a graph input (the exporter's claim that those sizes are one)."""
+    if src is data:
+        return pos == idx
+    if data.shape is None or pos >= len(data.shape):
+        return False
+    a, b = data.shape[pos], src.shape[idx]
+    return (not isinstance(a, int) and not isinstance(b, int) and a.value is not None
+            and a.value == b.value and a.value in declared)
+
+
+def fold_reshape_shape_chains(model: ir.Model) -> int:
+    """``Reshape(x, Concat(Gather(Shape(x), 0), [-1]))`` → ``Reshape(x, [0, -1])``.
+
+    Exporters write "keep the batch, flatten the rest" as shape arithmetic on the
+    runtime shape. Reshape's own ``0`` (copy this dim of the input) says the same
+    without the chain, and the batch stays dynamic. An element that reads a static dim
+    becomes that number; one that reads a dynamic dim of another position or tensor
+    keeps the chain (unless it is the same named input dim). At most one ``-1``.
+    """
+    declared = {d.value for v in model.graph.inputs if v.shape is not None for d in v.shape.dims
+                if not isinstance(d, int) and d.value}
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        if const_array(node.inputs[1]) is not None:
+            continue
+        if "allowzero" in node.attributes and node.attributes["allowzero"].as_int() != 0:
+            continue
+        data = node.inputs[0]
+        elems = _shape_elements(node.inputs[1])
+        if data is None or not elems:
+            continue
+        target: list[int] = []
+        for pos, e in enumerate(elems):
+            if isinstance(e, int):
+                target.append(e)
+            elif _same_dim(data, pos, *e, declared):
+                target.append(0)
+            elif isinstance(e[0].shape[e[1]], int):
+                target.append(int(e[0].shape[e[1]]))
+            else:
+                target = []
+                break
+        if not target or target.count(-1) > 1:
+            continue
+        const = add_initializer(model.graph, f"{node.name or 'reshape'}_shape", np.array(target, np.int64))
+        node.replace_input_with(1, const)
+        count += 1
+    return count
+
+
 def reduce_mean_to_global_pool(model: ir.Model, *, squeezed: bool = False) -> int:
     """``ReduceMean(x, axes=[2, 3])`` on a 4-D tensor → ``GlobalAveragePool(x)`` (then Flatten if ``keepdims=0``
     and ``squeezed``).
@@ -300,6 +408,37 @@ def reduce_mean_to_global_pool(model: ir.Model, *, squeezed: bool = False) -> in
         gap.outputs[0].name = name if was_output or name else gap.outputs[0].name
         count += 1
     return count
+
+
+def _restore_declared_output_shapes(model: ir.Model, declared: dict) -> dict[str, str]:
+    """Put each graph output's declared shape back unless shape inference contradicts it
+    (another rank, or another static size); those keep the inferred shape and are returned
+    as ``{output: "declared [..], computes [..]"}`` for the report."""
+    infer_shapes(model)
+    corrected = {}
+    for v in model.graph.outputs:
+        claim = declared.get(id(v))
+        found = v.shape
+        if claim is None:
+            continue
+        if found is None:
+            v.shape = claim
+            continue
+        agree = len(claim) == len(found) and all(
+            not (isinstance(a, int) and isinstance(b, int)) or a == b for a, b in zip(claim.dims, found.dims)
+        )
+        if agree:
+            # keep the declared names of dynamic dims, and any static size inference adds
+            v.shape = ir.Shape([b if isinstance(b, int) else a for a, b in zip(claim.dims, found.dims)])
+        else:
+            corrected[v.name] = f"declared {_dims(claim)}, computes {_dims(found)}"
+            logger.warning("output '%s' is declared %s but the model computes %s; the declared shape is dropped",
+                           v.name, _dims(claim), _dims(found))
+    return corrected
+
+
+def _dims(shape: ir.Shape) -> str:
+    return "[" + ",".join(str(d) if isinstance(d, int) else (str(d.value) if d.value else "?") for d in shape.dims) + "]"
 
 
 def _why_bn_stays(node: ir.Node, strict: bool = False) -> str | None:

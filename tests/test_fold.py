@@ -326,3 +326,39 @@ def test_reduce_mean_over_spatial_axes_becomes_global_average_pool(opset, axes, 
         assert ops(folded)["ReduceMean"] == 1
         assert reduce_mean_to_global_pool(folded, squeezed=True) == 1 and ops(folded)["GlobalAveragePool"] == 1
     assert folded.graph.outputs[0].name == "y"
+
+
+# The torch 1.9 CRNN captcha model (ddddocr) declares its [T, 1, classes] output as
+# [1, seqlen]; onnxscript's MaterializeReshapeShape trusted that claim and baked a
+# rank-2 shape into the last Reshape, so the folded model computed another shape.
+WRONG_OUTPUT_DECL = """
+<ir_version: 7, opset_import: ["" : 12]>
+g (float[1,2,W] x) => (float[1,seqlen] y) {
+    t = Transpose <perm = [2, 0, 1]> (x)
+    s = Shape (t)
+    i0 = Constant <value = int64 {0}> ()
+    i1 = Constant <value = int64 {1}> ()
+    d0 = Gather <axis = 0> (s, i0)
+    d1 = Gather <axis = 0> (s, i1)
+    u0 = Unsqueeze <axes = [0]> (d0)
+    u1 = Unsqueeze <axes = [0]> (d1)
+    minus1 = Constant <value = int64[1] {-1}> ()
+    shape = Concat <axis = 0> (u0, u1, minus1)
+    y = Reshape (t, shape)
+}
+"""
+
+
+def test_fold_does_not_trust_a_wrong_declared_output_shape():
+    model = model_from_text(WRONG_OUTPUT_DECL)
+    folded = clone_model(model)
+    res = Pipeline(["fold"], verify=False).run(folded)
+    for width in (5, 9):
+        x = np.random.default_rng(0).normal(size=(1, 2, width)).astype(np.float32)
+        want = run_model(model, [{"x": x}])["y"]
+        got = run_model(folded, [{"x": x}])["y"]
+        assert got.shape == want.shape == (width, 1, 2)
+        np.testing.assert_array_equal(got, want)
+    # the dynamic width stays dynamic, and no Reshape target was baked in
+    assert not isinstance(folded.graph.inputs[0].shape[2], int)
+    assert res.steps[0].report.modified
