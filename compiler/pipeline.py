@@ -5,8 +5,10 @@ The CLI flags, recipe files (YAML/JSON) and the Python API all build a
 
 After every pass the model runs in onnxruntime on the verification inputs:
 
-* an **exact** pass must agree with the model before it within
-  :data:`compiler.verify.EXACT_RTOL`, else :class:`VerificationError`;
+* an **exact** pass must agree with the model before it within the model's
+  own float noise (:func:`compiler.verify.exact_tolerances`: at least
+  :data:`compiler.verify.EXACT_RTOL`), else :class:`VerificationError`; the
+  report states the tolerance per output;
 * a **lossy** pass records its error against the *original* model (what the
   user cares about) and, when a :class:`Budget` is given, must stay inside it,
   else :class:`BudgetError`.
@@ -77,6 +79,7 @@ class StepRecord:
     seconds: float
     vs_previous: V.Comparison | None
     vs_original: V.Comparison | None
+    tolerance: Mapping[str, float] | None = None  # exact steps: the relative tolerance per output
 
     def to_json(self) -> dict[str, Any]:
         d = {
@@ -86,6 +89,8 @@ class StepRecord:
             "seconds": round(self.seconds, 3),
             **self.report.to_json(),
         }
+        if self.tolerance is not None:
+            d["exact_tolerance"] = {k: float(f"{v:.3g}") for k, v in self.tolerance.items()}
         if self.vs_previous is not None:
             d["verify_vs_previous"] = self.vs_previous.to_json()
         if self.vs_original is not None:
@@ -197,6 +202,7 @@ class Pipeline:
         name_unnamed_nodes(model.graph)  # passes name what they add after its layer
         feeds = None
         ref_orig = ref_prev = None
+        tolerance: dict[str, float] | None = None
         labels = self.labels
         if self.verify:
             feeds = V.verification_feeds(
@@ -211,13 +217,14 @@ class Pipeline:
                     f"the input model produces NaN/Inf in output '{bad[0]}' on the verification inputs; "
                     "nothing can be verified against it (check its weights and the data)"
                 )
+            tolerance = V.exact_tolerances(model, feeds, ref_orig)
         steps: list[StepRecord] = []
         if self.verify and feeds is not None:
             def run_nested(inner: OnnxccPass, m: ir.Model) -> PassReport:
                 """An exact pass run inside another (``quantize`` → ``lower-int8``), verified on its own."""
                 before = V.run_model(m, feeds)
                 rep = inner(m)
-                _check_exact(inner.name, before, _run_candidate(inner.name, m, feeds))
+                _check_exact(inner.name, before, _run_candidate(inner.name, m, feeds), tolerance=tolerance)
                 return rep
 
             context.exact_runner = run_nested
@@ -237,7 +244,7 @@ class Pipeline:
                 vs_prev = V.compare_outputs(ref_prev, cand)
                 vs_orig = V.compare_outputs(ref_orig, cand, labels, self.top_k)
                 if p.exact:
-                    _check_exact(cls.name, ref_prev, cand, vs_prev)
+                    _check_exact(cls.name, ref_prev, cand, vs_prev, tolerance=tolerance)
                 else:
                     if not vs_prev.ok_structure:
                         raise VerificationError(
@@ -250,7 +257,8 @@ class Pipeline:
                             raise BudgetError(f"pass '{cls.name}': {why}")
                 ref_prev = cand
             steps.append(
-                StepRecord(cls.name, p.exact, _config_json(config), report, elapsed, vs_prev, vs_orig)
+                StepRecord(cls.name, p.exact, _config_json(config), report, elapsed, vs_prev, vs_orig,
+                           tolerance if p.exact and vs_prev is not None else None)
             )
             logger.info("%s: %d changed, %d skipped (%.2fs)", cls.name, len(report.changed), len(report.skipped), elapsed)
             if on_step is not None:
@@ -265,13 +273,26 @@ def _run_candidate(name: str, model: ir.Model, feeds) -> dict[str, np.ndarray]:
         raise VerificationError(f"pass '{name}' produced a model onnxruntime rejects: {e}") from e
 
 
-def _check_exact(name: str, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], comp: V.Comparison | None = None) -> None:
-    """An exact pass must agree with its input to float rounding (:data:`verify.EXACT_RTOL`)."""
+def _check_exact(
+    name: str,
+    before: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
+    comp: V.Comparison | None = None,
+    *,
+    tolerance: Mapping[str, float] | None = None,
+) -> None:
+    """An exact pass must agree with its input to the model's float noise (per output
+    ``tolerance``, at least :data:`verify.EXACT_RTOL`)."""
     comp = comp if comp is not None else V.compare_outputs(before, after)
-    if not comp.within(V.EXACT_RTOL):
-        worst = max(comp.outputs, key=lambda o: o.rel if not math.isnan(o.rel) else math.inf)
+    tol = tolerance or {}
+    if not comp.within({o.name: tol.get(o.name, V.EXACT_RTOL) for o in comp.outputs}):
+        def excess(o: V.OutputMetrics) -> float:
+            return math.inf if (o.problem or math.isnan(o.rel)) else o.rel / tol.get(o.name, V.EXACT_RTOL)
+
+        worst = max(comp.outputs, key=excess)
+        limit = tol.get(worst.name, V.EXACT_RTOL)
         detail = worst.problem or f"relative error {worst.rel:.3g} on output '{worst.name}'"
-        raise VerificationError(f"pass '{name}' is exact but changed the model's outputs: {detail} (tolerance {V.EXACT_RTOL:g})")
+        raise VerificationError(f"pass '{name}' is exact but changed the model's outputs: {detail} (tolerance {limit:.3g})")
 
 
 _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu"}

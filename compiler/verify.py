@@ -20,6 +20,16 @@ compound through depth. Measured on the sample models (ResNet/MobileNet/
 DenseNet families, 20–60 layers) the largest normalised difference after
 folding is 1e-6–4e-6; 1e-4 leaves ~25× headroom for deeper real models while
 still catching any real rewrite bug, which shows up as 1e-2 or worse.
+
+That floor is not enough for every real model: deep exports whose output sits
+in a saturated tail (a DB text detector's sigmoid map of ~1e-5 on inputs with
+no text) amplify float reassociation far beyond it, and onnxruntime's *own*
+graph optimizations move such an output as much as BN folding does. So the
+tolerance for exact passes is per output and relative to the model's own float
+noise (:func:`exact_tolerances`): ``max(EXACT_RTOL, NOISE_FACTOR × spread)``,
+where ``spread`` is how far onnxruntime with all its graph optimizations moves
+that output from the unoptimized run on the same inputs, capped at
+:data:`MAX_EXACT_RTOL`. The reports state the tolerance each output was held to.
 """
 
 from __future__ import annotations
@@ -37,6 +47,25 @@ from onnxcc.compiler.metrics import sqnr_db
 from onnxcc.compiler.sessions import make_session, run_model, run_session  # noqa: F401  (verify's public API)
 
 EXACT_RTOL = 1e-4
+NOISE_FACTOR = 8.0  # an exact rewrite may move an output by this many times onnxruntime's own spread
+MAX_EXACT_RTOL = 0.05  # never looser than this, however noisy the model
+
+
+def exact_tolerances(
+    model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Per-output relative tolerance for exact passes on ``model``, from its own float noise
+    (see the module docstring). ``reference`` is the unoptimized run on ``feeds``."""
+    tol = {name: EXACT_RTOL for name in reference}
+    try:
+        optimized = run_model(model, feeds, optimize=True)
+    except BadInputError:  # onnxruntime refuses its own optimizations: the floor it is
+        return tol
+    for name, ref in reference.items():
+        m = compare_arrays(name, ref, optimized.get(name))
+        if m.problem is None and math.isfinite(m.rel) and np.issubdtype(ref.dtype, np.floating):
+            tol[name] = float(min(max(EXACT_RTOL, NOISE_FACTOR * m.rel), MAX_EXACT_RTOL))
+    return tol
 
 
 # --------------------------------------------------------------------------- inputs
@@ -108,11 +137,13 @@ class Comparison:
         vals = [o.top1 for o in self.outputs if o.top1 is not None]
         return min(vals) if vals else None
 
-    def within(self, rtol: float, atol: float = 0.0) -> bool:
+    def within(self, rtol: float | Mapping[str, float], atol: float = 0.0) -> bool:
+        """Every output agrees within ``rtol`` (one number, or one per output name)."""
         if not self.ok_structure:
             return False
         for o in self.outputs:
-            if not (o.max_abs <= atol or o.rel <= rtol):
+            limit = rtol.get(o.name, EXACT_RTOL) if isinstance(rtol, Mapping) else rtol
+            if not (o.max_abs <= atol or o.rel <= limit):
                 return False
         return True
 
