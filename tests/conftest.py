@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import os
 from pathlib import Path
@@ -11,6 +13,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxcc.compiler.ir_utils import save_model
+from onnxcc.compiler.passbase import OnnxccPass, PassReport
 
 
 class CliResult:
@@ -94,3 +97,23 @@ def folded():
         return clone_model(cache[family])
 
     return get
+
+
+class ScaleConvWeights(OnnxccPass):
+    """Test-only pass that multiplies the first (or last) Conv's weights: a wrong 'exact' rewrite
+    when registered with ``exact = True``, a measurable loss otherwise."""
+
+    name = "test-scale-conv"
+    exact = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        factor: float = 1.01
+        last: bool = False
+
+    def call(self, model):
+        convs = [n for n in model.graph if n.op_type == "Conv"]
+        conv = convs[-1] if self.config.last else convs[0]
+        w = conv.inputs[1]
+        w.const_value = ir.tensor(w.const_value.numpy() * self.config.factor, name=w.name)
+        return PassReport(model, True, changed=[conv.name])

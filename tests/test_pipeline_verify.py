@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -15,30 +14,17 @@ from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet, Cha
 from onnxcc.compiler.errors import BadInputError, BudgetError, VerificationError
 from onnxcc.compiler.ir_utils import clone_model, load_model, save_model
 from onnxcc.compiler.pipeline import Budget, Pipeline, load_recipe
-from onnxcc.compiler.passbase import OnnxccPass, PassReport, make_config
+from onnxcc.compiler.passbase import make_config
 from onnxcc.compiler.registry import register, unregister
 from onnxcc.compiler.verify import compare_arrays, compare_outputs
-from tests.conftest import model_from_text
+from tests.conftest import ScaleConvWeights, model_from_text
 
 
-class _ScaleWeights(OnnxccPass):
-    """Test-only pass that multiplies the first Conv weight: a wrong 'exact' rewrite."""
-
+class _ScaleWeights(ScaleConvWeights):
     name = "test-scale"
-    exact = True
-
-    @dataclasses.dataclass(frozen=True)
-    class Config:
-        factor: float = 1.01
-
-    def call(self, model):
-        conv = next(n for n in model.graph if n.op_type == "Conv")
-        w = conv.inputs[1]
-        w.const_value = ir.tensor(w.const_value.numpy() * self.config.factor, name=w.name)
-        return PassReport(model, True, changed=[conv.name])
 
 
-class _ScaleLossy(_ScaleWeights):
+class _ScaleLossy(ScaleConvWeights):
     name = "test-scale-lossy"
     exact = False
 
