@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcc.compiler.files import file_size
-from onnxcc.compiler.ir_utils import clone_model, concrete_shape, const_array, infer_shapes, node_label
+from onnxcc.compiler.ir_utils import apply_shape_hint, clone_model, concrete_shape, const_array, infer_shapes, node_label
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -119,7 +119,8 @@ def _const_meta(v: ir.Value) -> tuple[int, np.dtype] | None:
 def analyze(model: ir.Model, *, path: str | os.PathLike | None = None, stats: bool = True) -> ModelSummary:
     """Layer table of ``model`` (a shape-inferred copy is analysed; the model is not touched)."""
     m = clone_model(model)
-    infer_shapes(m)
+    if not apply_shape_hint(m):  # dims the model leaves dynamic: counted at the given concrete shape
+        infer_shapes(m)
     layers: list[Layer] = []
     op_counts: dict[str, int] = {}
     unknown: list[str] = []

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcc.compiler.errors import BadInputError
-from onnxcc.compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, load_recipe, specs_from_data
+from onnxcc.compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, concrete_shapes, load_recipe, specs_from_data
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -197,6 +197,9 @@ def compile_model(
         budget = Budget(max_drop=float(budget))
     if labels is not None and not isinstance(labels, np.ndarray):
         labels = np.load(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
+    from onnxcc.compiler.ir_utils import set_shape_hint
+
+    set_shape_hint(m, concrete_shapes(input_shapes, calib))  # before/after totals count at this shape
     pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, top_k=top_k)
     original = clone_model(m)
     counted = _counted(original, specs)

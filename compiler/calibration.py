@@ -36,6 +36,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.ir_utils import shape_hint
 from onnxcc.compiler.sessions import make_session
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...] | None  # str/None for symbolic or unknown dims
+    hint: tuple[int, ...] | None = None  # concrete shape for the dynamic dims (ir_utils.shape_hint)
 
     @property
     def fixed_batch(self) -> int | None:
@@ -65,6 +67,8 @@ class InputSpec:
                 dims.append(d)
             elif i == 0:
                 dims.append(batch)
+            elif self.hint is not None and len(self.hint) == len(self.shape):
+                dims.append(int(self.hint[i]))
             else:
                 raise BadInputError(
                     f"input '{self.name}' has a dynamic dimension {i} ({d}); pass --input-shape "
@@ -76,6 +80,7 @@ class InputSpec:
 def input_specs(model: ir.Model) -> list[InputSpec]:
     """Declared graph inputs that are not initializers."""
     specs = []
+    hints = shape_hint(model)
     for v in model.graph.inputs:
         if v.is_initializer():
             continue
@@ -83,7 +88,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         shape = None
         if v.shape is not None:
             shape = tuple(d if isinstance(d, int) else (d.value if hasattr(d, "value") else None) for d in v.shape.dims)
-        specs.append(InputSpec(v.name, np.dtype(dtype), shape))
+        specs.append(InputSpec(v.name, np.dtype(dtype), shape, hints.get(v.name)))
     return specs
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import onnx
@@ -337,6 +337,77 @@ def check_model(model: ir.Model) -> None:
         onnx.checker.check_model(ir.to_proto(model))
 
 
+SHAPE_HINT = "onnxcc.input_shapes"  # model.meta key: a concrete shape per input with dynamic dims
+
+
+def shape_hint(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    """The concrete input shapes (``--input-shape``, or the calibration data's) that analysis,
+    targets, refits and timing use for dims the model leaves dynamic; {} when none was given."""
+    return dict(model.meta.get(SHAPE_HINT) or {})
+
+
+def set_shape_hint(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Record concrete input shapes on ``model`` (in memory only: the written model keeps its
+    dynamic axes). Only inputs with a dynamic dim other than the batch are kept."""
+    hint = {}
+    for v in model.graph.inputs:
+        if v.name not in shapes or v.shape is None or v.is_initializer():
+            continue
+        dims = tuple(int(d) for d in shapes[v.name])
+        if len(dims) != len(v.shape):
+            continue
+        if any(not (isinstance(d, int) and d >= 0) for d in list(v.shape.dims)[1:]):
+            hint[v.name] = (1,) + dims[1:] if not (isinstance(v.shape[0], int) and v.shape[0] >= 0) else dims
+    if hint:
+        model.meta[SHAPE_HINT] = hint
+    else:
+        model.meta.pop(SHAPE_HINT, None)
+
+
+def apply_shape_hint(model: ir.Model) -> bool:
+    """Give the graph inputs their hinted concrete shapes, all but a dynamic batch, and re-infer
+    every shape; False when there is no hint."""
+    hint = shape_hint(model)
+    for v in model.graph.inputs:
+        if v.name in hint and v.shape is not None:
+            lead = v.shape[0]
+            batch = lead if not (isinstance(lead, int) and lead >= 0) else hint[v.name][0]
+            if isinstance(batch, int) and batch < 0:
+                batch = None  # a batch stored as -1: dynamic
+            v.shape = ir.Shape([batch, *hint[v.name][1:]])  # the batch stays dynamic (any batch runs)
+    if hint:
+        infer_shapes(model)
+    return bool(hint)
+
+
+@contextlib.contextmanager
+def concrete_inputs(model: ir.Model) -> Iterator[None]:
+    """Inside the block, the graph inputs take their concrete shapes from :func:`shape_hint` and
+    every intermediate shape is inferred from them (spatial sizes, MACs); afterwards the declared
+    dynamic shapes, and the graph outputs' declared shapes, are back and re-inferred. Rewrites made
+    inside must not bake those sizes into the graph: the pipeline verifies every pass, and fold
+    (which would) runs outside it."""
+    hint = shape_hint(model)
+    if not hint:
+        yield
+        return
+    graph = model.graph
+    saved_in = [(v, v.shape) for v in graph.inputs]
+    saved_out = [(v.name, v.shape) for v in graph.outputs]
+    apply_shape_hint(model)
+    try:
+        yield
+    finally:
+        for v, shape in saved_in:
+            if v in model.graph.inputs:
+                v.shape = shape
+        declared = dict(saved_out)
+        for v in model.graph.outputs:
+            if v.name in declared:
+                v.shape = declared[v.name]
+        infer_shapes(model)
+
+
 def clone_model(model: ir.Model) -> ir.Model:
     """Deep copy through the proto (external tensors stay lazily referenced, in the same folders).
 
@@ -344,6 +415,8 @@ def clone_model(model: ir.Model) -> ir.Model:
     so each cloned external tensor gets back its original's base directory.
     """
     clone = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    if SHAPE_HINT in model.meta:
+        clone.meta[SHAPE_HINT] = dict(model.meta[SHAPE_HINT])
     # The proto has no room for in-memory node metadata (the BN scale fold records for pruning):
     # carry it over node by node; the round trip keeps every graph's node order.
     for src, dst in zip(_all_nodes(model), _all_nodes(clone)):

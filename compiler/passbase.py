@@ -85,6 +85,10 @@ class OnnxccPass(ir.passes.InPlacePass):
     exact: ClassVar[bool]
     summary: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # The pipeline runs the pass with the graph inputs at their concrete shapes (ir_utils.shape_hint)
+    # so spatial sizes and MACs are known; the declared dynamic shapes are restored afterwards. A
+    # pass that folds shapes into constants (fold) must not see them: it sets this False.
+    concrete_shapes: ClassVar[bool] = True
 
     @dataclasses.dataclass(frozen=True)
     class Config:

@@ -19,6 +19,7 @@ pipeline has succeeded, a failed run leaves no output behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +34,7 @@ import onnx_ir as ir
 from onnxcc.compiler import verify as V
 from onnxcc.compiler.calibration import CalibrationSet
 from onnxcc.compiler.errors import BadInputError, BudgetError, VerificationError
-from onnxcc.compiler.ir_utils import name_unnamed_nodes
+from onnxcc.compiler.ir_utils import concrete_inputs, name_unnamed_nodes, set_shape_hint, shape_hint
 from onnxcc.compiler.passbase import OnnxccPass, PassContext, PassReport, make_config
 from onnxcc.compiler.registry import get_pass
 
@@ -199,6 +200,8 @@ class Pipeline:
             if cls.needs_calibration and calibration is None:
                 raise BadInputError(f"pass '{cls.name}' needs calibration data (--calib)")
         _refuse_non_finite_weights(model)
+        if not shape_hint(model):
+            set_shape_hint(model, concrete_shapes(self.input_shapes, calibration))
         name_unnamed_nodes(model.graph)  # passes name what they add after its layer
         feeds = None
         ref_orig = ref_prev = None
@@ -232,7 +235,8 @@ class Pipeline:
             p = cls(config, context)
             t0 = time.perf_counter()
             try:
-                report = p(model)
+                with concrete_inputs(model) if cls.concrete_shapes else contextlib.nullcontext():
+                    report = p(model)
             except ir.passes.PreconditionError as e:
                 raise BadInputError(f"pass '{cls.name}': {e}") from e
             if not isinstance(report, PassReport):  # plain PassResult from a wrapped pass
@@ -264,6 +268,18 @@ class Pipeline:
             if on_step is not None:
                 on_step(steps[-1], model)
         return PipelineResult(model, steps)
+
+
+def concrete_shapes(
+    overrides: Mapping[str, Sequence[int]] | None, calibration: CalibrationSet | None
+) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes for dims a model leaves dynamic: ``--input-shape`` first, else one
+    calibration sample's shape."""
+    shapes = {k: tuple(int(d) for d in v) for k, v in (overrides or {}).items()}
+    if calibration is not None:
+        for name, arr in calibration.arrays.items():
+            shapes.setdefault(name, (1,) + tuple(arr.shape[1:]))
+    return shapes
 
 
 def _run_candidate(name: str, model: ir.Model, feeds) -> dict[str, np.ndarray]:

@@ -65,6 +65,7 @@ _FOLDABLE_INTO = ("Conv", "ConvTranspose", "Gemm")
 class FoldPass(OnnxccPass):
     name = "fold"
     exact = True
+    concrete_shapes = False  # it folds shape chains: a concrete input shape would be baked in
     summary = "constant folding, BatchNorm folding, shape-chain folding, dead-code and no-op removal"
 
     @dataclasses.dataclass(frozen=True)

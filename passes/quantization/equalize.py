@@ -144,7 +144,7 @@ def equalize_pair(a: ir.Node, b: ir.Node) -> None:
 def _range_ratio(a: ir.Node) -> float:
     """Spread of per-channel weight ranges of A's filters (max/min), what equalization shrinks."""
     w_a = const_array(a.inputs[1])
-    r = np.abs(w_a.reshape(w_a.shape[0], -1)).max(1)
+    r = np.abs(w_a.reshape(w_a.shape[0], -1)).max(1).astype(np.float64)  # float32 overflows on a denormal filter
     r = r[r > 0]
     return float(r.max() / r.min()) if r.size else 1.0
 
