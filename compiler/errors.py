@@ -23,6 +23,11 @@ class BadInputError(OnnxccError):
     exit_code = 2
 
 
+class ModelRejectedError(BadInputError):
+    """onnxruntime cannot load or run a model (exit 2 for the user's model; the pipeline turns
+    it into the pass's :class:`VerificationError` when the model is one onnxcc made)."""
+
+
 class VerificationError(OnnxccError):
     """A pass produced a model that does not agree with its input (exit 1)."""
 

@@ -172,17 +172,59 @@ def _check_opset(proto: onnx.ModelProto, label: str, upgrade: bool) -> onnx.Mode
     if opset < lo:
         if not upgrade:
             raise BadInputError(f"{label}: opset {opset} is older than onnxcc supports ({lo} to {hi})")
+        # kept as it is: the pipeline upgrades it as its first, verified step (upgrade_model),
+        # with the unconverted model as the reference
+    return proto
+
+
+def needs_upgrade(model: ir.Model) -> list[str]:
+    """Why ``model`` must be upgraded before any pass (empty when it need not): an opset older than
+    :data:`SUPPORTED_OPSETS`, or IR < 4 where every initializer is also a graph input."""
+    why = []
+    opset = default_opset(model)
+    if opset is not None and opset < SUPPORTED_OPSETS[0]:
+        why.append(f"opset {opset} to {UPGRADE_TARGET}")
+    if any(v.is_initializer() for v in model.graph.inputs):
+        why.append(f"IR version {model.ir_version}: initializers listed as graph inputs become constants")
+    return why
+
+
+def upgrade_model(model: ir.Model) -> ir.Model:
+    """A new model at a supported opset (onnx's version converter) whose initializers are constants,
+    not graph inputs (IR >= 4; the model-zoo files of IR 3 list every weight as an input, which no
+    user feeds). The caller verifies that it computes what ``model`` does."""
+    proto = ir.to_proto(model)
+    inits = {t.name for t in proto.graph.initializer}
+    kept = [v for v in proto.graph.input if v.name not in inits]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    proto.ir_version = max(proto.ir_version, 4)
+    opset = default_opset(proto)
+    if opset is not None and opset < SUPPORTED_OPSETS[0]:
         try:
-            converted = onnx.version_converter.convert_version(proto, UPGRADE_TARGET)
-            onnx.checker.check_model(converted)
+            proto = onnx.version_converter.convert_version(proto, UPGRADE_TARGET)
+            onnx.checker.check_model(proto)
         except Exception as e:
             raise BadInputError(
-                f"{label}: opset {opset} is older than onnxcc supports ({lo} to {hi}) and "
+                f"opset {opset} is older than onnxcc supports ({SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[1]}) and "
                 f"onnx's version converter could not upgrade it: {str(e).splitlines()[0] if str(e) else e}"
             ) from e
-        logger.warning("%s: upgraded opset %d to %d with onnx.version_converter", label, opset, UPGRADE_TARGET)
-        return converted
-    return proto
+    proto.ir_version = max(proto.ir_version, _min_ir_for_opset(default_opset(proto) or 0))
+    upgraded = ir.serde.deserialize_model(proto)
+    upgraded.meta.update(model.meta)
+    dirs = {(t.location, t.offset): t.base_dir for t in _external_tensors(model.graph)}
+    for t in _external_tensors(upgraded.graph) if dirs else ():
+        t.base_dir = dirs.get((t.location, t.offset), t.base_dir)
+    return upgraded
+
+
+def _min_ir_for_opset(opset: int) -> int:
+    """The IR version that introduced ``opset`` (onnx.helper.VERSION_TABLE)."""
+    best = 3
+    for row in onnx.helper.VERSION_TABLE:  # (release, ir_version, ai.onnx opset, ...)
+        if row[2] <= opset:
+            best = max(best, row[1]) if row[2] == opset else best
+    return best
 
 
 def convert_opset(model: ir.Model, target: int) -> ir.Model:
@@ -507,11 +549,14 @@ def infer_shapes(model: ir.Model) -> ir.Model:
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``... : a name no initializer, graph input or node output uses."""
+    """``base``, or ``base_1``, ``base_2``... : a name no initializer, graph input, node output or
+    node uses."""
     taken = set(graph.initializers)
     taken.update(v.name for v in graph.inputs)
     for node in graph:
         taken.update(o.name for o in node.outputs if o.name)
+        if node.name:
+            taken.add(node.name)  # unique as a node name too: callers name nodes with it
     name, i = base, 0
     while name in taken:
         i += 1

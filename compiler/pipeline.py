@@ -33,8 +33,16 @@ import onnx_ir as ir
 
 from onnxcc.compiler import verify as V
 from onnxcc.compiler.calibration import CalibrationSet
-from onnxcc.compiler.errors import BadInputError, BudgetError, VerificationError
-from onnxcc.compiler.ir_utils import concrete_inputs, name_unnamed_nodes, set_shape_hint, shape_hint
+from onnxcc.compiler.errors import BadInputError, BudgetError, ModelRejectedError, VerificationError
+from onnxcc.compiler.ir_utils import (
+    concrete_inputs,
+    name_unnamed_nodes,
+    needs_upgrade,
+    replace_contents,
+    set_shape_hint,
+    shape_hint,
+    upgrade_model,
+)
 from onnxcc.compiler.passbase import OnnxccPass, PassContext, PassReport, make_config
 from onnxcc.compiler.registry import get_pass
 
@@ -222,6 +230,19 @@ class Pipeline:
                 )
             tolerance = V.exact_tolerances(model, feeds, ref_orig)
         steps: list[StepRecord] = []
+        why = needs_upgrade(model)
+        if why:  # first step: a verified upgrade, the unconverted model being the reference
+            t0 = time.perf_counter()
+            replace_contents(model, upgrade_model(model))
+            vs_prev = None
+            if self.verify and feeds is not None:
+                cand = _run_candidate("upgrade", model, feeds)
+                vs_prev = V.compare_outputs(ref_prev, cand)
+                _check_exact("upgrade", ref_prev, cand, vs_prev, tolerance=tolerance)
+                ref_prev = cand
+            logger.warning("upgraded the model first: %s", "; ".join(why))
+            steps.append(StepRecord("upgrade", True, {}, PassReport(model, True, changed=why), time.perf_counter() - t0,
+                                    vs_prev, vs_prev, tolerance if vs_prev is not None else None))
         if self.verify and feeds is not None:
             def run_nested(inner: OnnxccPass, m: ir.Model) -> PassReport:
                 """An exact pass run inside another (``quantize`` → ``lower-int8``), verified on its own."""
@@ -239,6 +260,11 @@ class Pipeline:
                     report = p(model)
             except ir.passes.PreconditionError as e:
                 raise BadInputError(f"pass '{cls.name}': {e}") from e
+            except ModelRejectedError as e:
+                if ref_orig is None:  # not verified: the input itself may be what onnxruntime rejects
+                    raise
+                raise VerificationError(f"pass '{cls.name}' made a model onnxruntime rejects: {e}") from e
+            _check_unique_node_names(cls.name, model)
             if not isinstance(report, PassReport):  # plain PassResult from a wrapped pass
                 report = PassReport(report.model, report.modified)
             elapsed = time.perf_counter() - t0
@@ -280,6 +306,17 @@ def concrete_shapes(
         for name, arr in calibration.arrays.items():
             shapes.setdefault(name, (1,) + tuple(arr.shape[1:]))
     return shapes
+
+
+def _check_unique_node_names(name: str, model: ir.Model) -> None:
+    """Node names stay unique after every pass (onnxruntime refuses a graph where two nodes share
+    one): a duplicate is the pass's bug, reported as its error, never as bad input."""
+    seen: set[str] = set()
+    for node in model.graph.all_nodes():
+        if node.name and node.name in seen:
+            raise VerificationError(f"pass '{name}' left two nodes named '{node.name}'")
+        if node.name:
+            seen.add(node.name)
 
 
 def _run_candidate(name: str, model: ir.Model, feeds) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ Two kinds of session, one function:
   (measured here: the same model timed twice in one process came out 1.9×
   slower the second time, blocks or not); without spinning both agree.
 
-A model onnxruntime cannot load is a :class:`BadInputError` with onnxruntime's
+A model onnxruntime cannot load or run is a :class:`ModelRejectedError` (a `BadInputError`) with onnxruntime's
 first line; the pipeline turns it into the pass's own error when the model is
 one onnxcc wrote. onnxruntime is imported on first use only.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.errors import ModelRejectedError
 from onnxcc.compiler.ir_utils import needs_file, save_model, saved_copy
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def _open(src: Any, so: Any) -> "ort.InferenceSession":
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises several exception types here
-        raise BadInputError(f"onnxruntime cannot load the model: {first_line(e)}") from e
+        raise ModelRejectedError(f"onnxruntime cannot load the model: {first_line(e)}") from e
 
 
 def run_session(session: "ort.InferenceSession", feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -95,7 +95,7 @@ def run_session(session: "ort.InferenceSession", feeds: Sequence[Mapping[str, np
         try:
             outs = session.run(names, dict(feed))
         except Exception as e:
-            raise BadInputError(f"onnxruntime failed to run the model: {first_line(e)}") from e
+            raise ModelRejectedError(f"onnxruntime failed to run the model: {first_line(e)}") from e
         for n, o in zip(names, outs):
             parts[n].append(np.asarray(o))
     return {n: join_batches(v) for n, v in parts.items()}

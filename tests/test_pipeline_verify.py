@@ -14,7 +14,7 @@ from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet, Cha
 from onnxcc.compiler.errors import BadInputError, BudgetError, VerificationError
 from onnxcc.compiler.ir_utils import clone_model, load_model, save_model
 from onnxcc.compiler.pipeline import Budget, Pipeline, load_recipe
-from onnxcc.compiler.passbase import make_config
+from onnxcc.compiler.passbase import PassReport, make_config
 from onnxcc.compiler.registry import register, unregister
 from onnxcc.compiler.verify import compare_arrays, compare_outputs
 from tests.conftest import ScaleConvWeights, model_from_text
@@ -331,3 +331,42 @@ def test_outputs_whose_shape_depends_on_the_data_are_joined_not_crashed_on():
     assert join_batches([a, b]).shape == (14,)
     assert join_batches([a, a]).shape == (4, 3)
     assert join_batches([np.float32(1), np.float32(2)]).shape == (2,)
+
+
+class _DuplicateName(ScaleConvWeights):
+    """Test-only pass that gives a second node the first conv's name (a naming bug)."""
+
+    name = "test-duplicate-name"
+    exact = False
+
+    def call(self, model):
+        nodes = list(model.graph)
+        nodes[1].name = nodes[0].name
+        return PassReport(model, True)
+
+
+class _BreakGraph(ScaleConvWeights):
+    """Test-only pass whose output onnxruntime cannot load (a conv weight of the wrong rank)."""
+
+    name = "test-break-graph"
+    exact = False
+
+    def call(self, model):
+        conv = next(n for n in model.graph if n.op_type == "Conv")
+        w = conv.inputs[1]
+        w.const_value = ir.tensor(w.const_value.numpy()[..., 0], name=w.name)
+        w.shape = ir.Shape(w.const_value.shape)
+        return PassReport(model, True)
+
+
+@pytest.mark.parametrize("bad, message", [(_DuplicateName, "left two nodes named"), (_BreakGraph, "a model onnxruntime rejects")])
+def test_a_pass_whose_output_is_invalid_fails_as_that_pass_not_as_bad_input(tiny_models, bad, message):
+    """PP-OCRv4's recognizer under `compress`: a copied node name made onnxruntime refuse the
+    result, reported as exit 2 'cannot load the model' as if the input were at fault."""
+    register(bad)
+    try:
+        with pytest.raises(VerificationError, match=message) as err:
+            Pipeline(["fold", bad.name]).run(clone_model(tiny_models["resnet"]))
+        assert err.value.exit_code == 1
+    finally:
+        unregister(bad.name)
