@@ -1,13 +1,17 @@
-"""onnxcc fold vs onnxsim: node counts and agreement on the benchmark model set, in one run.
+"""onnxcc fold vs onnxsim and onnxslim: node counts and agreement, in one run.
 
-    python -m benchmarks.fold_vs_onnxsim [--size small] [--no-torch]
+    python -m benchmarks.fold_vs_onnxsim [--size small] [--no-torch] [--corpus] [--no-builders]
 
 Models: every builder family (with BatchNorm unfolded, as frameworks export
-them) and, with the torch extra, every torch zoo network exported raw by both
-exporters. For each: nodes in the input, after onnxsim, after onnxcc fold;
-max relative error of each against the input in onnxruntime (random inputs,
-batch 4); time of each tool. Target (issue #2): onnxcc's node count ≤ onnxsim's
-on every model, and agreement at float rounding.
+them); with the torch extra, every torch zoo network exported raw by both
+exporters; with ``--corpus``, the real trained models of models/corpus.py
+(PaddleOCR, ddddocr, YOLOv8n...). For each: nodes in the input, after onnxsim,
+after onnxslim, after onnxcc fold; max relative error of each against the input
+in onnxruntime (random inputs); time of each tool; and whether each kept the
+input's dynamic axes. onnxsim and onnxslim get the concrete input shape (that
+is how they are used on dynamic models, and onnxsim fixes those axes); onnxcc
+keeps every dynamic axis dynamic. Target (issue #17): onnxcc's node count at
+most the smaller of the two, with dynamic axes kept.
 """
 
 from __future__ import annotations
@@ -49,39 +53,103 @@ def model_set(size: str, use_torch: bool, tmp: Path):
             yield f"torch-{tag}/{name}", load_model(p)
 
 
+def corpus_set():
+    from onnxcc.models import corpus
+
+    for entry in corpus.ENTRIES:
+        try:
+            path = corpus.fetch(entry.name)
+        except corpus.CorpusUnavailable as e:
+            print(f"{entry.name}: skipped ({e})", file=sys.stderr)
+            continue
+        model = load_model(path)
+        yield f"corpus/{entry.name}", model, {model.graph.inputs[0].name: entry.shape}
+
+
+def _dynamic_axes(model: ir.Model) -> list[tuple[str, int]]:
+    return [(v.name, i) for v in model.graph.inputs if v.shape is not None
+            for i, d in enumerate(v.shape.dims) if not (isinstance(d, int) and d >= 0)]
+
+
+def _count(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph.all_nodes())
+
+
+def _tool(label: str, fn, model: ir.Model, feeds, ref):
+    """(nodes, rel. error, seconds, dynamic axes kept) for one tool, or a failure line."""
+    t0 = time.perf_counter()
+    try:
+        out = fn(model)
+    except Exception as e:  # a baseline that fails on a model is a result too
+        print(f"  {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", file=sys.stderr)
+        return None
+    secs = time.perf_counter() - t0
+    try:
+        err = compare_outputs(ref, run_model(out, feeds)).max_rel
+    except Exception as e:
+        print(f"  {label}: onnxruntime cannot run its output: {str(e).splitlines()[0][:120]}", file=sys.stderr)
+        err = float("nan")
+    return _count(out), err, secs, _dynamic_axes(out) == _dynamic_axes(model)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="tiny", choices=["tiny", "small", "full"])
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-builders", action="store_true", help="skip the builder and torch models")
+    ap.add_argument("--corpus", action="store_true", help="also the real-model corpus (models/corpus.py)")
     args = ap.parse_args()
     import onnxsim
 
+    try:
+        import onnxslim
+    except ImportError:  # benchmark-only dependency (the bench extra)
+        onnxslim = None
+        print("onnxslim not installed: its column is empty", file=sys.stderr)
+
+    def models(tmp: Path):
+        if not args.no_builders:
+            for label, model in model_set(args.size, not args.no_torch, tmp):
+                yield label, model, {}
+        if args.corpus:
+            yield from corpus_set()
+
     rows, worse = [], 0
     with tempfile.TemporaryDirectory() as tmp:
-        for label, model in model_set(args.size, not args.no_torch, Path(tmp)):
-            feeds = random_inputs(input_specs(model), batch=4, seed=0)
+        for label, model, shapes in models(Path(tmp)):
+            feeds = random_inputs(input_specs(model), batch=1 if shapes else 4, seed=0, overrides=shapes)
             ref = run_model(model, feeds)
-            n_in = sum(1 for _ in model.graph.all_nodes())
 
-            t0 = time.perf_counter()
-            sim_proto, ok = onnxsim.simplify(ir.to_proto(model))
-            t_sim = time.perf_counter() - t0
-            sim = ir.serde.deserialize_model(sim_proto)
-            n_sim = sum(1 for _ in sim.graph.all_nodes())
-            e_sim = compare_outputs(ref, run_model(sim, feeds)).max_rel
+            def sim(m):
+                proto, _ = onnxsim.simplify(ir.to_proto(m), overwrite_input_shapes=dict(shapes) or None)
+                return ir.serde.deserialize_model(proto)
 
-            ours = clone_model(model)
-            t0 = time.perf_counter()
-            Pipeline(["fold"], verify=False).run(ours)
-            t_ours = time.perf_counter() - t0
-            n_ours = sum(1 for _ in ours.graph.all_nodes())
-            e_ours = compare_outputs(ref, run_model(ours, feeds)).max_rel
-            onnx.checker.check_model(ir.to_proto(ours))
-            worse += n_ours > n_sim
-            rows.append([label, n_in, n_sim, n_ours, f"{e_sim:.1e}", f"{e_ours:.1e}", f"{t_sim:.2f}", f"{t_ours:.2f}",
-                         "yes" if n_ours <= n_sim else "NO"])
-    print(format_table(rows, ["model", "nodes in", "onnxsim", "onnxcc", "rel.err onnxsim", "rel.err onnxcc", "s onnxsim", "s onnxcc", "onnxcc<=onnxsim"]))
-    print(f"\n{len(rows) - worse}/{len(rows)} models with onnxcc nodes <= onnxsim nodes")
+            def slim(m):
+                if onnxslim is None:
+                    raise RuntimeError("not installed")
+                return ir.serde.deserialize_model(onnxslim.slim(ir.to_proto(m), input_shapes=[f"{k}:{','.join(map(str, v))}" for k, v in shapes.items()] or None))
+
+            def fold(m):
+                ours = clone_model(m)
+                Pipeline(["fold"], verify=False).run(ours)
+                onnx.checker.check_model(ir.to_proto(ours))
+                return ours
+
+            res = {name: _tool(name, fn, model, feeds, ref) for name, fn in (("onnxsim", sim), ("onnxslim", slim), ("onnxcc", fold))}
+            best_peer = min((r[0] for k, r in res.items() if r is not None and k != "onnxcc"), default=None)
+            ours = res["onnxcc"]
+            ok = ours is not None and ours[3] and (best_peer is None or ours[0] <= best_peer)
+            worse += not ok
+
+            def cell(r, i, fmt="{}"):
+                return "-" if r is None else fmt.format(r[i])
+
+            rows.append([label, _count(model)] + [cell(res[k], 0) for k in res]
+                        + [cell(res[k], 1, "{:.1e}") for k in res] + [cell(res[k], 2, "{:.2f}") for k in res]
+                        + ["/".join("y" if r is not None and r[3] else "n" for r in res.values()), "yes" if ok else "NO"])
+    print(format_table(rows, ["model", "nodes in", "onnxsim", "onnxslim", "onnxcc", "err sim", "err slim", "err cc",
+                              "s sim", "s slim", "s cc", "dyn kept sim/slim/cc", "onnxcc<=both"]))
+    print(f"\n{len(rows) - worse}/{len(rows)} models with onnxcc nodes <= the smaller of onnxsim and onnxslim, dynamic axes kept")
     return 0 if worse == 0 else 1
 
 

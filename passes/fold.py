@@ -131,8 +131,16 @@ class FoldPass(OnnxccPass):
             changed |= rewrite(model).modified
             infer_shapes(model)  # whole-graph inference with data propagation: symbolic reshape targets
             changed |= fold_static_shape_gathers(model) > 0
-            changed |= fold_reshape_shape_chains(model) > 0
+            for _ in range(4):  # each folded target gives the next Reshape a known input shape
+                if not fold_reshape_shape_chains(model):
+                    break
+                changed = True
+                infer_shapes(model)
             changed |= reduce_mean_to_global_pool(model) > 0
+            changed |= fold_conv_affine(model) > 0
+            changed |= matmul_add_to_gemm(model) > 0
+            changed |= constant_of_shape_to_initializer(model) > 0
+            changed |= merge_slice_chains(model) > 0
             if cfg.fold_batchnorm:
                 n = fold_batchnorms(model)
                 folded_bn += n
@@ -237,6 +245,169 @@ def fold_batchnorms(model: ir.Model) -> int:
     return count
 
 
+def _per_channel(c: np.ndarray, out_rank: int, cout: int) -> np.ndarray | None:
+    """A constant that broadcasts against an ``[N, C, ...]`` output along C only, as ``(C,)``."""
+    if c.ndim > out_rank or not np.issubdtype(c.dtype, np.floating):
+        return None
+    full = c.reshape((1,) * (out_rank - c.ndim) + c.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, cout):
+        return None
+    return np.broadcast_to(full.reshape(-1).astype(np.float64), (cout,))
+
+
+def _replace_output(model: ir.Model, keep: ir.Value, gone: ir.Node) -> None:
+    """``gone``'s output is now ``keep`` (its name kept when it was a graph output); drop ``gone``."""
+    out = gone.outputs[0]
+    name, was_output = out.name, out.is_graph_output()
+    out.replace_all_uses_with(keep, replace_graph_outputs=True)
+    model.graph.remove(gone, safe=True)
+    if was_output:
+        keep.name = name
+
+
+def _private_producer_and_constant(node: ir.Node, ops: tuple[str, ...], producer: str):
+    """For a binary ``node`` in ``ops`` with one constant operand: (the other operand, the constant's
+    index, its producer) when that producer is a ``producer`` node read by ``node`` alone; else Nones."""
+    if node.op_type not in ops or len(node.inputs) != 2 or node.domain not in ("", "ai.onnx"):
+        return None, None, None
+    k = next((i for i, v in enumerate(node.inputs) if const_array(v) is not None), None)
+    x = node.inputs[1 - k] if k is not None else None
+    prod = x.producer() if x is not None else None
+    if prod is None or prod.op_type != producer or len(x.uses()) != 1 or x.is_graph_output():
+        return None, None, None
+    return x, k, prod
+
+
+def fold_conv_affine(model: ir.Model) -> int:
+    """``Conv → Mul(per-channel constant)`` and ``Conv → Add(per-channel constant)`` into the conv's
+    weights and bias (paddle2onnx writes biases as a separate Add; some exports write BatchNorm as
+    a Mul/Add pair): ``W' = W·s``, ``b' = b·s`` for a Mul, ``b' = b + c`` for an Add."""
+    count = 0
+    for node in list(model.graph):
+        x, k, conv = _private_producer_and_constant(node, ("Add", "Mul"), "Conv")
+        if conv is None or len(conv.outputs) != 1:
+            continue
+        w_val = conv.inputs[1]
+        b_val = conv.inputs[2] if len(conv.inputs) > 2 else None
+        w = const_array(w_val)
+        if w is None or not w_val.is_initializer() or len(w_val.uses()) != 1 or x.shape is None:
+            continue
+        if b_val is not None and (const_array(b_val) is None or not b_val.is_initializer() or len(b_val.uses()) != 1):
+            continue
+        c = _per_channel(const_array(node.inputs[k]), len(x.shape), w.shape[0])
+        if c is None:
+            continue
+        b = np.zeros(w.shape[0]) if b_val is None else const_array(b_val).astype(np.float64)
+        if node.op_type == "Mul":
+            w_val.const_value = ir.tensor((w.astype(np.float64) * c.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32), name=w_val.name)
+            b = b * c
+            prev = conv.meta.get(BN_SCALE_META)
+            conv.meta[BN_SCALE_META] = np.abs(c) * (prev if prev is not None else 1.0)
+        else:
+            b = b + c
+        if b_val is None:
+            if len(conv.inputs) < 3:
+                conv.resize_inputs(3)
+            conv.replace_input_with(2, add_initializer(model.graph, f"{w_val.name}_bias", b.astype(np.float32)))
+        else:
+            b_val.const_value = ir.tensor(b.astype(np.float32), name=b_val.name)
+            b_val.shape = ir.Shape([w.shape[0]])
+        _replace_output(model, x, node)
+        count += 1
+    return count
+
+
+def matmul_add_to_gemm(model: ir.Model) -> int:
+    """``MatMul(x, W) + b`` with a 2-D ``x``, a constant 2-D ``W`` and a constant ``b`` of shape
+    ``[N]`` or ``[1, N]`` → ``Gemm(x, W, b)`` (one node, and the pattern onnxruntime's integer
+    Gemm and the pruning rules know)."""
+    count = 0
+    for node in list(model.graph):
+        y, k, mm = _private_producer_and_constant(node, ("Add",), "MatMul")
+        if mm is None:
+            continue
+        x, w_val = mm.inputs
+        w, b = const_array(w_val), const_array(node.inputs[k])
+        if x is None or x.shape is None or len(x.shape) != 2 or w is None or w.ndim != 2:
+            continue
+        if b.ndim > 2 or b.size != w.shape[1] or (b.ndim == 2 and b.shape[0] != 1) or not np.issubdtype(b.dtype, np.floating):
+            continue
+        bias = add_initializer(model.graph, f"{mm.name or 'gemm'}_bias", b.reshape(-1).astype(w.dtype))
+        gemm = ir.node("Gemm", [x, w_val, bias], name=mm.name or None)
+        gemm.outputs[0].name, gemm.outputs[0].shape, gemm.outputs[0].type = y.name, y.shape, y.type
+        model.graph.insert_before(mm, gemm)
+        y.replace_all_uses_with(gemm.outputs[0])
+        model.graph.remove(mm, safe=True)
+        _replace_output(model, gemm.outputs[0], node)
+        count += 1
+    return count
+
+
+CONSTANT_OF_SHAPE_LIMIT = 1 << 16  # elements: larger ones stay nodes (a small file beats one node less)
+
+
+def constant_of_shape_to_initializer(model: ir.Model) -> int:
+    """``ConstantOfShape`` with a constant shape (an LSTM's zero initial state, once the batch is
+    known) → an initializer, up to :data:`CONSTANT_OF_SHAPE_LIMIT` elements."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "ConstantOfShape" or node.outputs[0].is_graph_output():
+            continue
+        shape = const_array(node.inputs[0])
+        if shape is None or shape.ndim != 1 or np.prod(shape, dtype=np.int64) > CONSTANT_OF_SHAPE_LIMIT:
+            continue
+        attr = node.attributes.get("value")
+        fill = attr.as_tensor().numpy().reshape(-1) if attr is not None else np.zeros(1, np.float32)
+        value = np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
+        const = add_initializer(model.graph, f"{node.outputs[0].name or 'constant'}_folded", value)
+        node.outputs[0].replace_all_uses_with(const)
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _slice_params(node: ir.Node) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """(starts, ends, axes, steps) of an opset >= 10 Slice with constant parameters, axes explicit."""
+    if node.op_type != "Slice" or len(node.inputs) < 3 or node.attributes:
+        return None
+    vals = [const_array(v) if v is not None else None for v in node.inputs[1:5]]
+    if vals[0] is None or vals[1] is None or (len(vals) > 2 and node.inputs[3] is not None and vals[2] is None):
+        return None
+    starts, ends = [int(a) for a in vals[0].reshape(-1)], [int(a) for a in vals[1].reshape(-1)]
+    axes = [int(a) for a in vals[2].reshape(-1)] if len(vals) > 2 and vals[2] is not None else list(range(len(starts)))
+    steps = [int(a) for a in vals[3].reshape(-1)] if len(vals) > 3 and vals[3] is not None else [1] * len(starts)
+    rank = len(node.inputs[0].shape) if node.inputs[0] is not None and node.inputs[0].shape is not None else None
+    if rank is None or not (len(starts) == len(ends) == len(axes) == len(steps)):
+        return None
+    return starts, ends, [a % rank for a in axes], steps
+
+
+def merge_slice_chains(model: ir.Model) -> int:
+    """``Slice(Slice(x, axis a), axis b)`` with constant parameters on different axes → one Slice
+    over both axes (YOLOX's Focus layer slices rows, then columns, four times). The first Slice
+    goes once no other node reads it."""
+    count = 0
+    for node in list(model.graph):
+        inner = node.inputs[0].producer() if node.op_type == "Slice" and node.inputs and node.inputs[0] is not None else None
+        if inner is None or inner.op_type != "Slice" or inner.outputs[0].is_graph_output():
+            continue
+        a, b = _slice_params(inner), _slice_params(node)
+        if a is None or b is None or set(a[2]) & set(b[2]):
+            continue
+        params = [np.array(a[i] + b[i], np.int64) for i in range(4)]
+        base = node.name or "slice"
+        merged = [add_initializer(model.graph, f"{base}_{k}", v) for k, v in zip(("starts", "ends", "axes", "steps"), params)]
+        node.replace_input_with(0, inner.inputs[0])
+        if len(node.inputs) < 5:
+            node.resize_inputs(5)
+        for i, v in enumerate(merged, start=1):
+            node.replace_input_with(i, v)
+        if not inner.outputs[0].uses():
+            model.graph.remove(inner, safe=True)
+        count += 1
+    return count
+
+
 def fold_static_shape_gathers(model: ir.Model) -> int:
     """``Gather(Shape(x), i)`` → constant where dim ``i`` of ``x`` is static.
 
@@ -285,14 +456,14 @@ def _shape_elements(value: ir.Value) -> list | None:
                 return None
             out.extend(int(a) for a in arr)
             continue
-        node = piece.producer() if piece is not None else None
+        node = _skip_identity(piece.producer() if piece is not None else None)
         if node is not None and node.op_type == "Unsqueeze":
             axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
             if axes is None and "axes" in node.attributes:
                 axes = np.array(node.attributes["axes"].as_ints())
             if axes is None or list(np.ravel(axes)) not in ([0], [-1]):
                 return None
-            node = node.inputs[0].producer()
+            node = _skip_identity(node.inputs[0].producer())
             scalar = True
         else:
             scalar = False
@@ -313,16 +484,23 @@ def _shape_elements(value: ir.Value) -> list | None:
     return out
 
 
-def _same_dim(data: ir.Value, pos: int, src: ir.Value, idx: int, declared: set[str]) -> bool:
-    """Dim ``pos`` of ``data`` is dim ``idx`` of ``src``: the same tensor and index, or the
-    same named dim of a graph input (the exporter's claim that those sizes are one)."""
+def _skip_identity(node: ir.Node | None) -> ir.Node | None:
+    while node is not None and node.op_type == "Identity" and node.inputs and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    return node
+
+
+def _same_dim(data: ir.Value, pos: int, src: ir.Value, idx: int) -> bool:
+    """Dim ``pos`` of ``data`` is dim ``idx`` of ``src``: the same tensor and index, or the same
+    named symbolic dim. Fold re-infers every intermediate shape (declared value_info is dropped),
+    so a shared name is ONNX shape inference's proof that the sizes are one, or the graph
+    inputs' own declaration."""
     if src is data:
         return pos == idx
     if data.shape is None or pos >= len(data.shape):
         return False
     a, b = data.shape[pos], src.shape[idx]
-    return (not isinstance(a, int) and not isinstance(b, int) and a.value is not None
-            and a.value == b.value and a.value in declared)
+    return not isinstance(a, int) and not isinstance(b, int) and a.value is not None and a.value == b.value
 
 
 def fold_reshape_shape_chains(model: ir.Model) -> int:
@@ -332,10 +510,8 @@ def fold_reshape_shape_chains(model: ir.Model) -> int:
     runtime shape. Reshape's own ``0`` (copy this dim of the input) says the same
     without the chain, and the batch stays dynamic. An element that reads a static dim
     becomes that number; one that reads a dynamic dim of another position or tensor
-    keeps the chain (unless it is the same named input dim). At most one ``-1``.
+    keeps the chain (unless shape inference named it the same dim). At most one ``-1``.
     """
-    declared = {d.value for v in model.graph.inputs if v.shape is not None for d in v.shape.dims
-                if not isinstance(d, int) and d.value}
     count = 0
     for node in list(model.graph):
         if node.op_type != "Reshape" or len(node.inputs) < 2 or node.inputs[1] is None:
@@ -352,7 +528,7 @@ def fold_reshape_shape_chains(model: ir.Model) -> int:
         for pos, e in enumerate(elems):
             if isinstance(e, int):
                 target.append(e)
-            elif _same_dim(data, pos, *e, declared):
+            elif _same_dim(data, pos, *e):
                 target.append(0)
             elif isinstance(e[0].shape[e[1]], int):
                 target.append(int(e[0].shape[e[1]]))
@@ -432,6 +608,10 @@ def _restore_declared_output_shapes(model: ir.Model, declared: dict) -> dict[str
             # keep the declared names of dynamic dims, and any static size inference adds
             v.shape = ir.Shape([b if isinstance(b, int) else a for a, b in zip(claim.dims, found.dims)])
         else:
+            # names shape inference made up (unk__N) mean nothing to a user: unnamed dynamic dims
+            v.shape = ir.Shape([None if not isinstance(d, int) and str(d.value or "").startswith("unk__") else d
+                                for d in found.dims])
+            found = v.shape
             corrected[v.name] = f"declared {_dims(claim)}, computes {_dims(found)}"
             logger.warning("output '%s' is declared %s but the model computes %s; the declared shape is dropped",
                            v.name, _dims(claim), _dims(found))
