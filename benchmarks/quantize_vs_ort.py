@@ -59,13 +59,18 @@ def ort_quantize_static(src, dst, data: np.ndarray, input_name: str, method: str
     """The baseline: onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations), batches of 8."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    import onnx
+
+    dim0 = onnx.load(str(src), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    step = 1 if dim0.HasField("dim_value") and dim0.dim_value == 1 else 8  # a model of fixed batch 1 takes one at a time
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter(range(0, len(data), 8))
+            self.it = iter(range(0, len(data), step))
 
         def get_next(self):
             i = next(self.it, None)
-            return None if i is None else {input_name: data[i:i + 8]}
+            return None if i is None else {input_name: data[i:i + step]}
 
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[method]
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -107,7 +112,7 @@ def _run_child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False):
+def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False, corpus_models: bool = False):
     """(label, path of the folded fp32 model) for every model of the run."""
     from onnxcc.compiler.ir_utils import load_model, save_model
     from onnxcc.compiler.pipeline import Pipeline
@@ -128,6 +133,18 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_m
 
         for name in ("resnet", "mobilenet_v2", "mobilenet_v3"):
             yield f"digits/{name}", folded(load_model(trained(name)[0]), f"digits_{name}")
+    if corpus_models:
+        from onnxcc.models import corpus
+
+        for entry in corpus.ENTRIES:
+            if entry.name == "ddddocr_crnn_int8":
+                continue  # already int8: quantize refuses it
+            try:
+                path = corpus.fetch(entry.name)
+            except corpus.CorpusUnavailable as e:
+                print(f"# {entry.name} skipped: {e}", flush=True)
+                continue
+            yield f"corpus/{entry.name}", folded(load_model(path), f"corpus_{entry.name}")
     if use_torch:
         from tests import torch_zoo as Z
 
@@ -148,14 +165,28 @@ def run(args) -> tuple[str, list[dict]]:
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="onnxcc-qbench-") as tmpd:
         tmp = Path(tmpd)
-        for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained):
+        for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained, args.corpus):
             fp32 = load_model(src)
             spec = input_specs(fp32)[0]
-            shape = tuple(spec.concrete(1))[1:]
             rng = np.random.default_rng(0)
             calib = tmp / "calib.npy"
             labels = None
-            if label.startswith("digits/"):  # real images: calibrate on training digits, test on held-out ones
+            corpus_name = label.split("/", 1)[1] if label.startswith("corpus/") else None
+            shapes = None
+            if corpus_name:  # rendered data preprocessed as the application does; held-out from another seed
+                from onnxcc.models import corpus
+                from onnxcc.models import corpus_data as cd
+
+                np.save(calib, cd.make(corpus_name, args.calib, seed=0).inputs[spec.name])
+                held = cd.make(corpus_name, 64, seed=1)
+                held_out, labels = held.inputs[spec.name], held.labels
+                shapes = {spec.name: (1,) + held_out.shape[1:]}
+                shape = held_out.shape[1:]
+            else:
+                shape = tuple(spec.concrete(1))[1:]
+            if corpus_name:
+                pass  # data made above
+            elif label.startswith("digits/"):  # real images: calibrate on training digits, test on held-out ones
                 from tests.trained import digits
 
                 x_tr, _, _, held_out, labels = digits()
@@ -165,6 +196,7 @@ def run(args) -> tuple[str, list[dict]]:
                 held_out = rng.standard_normal((32,) + shape).astype(np.float32)
             variants = {"ort": ("ort", []), "onnxcc": ("onnxcc", []), "onnxcc+eq+bc": ("onnxcc", ["equalize", "bias-correction"]),
                         "int8-x86": ("onnxcc", ["equalize", "bias-correction", "speed-guard"])}  # the recipe: + speed guard
+            variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
             out_paths, cost = {}, {}
             for key, (tool, extra) in variants.items():
                 dst = tmp / f"{Path(src).stem}_{key}.onnx"
@@ -173,21 +205,36 @@ def run(args) -> tuple[str, list[dict]]:
                     out_paths[key] = dst
                 except RuntimeError as e:
                     print(f"# {label} {key}: {e}", flush=True)
-            feeds = [{spec.name: held_out}]
+            fixed_one = spec.fixed_batch == 1
+            feeds = [{spec.name: held_out[i:i + 1]} for i in range(len(held_out))] if fixed_one else [{spec.name: held_out}]
             ref = run_model(fp32, feeds)
-            acc32 = None if labels is None else float((ref[next(iter(ref))].argmax(1) == labels).mean())
+
+            def score(out):
+                if labels is None:
+                    return None
+                if corpus_name:
+                    y = out[next(iter(out))]
+                    if corpus_name == "captcha_crnn":  # [T, N, C] outputs joined along T: one sample per feed
+                        y = y.reshape(len(held_out), -1, y.shape[-1]).transpose(1, 0, 2)
+                    return cd.accuracy(corpus_name, y, labels, model_path=corpus.fetch(corpus_name))
+                return float((out[next(iter(out))].argmax(1) == labels).mean())
+
+            acc32 = score(ref)
             bench_list = [("fp32", src)] + [(k, p) for k, p in out_paths.items()]
             lat = {}
             for b in args.batches:
-                res = bench_models(bench_list, threads=args.threads, batch=b, rounds=args.rounds, block=args.block, measure_memory=False)
+                if fixed_one and b != 1:
+                    continue
+                res = bench_models(bench_list, threads=args.threads, batch=b, rounds=args.rounds, block=args.block,
+                                   measure_memory=False, input_shapes={k: (b,) + tuple(v[1:]) for k, v in shapes.items()} if shapes else None)
                 lat[b] = {e.label: e.median_ms for e in res.entries}
             size32 = os.path.getsize(src)
             for key, p in out_paths.items():
                 q = load_model(p)
-                comp = compare_outputs(ref, run_model(q, feeds))
                 fus = fusion_report(q)
-                out_q = run_model(q, feeds)
-                acc = None if labels is None else float((out_q[next(iter(out_q))].argmax(1) == labels).mean())
+                out_q = run_model(q, feeds, optimize=True)  # as deployed: the fused integer kernels
+                comp = compare_outputs(ref, out_q)
+                acc = score(out_q)
                 rec = {
                     "model": label, "quantizer": key, "method": args.method, "accuracy": acc, "accuracy_fp32": acc32,
                     "sqnr_db": comp.min_sqnr, "top1_agreement": comp.top1,
@@ -200,6 +247,9 @@ def run(args) -> tuple[str, list[dict]]:
                     top1 = f"acc {100 * acc:.1f} ({100 * (acc - acc32):+.1f})"
                 row = [label, key, f"{comp.min_sqnr:.1f}", top1, f"{rec['size_ratio']:.3f}"]
                 for b in args.batches:
+                    if b not in lat:
+                        row.append("-")
+                        continue
                     r = lat[b][key] / lat[b]["fp32"]
                     rec[f"latency_ratio_b{b}"] = r
                     rec[f"fp32_ms_b{b}"] = lat[b]["fp32"]
@@ -226,6 +276,8 @@ def main(argv=None) -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     ap.add_argument("--torch", action="store_true", help="also the torch zoo networks (legacy export)")
     ap.add_argument("--trained", action="store_true", help="also the digits-trained CNNs (accuracy on 500 held-out images)")
+    ap.add_argument("--variants", default="ort,onnxcc,onnxcc+eq+bc,int8-x86", help="which quantizers to run")
+    ap.add_argument("--corpus", action="store_true", help="also the real-model corpus (models/corpus.py; accuracy on 64 rendered held-out samples)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3)

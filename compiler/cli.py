@@ -475,7 +475,6 @@ def _sensitivity_plot(res, path: str) -> None:
 @config_options("weight-only", only=("block_size",))
 @click.option("--fp16", is_flag=True, help="store weights as float16 (float32 compute, inputs and outputs)")
 @click.option("--dynamic", is_flag=True, help="dynamic INT8 for MatMul/Gemm (activations quantized at run time, no calibration)")
-@config_options("quantize-dynamic", only=("reduce_range",))
 @config_options("quantize", exclude=("max_drop",), aliases={"calib_samples": ["--samples"], "per_channel": ["--per-channel/--per-tensor"]})
 @click.option("--equalize", is_flag=True, help="cross-layer equalization first (exact in float)")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
@@ -489,7 +488,7 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
         raise BadInputError("--weight-only, --fp16 and --dynamic are alternatives: give one")
     q = pass_options("quantize", options)  # first: the shared --exclude is quantize's
     block = pass_options("weight-only", options)
-    dyn = pass_options("quantize-dynamic", options)
+    dyn = {"reduce_range": q["reduce_range"]}  # one --reduce-range for static and dynamic INT8
     specs: list = [("fold", {})]  # quantize lowers opset < 13 itself (lower-int8), verified
     if weight_only or fp16:
         specs.append(("weight-only", {"dtype": "fp16" if fp16 else weight_only, "exclude": q["exclude"], **block}))

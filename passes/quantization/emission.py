@@ -66,7 +66,7 @@ def quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarra
     w_val = node.inputs[1]
     w = const_array(w_val)
     axis = W.out_axis(node)
-    q, s_w = R.per_channel_weight(w, axis, per_channel=cfg.per_channel) if rounded is None else rounded[:2]
+    q, s_w = R.per_channel_weight(w, axis, bits=R.weight_bits(cfg), per_channel=cfg.per_channel) if rounded is None else rounded[:2]
     key = (id(w_val), axis)
     if key not in cache:
         base = w_val.name or f"{node.name}_w"

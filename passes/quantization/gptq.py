@@ -211,10 +211,11 @@ def gptq_layer(node: ir.Node, gram, cfg, key, cache: dict, out: dict, skipped: l
         cache[key] = why
         return
     axis = W.out_axis(node)
-    q_near, s_w = R.per_channel_weight(w, axis, per_channel=cfg.per_channel)
+    bits = R.weight_bits(cfg)
+    q_near, s_w = R.per_channel_weight(w, axis, bits=bits, per_channel=cfg.per_channel)
     s_full = np.broadcast_to(W.broadcast_along(s_w, axis, w.ndim), w.shape)
     s_g = W.grouped(node, s_full)[0][:, :, 0]  # per output: constant along the inputs
-    codes = gptq_codes(m, s_g, gram.h)
+    codes = gptq_codes(m, s_g, gram.h, qmax=2 ** (bits - 1) - 1)
     q = back(codes).astype(np.int8)
     near, hat = W.grouped(node, q_near.astype(np.float64) * s_full)[0], W.grouped(node, q.astype(np.float64) * s_full)[0]
     e_near, e_gptq = output_error(m, near, gram.h), output_error(m, hat, gram.h)

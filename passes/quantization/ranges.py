@@ -155,6 +155,11 @@ def qparams(lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False)
     return np.float32(scale), zp
 
 
+def weight_bits(cfg) -> int:
+    """7 with ``reduce_range`` and uint8 activations (no int16 saturation on AVX2), else 8."""
+    return 7 if getattr(cfg, "reduce_range", False) and getattr(cfg, "activations", "uint8") == "uint8" else 8
+
+
 def per_channel_weight(w: np.ndarray, axis: int, bits: int = 8, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 (or narrower) weights: (quantized int8 array, float32 scales)."""
     qmax = 2 ** (bits - 1) - 1
