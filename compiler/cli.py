@@ -571,12 +571,16 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
 @click.argument("model_path", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--channels", is_flag=True, help="print the channel spaces (what pruning can remove together, or the blocker)")
-def inspect(model_path, as_json, channels):
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD",
+              help="concrete shape for an input with dynamic dims: shapes and MACs are counted there")
+def inspect(model_path, as_json, channels, input_shapes):
     """Per-layer table: shapes, parameters, MACs, weight statistics."""
     from onnxcc.compiler.analysis import analyze, summary_table
-    from onnxcc.compiler.ir_utils import load_model
+    from onnxcc.compiler.calibration import parse_input_shapes
+    from onnxcc.compiler.ir_utils import load_model, set_shape_hint
 
     model = load_model(model_path)
+    set_shape_hint(model, parse_input_shapes(input_shapes))
     if channels:
         from onnxcc.passes.pruning.dependency import ChannelGraph
         from onnxcc.passes.pruning.cut import prepare, space_table, spaces_json

@@ -526,9 +526,9 @@ def concrete_shape(value: ir.Value | None, batch: int = 1) -> tuple[int, ...] | 
         return None
     dims = []
     for i, d in enumerate(value.shape.dims):
-        if isinstance(d, int):
+        if isinstance(d, int) and d >= 0:
             dims.append(d)
-        elif i == 0:
+        elif i == 0:  # symbolic, or stored as -1 (paddle2onnx): the batch
             dims.append(batch)
         else:
             return None

@@ -201,3 +201,12 @@ def test_an_already_quantized_model_is_refused_by_quantize_and_folded_exactly(co
     r = cli("quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "cal.npz"))
     assert r.code == 2 and "already quantized" in r.err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_inspect_counts_at_the_given_shape(corpus_path, cli):
+    src = corpus_path("ppocr_cls")
+    r = cli("inspect", str(src), "--json", "--input-shape", "x:1x3x48x192")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["macs"] > 1.6e7  # 16.3M at 48x192; the symbolic model counted -56 thousand
+    bare = json.loads(cli("inspect", str(src), "--json").out)
+    assert bare["macs"] >= 0  # a batch stored as -1 is a dynamic batch, not a size
