@@ -36,7 +36,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcc.compiler.errors import BadInputError
-from onnxcc.compiler.ir_utils import shape_hint
+from onnxcc.compiler.ir_utils import is_dynamic_dim, shape_hint
 from onnxcc.compiler.sessions import make_session
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class InputSpec:
             raise BadInputError(f"input '{self.name}' has no declared shape; pass --input-shape {self.name}:DIMS")
         dims = []
         for i, d in enumerate(self.shape):
-            if isinstance(d, int) and d >= 0:  # a negative stored size means "dynamic"
+            if not is_dynamic_dim(d):  # a negative stored size means "dynamic"
                 dims.append(d)
             elif i == 0:
                 dims.append(batch)

@@ -209,22 +209,11 @@ def upgrade_model(model: ir.Model) -> ir.Model:
                 f"opset {opset} is older than onnxcc supports ({SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[1]}) and "
                 f"onnx's version converter could not upgrade it: {str(e).splitlines()[0] if str(e) else e}"
             ) from e
-    proto.ir_version = max(proto.ir_version, _min_ir_for_opset(default_opset(proto) or 0))
+    proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import)))
     upgraded = ir.serde.deserialize_model(proto)
     upgraded.meta.update(model.meta)
-    dirs = {(t.location, t.offset): t.base_dir for t in _external_tensors(model.graph)}
-    for t in _external_tensors(upgraded.graph) if dirs else ():
-        t.base_dir = dirs.get((t.location, t.offset), t.base_dir)
+    _copy_base_dirs(model, upgraded)
     return upgraded
-
-
-def _min_ir_for_opset(opset: int) -> int:
-    """The IR version that introduced ``opset`` (onnx.helper.VERSION_TABLE)."""
-    best = 3
-    for row in onnx.helper.VERSION_TABLE:  # (release, ir_version, ai.onnx opset, ...)
-        if row[2] <= opset:
-            best = max(best, row[1]) if row[2] == opset else best
-    return best
 
 
 def convert_opset(model: ir.Model, target: int) -> ir.Model:
@@ -379,6 +368,23 @@ def check_model(model: ir.Model) -> None:
         onnx.checker.check_model(ir.to_proto(model))
 
 
+def is_dynamic_dim(d) -> bool:
+    """A dim that is not a fixed size: symbolic, unknown, or stored as a negative number (some
+    paddle2onnx exports write a dynamic batch as -1)."""
+    return not (isinstance(d, int) and d >= 0)
+
+
+def replace_node_output(graph: ir.Graph, gone: ir.Node, keep: ir.Value) -> None:
+    """Every use of ``gone``'s output reads ``keep`` instead, ``gone`` is removed, and ``keep`` takes
+    the old name when that output was a graph output (users read outputs by name)."""
+    out = gone.outputs[0]
+    name, was_output = out.name, out.is_graph_output()
+    out.replace_all_uses_with(keep, replace_graph_outputs=True)
+    graph.remove(gone, safe=True)
+    if was_output:
+        keep.name = name
+
+
 SHAPE_HINT = "onnxcc.input_shapes"  # model.meta key: a concrete shape per input with dynamic dims
 
 
@@ -398,8 +404,8 @@ def set_shape_hint(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> None
         dims = tuple(int(d) for d in shapes[v.name])
         if len(dims) != len(v.shape):
             continue
-        if any(not (isinstance(d, int) and d >= 0) for d in list(v.shape.dims)[1:]):
-            hint[v.name] = (1,) + dims[1:] if not (isinstance(v.shape[0], int) and v.shape[0] >= 0) else dims
+        if any(is_dynamic_dim(d) for d in list(v.shape.dims)[1:]):
+            hint[v.name] = dims
     if hint:
         model.meta[SHAPE_HINT] = hint
     else:
@@ -413,9 +419,7 @@ def apply_shape_hint(model: ir.Model) -> bool:
     for v in model.graph.inputs:
         if v.name in hint and v.shape is not None:
             lead = v.shape[0]
-            batch = lead if not (isinstance(lead, int) and lead >= 0) else hint[v.name][0]
-            if isinstance(batch, int) and batch < 0:
-                batch = None  # a batch stored as -1: dynamic
+            batch = hint[v.name][0] if not is_dynamic_dim(lead) else (None if isinstance(lead, int) else lead)  # -1: dynamic
             v.shape = ir.Shape([batch, *hint[v.name][1:]])  # the batch stays dynamic (any batch runs)
     if hint:
         infer_shapes(model)
@@ -464,13 +468,19 @@ def clone_model(model: ir.Model) -> ir.Model:
     for src, dst in zip(_all_nodes(model), _all_nodes(clone)):
         if src.meta and src.op_type == dst.op_type:
             dst.meta.update(src.meta)
-    dirs = {(t.location, t.offset): t.base_dir for t in _external_tensors(model.graph)}
+    _copy_base_dirs(model, clone)
+    return clone
+
+
+def _copy_base_dirs(src: ir.Model, dst: ir.Model) -> None:
+    """Give each external tensor of ``dst`` the base directory of the same tensor in ``src`` (a
+    proto round trip keeps the relative location, not the folder it is relative to)."""
+    dirs = {(t.location, t.offset): t.base_dir for t in _external_tensors(src.graph)}
     if dirs:
-        for t in _external_tensors(clone.graph):
+        for t in _external_tensors(dst.graph):
             base = dirs.get((t.location, t.offset))
             if base is not None:
                 t.base_dir = base
-    return clone
 
 
 def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
@@ -526,7 +536,7 @@ def concrete_shape(value: ir.Value | None, batch: int = 1) -> tuple[int, ...] | 
         return None
     dims = []
     for i, d in enumerate(value.shape.dims):
-        if isinstance(d, int) and d >= 0:
+        if not is_dynamic_dim(d):
             dims.append(d)
         elif i == 0:  # symbolic, or stored as -1 (paddle2onnx): the batch
             dims.append(batch)

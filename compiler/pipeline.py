@@ -231,19 +231,9 @@ class Pipeline:
                 )
             tolerance = V.exact_tolerances(model, feeds, ref_orig)
         steps: list[StepRecord] = []
-        why = needs_upgrade(model)
-        if why:  # first step: a verified upgrade, the unconverted model being the reference
-            t0 = time.perf_counter()
-            replace_contents(model, upgrade_model(model))
-            vs_prev = None
-            if self.verify and feeds is not None:
-                cand = _run_candidate("upgrade", model, feeds)
-                vs_prev = V.compare_outputs(ref_prev, cand)
-                _check_exact("upgrade", ref_prev, cand, vs_prev, tolerance=tolerance)
-                ref_prev = cand
-            logger.warning("upgraded the model first: %s", "; ".join(why))
-            steps.append(StepRecord("upgrade", True, {}, PassReport(model, True, changed=why), time.perf_counter() - t0,
-                                    vs_prev, vs_prev, tolerance if vs_prev is not None else None))
+        passes = list(self.passes)
+        if needs_upgrade(model):  # first step: a verified upgrade, the unconverted model being the reference
+            passes.insert(0, (UpgradeStep, UpgradeStep.Config()))
         if self.verify and feeds is not None:
             def run_nested(inner: OnnxccPass, m: ir.Model) -> PassReport:
                 """An exact pass run inside another (``quantize`` → ``lower-int8``), verified on its own."""
@@ -253,7 +243,7 @@ class Pipeline:
                 return rep
 
             context.exact_runner = run_nested
-        for cls, config in self.passes:
+        for cls, config in passes:
             p = cls(config, context)
             t0 = time.perf_counter()
             try:
@@ -299,6 +289,25 @@ class Pipeline:
             if on_step is not None:
                 on_step(steps[-1], model)
         return PipelineResult(model, steps)
+
+
+class UpgradeStep(OnnxccPass):
+    """Not a registered pass: the pipeline's own first step for a model at an old opset or IR < 4
+    (ir_utils.upgrade_model), verified like any exact pass."""
+
+    name = "upgrade"
+    exact = True
+    concrete_shapes = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        pass
+
+    def call(self, model: ir.Model) -> PassReport:
+        why = needs_upgrade(model)
+        replace_contents(model, upgrade_model(model))
+        logger.warning("upgraded the model first: %s", "; ".join(why))
+        return PassReport(model, True, changed=why)
 
 
 def concrete_shapes(

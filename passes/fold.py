@@ -54,6 +54,7 @@ from onnxcc.compiler.ir_utils import (
     infer_shapes,
     node_label,
     replace_contents,
+    replace_node_output,
 )
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
 
@@ -234,13 +235,7 @@ def fold_batchnorms(model: ir.Model) -> int:
             prod.replace_input_with(2, b_val)
         prev = prod.meta.get(BN_SCALE_META)
         prod.meta[BN_SCALE_META] = np.abs(s) * (prev if prev is not None else 1.0)
-        out = bn.outputs[0]
-        keep_name = out.name
-        was_output = out.is_graph_output()
-        out.replace_all_uses_with(prod.outputs[0], replace_graph_outputs=True)
-        model.graph.remove(bn, safe=True)
-        if was_output:
-            prod.outputs[0].name = keep_name
+        replace_node_output(model.graph, bn, prod.outputs[0])
         count += 1
     return count
 
@@ -253,16 +248,6 @@ def _per_channel(c: np.ndarray, out_rank: int, cout: int) -> np.ndarray | None:
     if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, cout):
         return None
     return np.broadcast_to(full.reshape(-1).astype(np.float64), (cout,))
-
-
-def _replace_output(model: ir.Model, keep: ir.Value, gone: ir.Node) -> None:
-    """``gone``'s output is now ``keep`` (its name kept when it was a graph output); drop ``gone``."""
-    out = gone.outputs[0]
-    name, was_output = out.name, out.is_graph_output()
-    out.replace_all_uses_with(keep, replace_graph_outputs=True)
-    model.graph.remove(gone, safe=True)
-    if was_output:
-        keep.name = name
 
 
 def _private_producer_and_constant(node: ir.Node, ops: tuple[str, ...], producer: str):
@@ -312,7 +297,7 @@ def fold_conv_affine(model: ir.Model) -> int:
         else:
             b_val.const_value = ir.tensor(b.astype(np.float32), name=b_val.name)
             b_val.shape = ir.Shape([w.shape[0]])
-        _replace_output(model, x, node)
+        replace_node_output(model.graph, node, x)
         count += 1
     return count
 
@@ -338,7 +323,7 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
         model.graph.insert_before(mm, gemm)
         y.replace_all_uses_with(gemm.outputs[0])
         model.graph.remove(mm, safe=True)
-        _replace_output(model, gemm.outputs[0], node)
+        replace_node_output(model.graph, node, gemm.outputs[0])
         count += 1
     return count
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxcc.compiler.ir_utils import add_initializer, const_array, convert_opset, infer_shapes, replace_contents
+from onnxcc.compiler.ir_utils import add_initializer, const_array, convert_opset, infer_shapes, replace_contents, replace_node_output
 from onnxcc.compiler.passbase import OnnxccPass, PassReport
 from onnxcc.passes.fold import reduce_mean_to_global_pool
 
@@ -131,12 +131,7 @@ def decompose_hard_activations(graph: ir.Graph) -> int:
             n.outputs[0].name = f"{base}_dec{i}"
             n.outputs[0].dtype = ir.DataType.FLOAT
         graph.insert_before(node, new)
-        out = node.outputs[0]
-        name, was_output = out.name, out.is_graph_output()
-        out.replace_all_uses_with(new[-1].outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        if was_output:
-            new[-1].outputs[0].name = name
+        replace_node_output(graph, node, new[-1].outputs[0])
         count += 1
     return count
 
