@@ -722,3 +722,23 @@ def test_a_model_onnxruntime_refuses_to_optimize_skips_the_fusion_check_with_its
     rep = res.steps[0].report
     assert rep.modified and any(s.layer == "fusion check" and "Range" in s.reason for s in rep.skipped)
     assert res.steps[0].vs_original.min_sqnr > 5.0
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_lossy_error_is_measured_as_deployed_and_7_bit_weights_are_the_default(tiny_models, reduce_range):
+    """The pipeline judges a lossy pass on onnxruntime's optimized session (the fused integer
+    kernels, whose int16 pair sums saturate on AVX2 without VNNI), not on the unfused QDQ graph."""
+    from onnxcc.compiler.verify import verification_feeds
+
+    fp32 = clone_model(tiny_models["resnet"])
+    calib = CalibrationSet({"input": np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)})
+    model = clone_model(fp32)
+    res = Pipeline(["fold", ("quantize", {"reduce_range": reduce_range})]).run(model, calib)
+    step = res.steps[-1]
+    feeds = verification_feeds(fp32, calib)
+    ref = run_model(fp32, feeds)
+    deployed = compare_outputs(ref, run_model(model, feeds, optimize=True)).min_sqnr
+    assert step.vs_original.min_sqnr == pytest.approx(deployed, abs=1e-6)
+    codes = [const_array(v) for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.dtype == ir.DataType.INT8]
+    assert codes and max(int(np.abs(c).max()) for c in codes) == (63 if reduce_range else 127)
+    assert step.config["reduce_range"] is reduce_range
