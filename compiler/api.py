@@ -9,6 +9,9 @@
 (a given ``onnx_ir.Model`` is not modified: the pipeline works on a copy).
 ``recipe`` is a shipped recipe name (:func:`shipped_recipes`), a YAML/JSON
 path, or a list of passes (names, ``(name, options)`` pairs or dicts).
+``data`` are real inputs to verify every pass on (an ``.npz`` by input name, a dict of arrays
+or a list of feed dicts: :func:`~compiler.calibration.verification_data`); without it the
+calibration samples, else seeded random inputs of the declared shapes.
 ``calibration`` may be a :class:`~compiler.calibration.CalibrationSet`, a
 numpy array or dict of arrays, a ``.npy``/``.npz``/image-folder path, or an
 onnxruntime ``CalibrationDataReader``, so existing onnxruntime quantization
@@ -170,6 +173,7 @@ def compile_model(
     recipe: Any = None,
     *,
     calibration: Any = None,
+    data: Any = None,
     labels: Any = None,
     budget: float | Budget | None = None,
     seed: int = 0,
@@ -193,13 +197,18 @@ def compile_model(
     calib = as_calibration(calibration, m)
     if calib is not None:
         calib.validate(m)
+    feeds = None
+    if data is not None:
+        from onnxcc.compiler.calibration import verification_data
+
+        feeds = verification_data(data, m, limit=verify_samples)
     if isinstance(budget, (int, float)):
         budget = Budget(max_drop=float(budget))
     if labels is not None and not isinstance(labels, np.ndarray):
         labels = np.load(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
     from onnxcc.compiler.ir_utils import set_shape_hint
 
-    set_shape_hint(m, concrete_shapes(input_shapes, calib))  # before/after totals count at this shape
+    set_shape_hint(m, concrete_shapes(input_shapes, calib, feeds))  # before/after totals count at this shape
     pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, top_k=top_k)
     original = clone_model(m)
     counted = _counted(original, specs)
@@ -210,7 +219,7 @@ def compile_model(
             before.update(totals(folded, latency=measure_latency))
 
     t0 = time.perf_counter()
-    result = pipeline.run(m, calib, on_step=first_fold)
+    result = pipeline.run(m, calib, feeds=feeds, on_step=first_fold)
     elapsed = time.perf_counter() - t0
     before["file_bytes"] = serialized_size(original)
     after = totals(result.model, latency=measure_latency)

@@ -35,9 +35,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.errors import BadInputError, ModelRejectedError
 from onnxcc.compiler.ir_utils import is_dynamic_dim, shape_hint
-from onnxcc.compiler.sessions import make_session
+from onnxcc.compiler.sessions import first_line, make_session
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int | str | None, ...] | None  # str/None for symbolic or unknown dims
     hint: tuple[int, ...] | None = None  # concrete shape for the dynamic dims (ir_utils.shape_hint)
+    int_range: tuple[int, int, bool] | None = None  # integer inputs: valid values lo..hi-1, distinct? (index_ranges)
 
     @property
     def fixed_batch(self) -> int | None:
@@ -81,6 +82,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     """Declared graph inputs that are not initializers."""
     specs = []
     hints = shape_hint(model)
+    ranges = index_ranges(model)
     for v in model.graph.inputs:
         if v.is_initializer():
             continue
@@ -88,8 +90,75 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         shape = None
         if v.shape is not None:
             shape = tuple(d if isinstance(d, int) else (d.value if hasattr(d, "value") else None) for d in v.shape.dims)
-        specs.append(InputSpec(v.name, np.dtype(dtype), shape, hints.get(v.name)))
+        specs.append(InputSpec(v.name, np.dtype(dtype), shape, hints.get(v.name), ranges.get(v.name)))
     return specs
+
+
+def _dims(v: ir.Value | None) -> list[int] | None:
+    if v is None or v.shape is None:
+        return None
+    return [d if isinstance(d, int) and d >= 0 else -1 for d in v.shape.dims]
+
+
+def _valid_range(node: ir.Node, index: int) -> tuple[int, int, bool] | None:
+    """Values an integer operand ``index`` of ``node`` may take, from its data input's declared
+    shape: gather/scatter indices below the gathered axis's size, axes below the rank, Slice
+    bounds within the sliced sizes, TopK's K within the axis, Tile repeats 1-2; axes are also
+    distinct. None: no bound known (random 0..3 is used)."""
+    op = node.op_type
+    data = _dims(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+    axis_attr = node.attributes.get("axis")
+    axis = axis_attr.as_int() if axis_attr is not None else 0
+    if data is None:
+        return (1, 3, False) if (op, index) == ("Tile", 1) else None
+    rank = len(data)
+    known = [d for d in data if d > 0]
+    if op in ("Gather", "GatherElements", "Scatter", "ScatterElements") and index == 1:
+        if -rank <= axis < rank and data[axis] > 0:
+            return (0, data[axis], False)
+        return None
+    if op in ("GatherND", "ScatterND") and index == 1 and known:
+        return (0, min(known), False)
+    if (op.startswith("Reduce") or op == "Squeeze") and index == 1 and rank:
+        return (0, rank, True)
+    if op == "CumSum" and index == 1 and rank:
+        return (0, rank, False)
+    if op == "Unsqueeze" and index == 1:
+        return (0, rank + 1, True)
+    if op == "Slice":
+        if index in (1, 2) and known:
+            return (0, min(known) + 1, False)
+        if index == 3 and rank:
+            return (0, rank, True)
+        if index == 4:
+            return (1, 3, False)
+    if op == "TopK" and index == 1 and -rank <= node.attributes.get_int("axis", -1) < rank:
+        k = data[node.attributes.get_int("axis", -1)]
+        return (1, k + 1, False) if k > 0 else None
+    if op == "Tile" and index == 1:
+        return (1, 3, False)
+    return None
+
+
+def index_ranges(model: ir.Model) -> dict[str, tuple[int, int, bool]]:
+    """For each integer graph input that feeds indices, axes or bounds: the range of values that
+    is valid for every node using it (random values outside it make onnxruntime refuse the model,
+    or compute nothing worth comparing)."""
+    out: dict[str, tuple[int, int, bool]] = {}
+    for v in model.graph.inputs:
+        if v.is_initializer() or v.dtype is None or not np.issubdtype(v.dtype.numpy(), np.integer):
+            continue
+        lo, hi, distinct = None, None, False
+        for node, index in v.uses():
+            r = _valid_range(node, index)
+            if r is None:
+                continue
+            lo = r[0] if lo is None else max(lo, r[0])
+            hi = r[1] if hi is None else min(hi, r[1])
+            distinct |= r[2]
+        if lo is not None and hi is not None and hi > lo:
+            out[v.name] = (lo, hi, distinct)
+    return out
 
 
 def parse_input_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -133,13 +202,104 @@ def random_inputs(
             if np.issubdtype(s.dtype, np.floating):
                 feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
             elif np.issubdtype(s.dtype, np.integer):
-                feed[s.name] = rng.integers(0, 4, size=shape).astype(s.dtype)
+                lo, hi, distinct = s.int_range or (0, 4, False)
+                n = int(np.prod(shape, dtype=np.int64))
+                if distinct and n <= hi - lo:  # axes: no value twice
+                    values = rng.permutation(np.arange(lo, hi))[:n].reshape(shape)
+                else:
+                    values = rng.integers(lo, hi, size=shape)
+                feed[s.name] = values.astype(s.dtype)
             elif s.dtype == np.bool_:
                 feed[s.name] = rng.integers(0, 2, size=shape).astype(bool)
             else:
                 raise BadInputError(f"input '{s.name}': cannot make random data of dtype {s.dtype}")
         feeds.append(feed)
     return feeds
+
+
+def verification_data(source: Any, model: ir.Model, *, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Real inputs to verify on (``--data``): feed dicts, by input name.
+
+    ``source`` is an ``.npz`` (one array per input name), an ``.npy`` (single-input models), a
+    dict of arrays or a list of such dicts. When every array has the model's declared rank and
+    fixed dims, the file is **one feed, used as it is** (an operator test's tensors, a detector's
+    image plus its size input, an index or axes input). Otherwise it is read like calibration
+    data (samples stacked on axis 0) and fed in batches, at most ``limit`` samples. Unlike
+    calibration data, NaN/Inf values are allowed: a model may be meant to handle them.
+    """
+    if isinstance(source, (list, tuple)):
+        feeds = [dict(f) for f in source]
+        for f in feeds:
+            _check_feed(f, model, "data")
+        return feeds
+    label = "data"
+    if isinstance(source, Mapping):
+        arrays = {k: np.asarray(v) for k, v in source.items()}
+    elif isinstance(source, np.ndarray):
+        arrays = {"": source}
+    elif isinstance(source, (str, os.PathLike)):
+        path, label = Path(source), str(source)
+        if path.is_dir():  # a folder of images: samples, like calibration data
+            calib = CalibrationSet.load(path, model)
+            return list(calib.batches(calib.batch_size_for(model, preferred=8), limit=limit))
+        if not path.is_file():
+            raise BadInputError(f"{label}: verification data not found (--data takes an .npz by input name, an .npy or an image folder)")
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+            elif path.suffix == ".npy":
+                arrays = {"": np.load(path, allow_pickle=False)}
+            else:
+                raise BadInputError(f"{label}: verification data must be .npz (arrays by input name) or .npy")
+        except (ValueError, OSError, EOFError) as e:
+            raise BadInputError(f"{label}: cannot read verification data: {e}") from e
+    else:
+        raise BadInputError(f"cannot read verification data from {type(source).__name__}")
+    specs = input_specs(model)
+    if set(arrays) == {""}:
+        if len(specs) != 1:
+            raise BadInputError(f"{label}: one array given but the model has {len(specs)} inputs; use an .npz keyed by input name")
+        arrays = {specs[0].name: arrays[""]}
+    if _fits_as_feed(arrays, specs):
+        _check_feed(arrays, model, label)
+        return [arrays]
+    calib = CalibrationSet(arrays, label)
+    calib.validate(model)
+    return list(calib.batches(calib.batch_size_for(model, preferred=8), limit=limit))
+
+
+def _fits_as_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:
+    for s in specs:
+        a = arrays.get(s.name)
+        if a is None:
+            return False
+        if s.shape is None:
+            continue
+        if a.ndim != len(s.shape) or any(isinstance(d, int) and d >= 0 and d != n for d, n in zip(s.shape, a.shape)):
+            return False
+    return True
+
+
+def _check_feed(feed: dict[str, np.ndarray], model: ir.Model, label: str) -> None:
+    specs = {s.name: s for s in input_specs(model)}
+    missing = [n for n in specs if n not in feed]
+    extra = [n for n in feed if n not in specs]
+    if missing:
+        raise BadInputError(f"{label}: no data for model input(s) {', '.join(missing)}")
+    if extra:
+        raise BadInputError(f"{label}: data for unknown input(s) {', '.join(extra)} (model inputs: {', '.join(specs) or 'none'})")
+    for name, s in specs.items():
+        a = np.asarray(feed[name])
+        if a.dtype != s.dtype:
+            if np.issubdtype(a.dtype, np.floating) and np.issubdtype(s.dtype, np.floating):
+                a = a.astype(s.dtype)
+            else:
+                raise BadInputError(f"{label}: input '{name}' has dtype {a.dtype}, the model expects {s.dtype}")
+        if s.shape is not None and (a.ndim != len(s.shape) or any(
+                isinstance(d, int) and d >= 0 and d != n for d, n in zip(s.shape, a.shape))):
+            raise BadInputError(f"{label}: input '{name}' has shape {a.shape}, the model expects {_fmt_shape(s.shape)}")
+        feed[name] = a
 
 
 # --------------------------------------------------------------------------- calibration set
@@ -498,13 +658,18 @@ class ActivationCollector:
         names = [k for k in reducers if k not in graph_inputs]
         session = self._session(names) if names else None
         n = len(self.calibration) if limit is None else min(limit, len(self.calibration))
+        if any(sp.fixed_batch is not None for sp in input_specs(self.model)):  # whole batches only
+            n = min(len(self.calibration), -(-n // self.batch_size) * self.batch_size)
         if progress is None:
             from onnxcc.compiler.progress import bar
 
             progress = bar("calibration")
         done = 0
         for feed in self.calibration.batches(self.batch_size, n):
-            outs = session.run(names, feed) if session is not None else []
+            try:
+                outs = session.run(names, feed) if session is not None else []
+            except Exception as e:  # onnxruntime's several exception types: one onnxcc error
+                raise ModelRejectedError(f"onnxruntime failed to run the model on the calibration data: {first_line(e)}") from e
             for name, arr in [*zip(names, outs), *((k, feed[k]) for k in direct)]:
                 for r in reducers[name]:
                     r.update(arr)

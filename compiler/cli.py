@@ -75,6 +75,7 @@ output_options = [
     click.option("-o", "--output", "out", required=True, type=click.Path(), help="where to write the result"),
     click.option("--report", type=click.Path(), help="write a JSON report"),
     click.option("--in-place", is_flag=True, help="allow OUT to be the input file"),
+    click.option("--data", type=click.Path(), help="real inputs to verify every pass on (.npz by input name, or .npy); default: the calibration data, else seeded random inputs"),
 ]
 
 # Commands whose lossy result is gated: labels make the metric accuracy, the budget bounds its drop.
@@ -213,6 +214,7 @@ def run_pipeline(
     specs: Sequence[Any],
     *,
     calib: str | None = None,
+    data: str | None = None,
     labels: str | None = None,
     budget: Any = None,
     report: str | None = None,
@@ -237,7 +239,7 @@ def run_pipeline(
     from onnxcc.compiler.ir_utils import check_distinct_outputs, check_output_path, load_model, save_model
 
     # the model may be replaced with --in-place; its external data, the data and the recipe never
-    inputs = (src, *external_data_files(src), calib, labels, *protect)
+    inputs = (src, *external_data_files(src), calib, data, labels, *protect)
     check_output_path(out, *inputs, in_place=in_place)
     for extra in (report, html_path):
         if extra:
@@ -251,7 +253,7 @@ def run_pipeline(
     model = load_model(src)
     calibration = CalibrationSet.load(calib, model) if calib else None
     res = compile_model(
-        model, list(specs), calibration=calibration, labels=_load_labels(labels), budget=budget, seed=seed,
+        model, list(specs), calibration=calibration, data=data, labels=_load_labels(labels), budget=budget, seed=seed,
         input_shapes=parse_input_shapes(input_shapes), top_k=5 if metric == "top5" else 1,
         measure_latency=measure_latency, profile_layers=bool(html_path), verify_samples=verify_samples,
     )
@@ -308,9 +310,9 @@ def _print_result(res: Any) -> None:
 @click.option("--external-data/--no-external-data", default=None, help="store weights in OUT.data (default: only over 2 GB)")
 @_apply(common_model_options)
 @click.pass_context
-def fold(ctx, src, out, report, in_place, external_data, input_shapes, **options):
+def fold(ctx, src, out, report, in_place, data, external_data, input_shapes, **options):
     """Exact clean-up: fold constants, BatchNorm, shape chains; drop dead and no-op nodes."""
-    run_pipeline(ctx, src, out, [("fold", pass_options("fold", options))], report=report, in_place=in_place,
+    run_pipeline(ctx, src, out, [("fold", pass_options("fold", options))], report=report, in_place=in_place, data=data,
                  input_shapes=input_shapes, external_data=external_data)
 
 
@@ -332,7 +334,7 @@ def fold(ctx, src, out, report, in_place, external_data, input_shapes, **options
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, sparsity, codebook_bits, quant_method, calib, labels, budget, report, html_path, no_latency, in_place, seed, input_shapes, metric):  # noqa: A001
+def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, sparsity, codebook_bits, quant_method, calib, labels, budget, report, html_path, no_latency, in_place, data, seed, input_shapes, metric):  # noqa: A001
     """Run a verified pipeline from a recipe, --pass entries and/or shortcut flags (sound order)."""
     from onnxcc.compiler.api import resolve_recipe, specs_from_flags
     from onnxcc.compiler.pipeline import PassSpec
@@ -355,7 +357,7 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
         raise BadInputError("nothing to do: give --recipe, --pass or a shortcut flag")
     recipe_file = [recipe] if recipe and os.path.isfile(recipe) else []
     run_pipeline(ctx, src, out, specs, calib=calib, labels=labels, budget=budget, report=report, html_path=html_path,
-                 in_place=in_place, input_shapes=input_shapes, seed=seed, metric=metric, protect=recipe_file,
+                 in_place=in_place, data=data, input_shapes=input_shapes, seed=seed, metric=metric, protect=recipe_file,
                  verify_samples=64 if budget is not None else 8, measure_latency=not no_latency)
 
 
@@ -369,11 +371,11 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def prune(ctx, src, out, calib, labels, budget, force, report, in_place, input_shapes, metric, **options):
+def prune(ctx, src, out, calib, labels, budget, force, report, in_place, data, input_shapes, metric, **options):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""
     run_pipeline(
         ctx, src, out, [("fold", {}), ("prune", pass_options("prune", options))], calib=calib, labels=labels,
-        budget=None if force else _budget(budget), report=report, in_place=in_place,
+        budget=None if force else _budget(budget), report=report, in_place=in_place, data=data,
         input_shapes=input_shapes, metric=metric,
     )
 
@@ -387,14 +389,14 @@ def prune(ctx, src, out, calib, labels, budget, force, report, in_place, input_s
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def factorize(ctx, src, out, calib, labels, budget, report, in_place, input_shapes, metric, **options):
+def factorize(ctx, src, out, calib, labels, budget, report, in_place, data, input_shapes, metric, **options):
     """Low-rank (SVD, spatial SVD, Tucker-2, CP) or depthwise-separable factorization (runs fold first)."""
     given = [k for k in ("rank", "energy", "vbmf", "target_macs") if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
     if len(given) > 1:
         raise BadInputError("--rank, --energy, --vbmf and --target-macs are alternatives: give one")
     run_pipeline(
         ctx, src, out, [("fold", {}), ("factorize", pass_options("factorize", options))], calib=calib, labels=labels,
-        budget=_budget(budget), report=report, in_place=in_place, input_shapes=input_shapes, metric=metric,
+        budget=_budget(budget), report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric,
     )
 
 
@@ -482,7 +484,7 @@ def _sensitivity_plot(res, path: str) -> None:
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels, budget, report, in_place, input_shapes, metric, **options):
+def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels, budget, report, in_place, data, input_shapes, metric, **options):
     """INT8 QDQ quantization that onnxruntime fuses into integer kernels (runs fold first); or weight-only INT8/INT4/FP16."""
     if sum(map(bool, (weight_only, fp16, dynamic))) > 1:
         raise BadInputError("--weight-only, --fp16 and --dynamic are alternatives: give one")
@@ -503,7 +505,7 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
         specs.append(("quantize", {**q, "max_drop": budget}))
     run_pipeline(
         ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
-        report=report, in_place=in_place, input_shapes=input_shapes, metric=metric,
+        report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric,
         verify_samples=64 if budget is not None else 8,  # the samples mixed precision measured its drop on
     )
 
@@ -517,11 +519,11 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def sparsify(ctx, src, out, calib, labels, budget, report, in_place, input_shapes, metric, **options):
+def sparsify(ctx, src, out, calib, labels, budget, report, in_place, data, input_shapes, metric, **options):
     """Unstructured magnitude sparsity; the report gives the zipped size."""
     opts = {**pass_options("sparsify", options), "reconstruct": bool(calib)}
     run_pipeline(ctx, src, out, [("fold", {}), ("sparsify", opts)], calib=calib, labels=labels,
-                 budget=_budget(budget), report=report, in_place=in_place,
+                 budget=_budget(budget), report=report, in_place=in_place, data=data,
                  input_shapes=input_shapes, metric=metric)
 
 
@@ -534,11 +536,11 @@ def sparsify(ctx, src, out, calib, labels, budget, report, in_place, input_shape
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def codebook(ctx, src, out, calib, labels, budget, report, in_place, input_shapes, metric, **options):
+def codebook(ctx, src, out, calib, labels, budget, report, in_place, data, input_shapes, metric, **options):
     """k-means weight sharing: packed indices + codebook, rebuilt in-graph (same speed)."""
     run_pipeline(ctx, src, out, [("fold", {}), ("codebook", pass_options("codebook", options))],
                  calib=calib, labels=labels, budget=_budget(budget),
-                 report=report, in_place=in_place, input_shapes=input_shapes, metric=metric)
+                 report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric)
 
 
 @cli.command()
@@ -553,7 +555,7 @@ def codebook(ctx, src, out, calib, labels, budget, report, in_place, input_shape
 @_apply(common_model_options)
 @metric_option
 @click.pass_context
-def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, budget, report, in_place, input_shapes, metric):
+def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, budget, report, in_place, data, input_shapes, metric):
     """Deep-Compression-style: prune (structured) → sparsify → [INT8] → codebook, sizes and metric at each stage."""
     specs: list = [("fold", {})]
     if prune_ratio > 0:
@@ -563,7 +565,7 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
         specs.append(("quantize", {"method": "minmax", "bias_correction": True}))
     specs.append(("codebook", {"bits": bits}))
     run_pipeline(ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
-                 report=report, in_place=in_place, input_shapes=input_shapes, metric=metric, verify_samples=64)
+                 report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric, verify_samples=64)
 
 
 # --------------------------------------------------------------------------- read-only commands
@@ -604,7 +606,7 @@ def inspect(model_path, as_json, channels, input_shapes):
 @cli.command()
 @click.argument("reference", type=click.Path(dir_okay=True))
 @click.argument("candidate", type=click.Path(dir_okay=True))
-@click.option("--data", type=click.Path(), help="inputs (.npy/.npz/image folder); default seeded random")
+@click.option("--data", type=click.Path(), help="inputs: one feed (.npz by input name, .npy) or samples on axis 0; default seeded random")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
 @click.option("--samples", type=int, default=8, show_default=True)
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="max |ref-cand| / max |ref| per output")
@@ -617,13 +619,15 @@ def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, see
     """Compare two models in onnxruntime on the same inputs (exit 1 outside tolerance)."""
     from onnxcc.compiler import verify as V
     from onnxcc.compiler.analysis import format_table
-    from onnxcc.compiler.calibration import CalibrationSet, parse_input_shapes
+    from onnxcc.compiler.calibration import parse_input_shapes, verification_data
     from onnxcc.compiler.ir_utils import load_model
 
     ref = load_model(reference)
     cand = load_model(candidate)
-    calib = CalibrationSet.load(data, ref) if data else None
-    feeds = V.verification_feeds(ref, calib, samples=samples, seed=seed, overrides=parse_input_shapes(input_shapes))
+    if data:
+        feeds = verification_data(data, ref, limit=samples)
+    else:
+        feeds = V.verification_feeds(ref, None, samples=samples, seed=seed, overrides=parse_input_shapes(input_shapes))
     lab = _load_labels(labels)
     if lab is not None:
         lab = lab[: sum(next(iter(f.values())).shape[0] for f in feeds)]
@@ -683,6 +687,10 @@ def list_passes():
 
 def main(argv: Sequence[str] | None = None) -> None:
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    if not verbose:  # numpy's overflow/NaN notes from constant folding are not the user's business
+        import warnings
+
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
     try:
         cli.main(args=argv, prog_name="onnxcc", standalone_mode=False)
     except OnnxccError as e:

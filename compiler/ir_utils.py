@@ -34,9 +34,10 @@ from onnxcc.compiler.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-#: Default-domain opsets onnxcc's passes are tested on. Older models are
+#: Default-domain opsets onnxcc's passes are tested on (the newest is the installed onnx's, which
+#: the conformance suite covers: tests/reliability/test_conformance.py). Older models are
 #: upgraded to ``UPGRADE_TARGET`` when onnx's version converter manages it.
-SUPPORTED_OPSETS = (11, 24)
+SUPPORTED_OPSETS = (11, max(24, onnx.defs.onnx_opset_version()))
 UPGRADE_TARGET = 13
 #: Models whose initializers exceed this are saved with external data.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # leave headroom under protobuf's 2 GiB

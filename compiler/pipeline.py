@@ -201,33 +201,53 @@ class Pipeline:
         model: ir.Model,
         calibration: CalibrationSet | None = None,
         *,
+        feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
         on_step: Callable[[StepRecord, ir.Model], None] | None = None,
     ) -> PipelineResult:
-        """Run every pass on ``model`` in place, verifying each; ``on_step`` sees each finished step."""
+        """Run every pass on ``model`` in place, verifying each; ``on_step`` sees each finished step.
+
+        ``feeds`` are the real inputs to verify on (``--data``, see
+        :func:`compiler.calibration.verification_data`); without them the calibration samples,
+        else seeded random inputs."""
         context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels, top_k=self.top_k)
         for cls, _ in self.passes:
             if cls.needs_calibration and calibration is None:
                 raise BadInputError(f"pass '{cls.name}' needs calibration data (--calib)")
         _refuse_non_finite_weights(model)
         if not shape_hint(model):
-            set_shape_hint(model, concrete_shapes(self.input_shapes, calibration))
+            set_shape_hint(model, concrete_shapes(self.input_shapes, calibration, feeds))
         name_unnamed_nodes(model.graph)  # passes name what they add after its layer
-        feeds = None
         ref_orig = ref_prev = None
         tolerance: dict[str, float] | None = None
         labels = self.labels
         if self.verify:
-            feeds = V.verification_feeds(
-                model, calibration, samples=self.verify_samples, seed=self.seed, overrides=self.input_shapes
-            )
+            given_feeds = feeds is not None
+            if feeds is None:
+                feeds = V.verification_feeds(
+                    model, calibration, samples=self.verify_samples, seed=self.seed, overrides=self.input_shapes
+                )
+            feeds = [dict(f) for f in feeds]
             if labels is not None:
                 labels = np.asarray(labels)[: sum(next(iter(f.values())).shape[0] for f in feeds)]
-            ref_orig = ref_prev = V.run_model(model, feeds)
-            bad = [k for k, v in ref_orig.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+            try:
+                ref_orig = ref_prev = V.run_model(model, feeds)
+            except ModelRejectedError as e:
+                if given_feeds or calibration is not None:
+                    raise
+                ints = [v.name for v in model.graph.inputs
+                        if not v.is_initializer() and v.dtype is not None and v.dtype.numpy().kind in "iub"]
+                why = f" (integer input(s) {', '.join(ints)} got random values)" if ints else ""
+                raise BadInputError(
+                    f"{e}; onnxcc verifies on random inputs{why}: give real inputs with --data (an .npz by input name)"
+                ) from e
+            # NaN/Inf in part of an output is compared place by place; an output with no finite
+            # value left verifies nothing
+            bad = [k for k, v in ref_orig.items()
+                   if np.issubdtype(v.dtype, np.floating) and v.size and not np.any(np.isfinite(v))]
             if bad:
                 raise BadInputError(
-                    f"the input model produces NaN/Inf in output '{bad[0]}' on the verification inputs; "
-                    "nothing can be verified against it (check its weights and the data)"
+                    f"the input model produces only NaN/Inf in output '{bad[0]}' on the verification inputs; "
+                    "nothing can be verified against it (check its weights, or give real inputs with --data)"
                 )
             tolerance = V.exact_tolerances(model, feeds, ref_orig)
         steps: list[StepRecord] = []
@@ -251,6 +271,11 @@ class Pipeline:
                     report = p(model)
             except ir.passes.PreconditionError as e:
                 raise BadInputError(f"pass '{cls.name}': {e}") from e
+            except ir.passes.PostconditionError as e:  # the pass's own output fails the ONNX checker
+                cause = e.__cause__ if e.__cause__ is not None else e
+                raise VerificationError(
+                    f"pass '{cls.name}' produced an invalid model: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
+                ) from e
             except ModelRejectedError as e:
                 if ref_orig is None:  # not verified: the input itself may be what onnxruntime rejects
                     raise
@@ -311,11 +336,15 @@ class UpgradeStep(OnnxccPass):
 
 
 def concrete_shapes(
-    overrides: Mapping[str, Sequence[int]] | None, calibration: CalibrationSet | None
+    overrides: Mapping[str, Sequence[int]] | None,
+    calibration: CalibrationSet | None,
+    feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Concrete input shapes for dims a model leaves dynamic: ``--input-shape`` first, else one
-    calibration sample's shape."""
+    """Concrete input shapes for dims a model leaves dynamic: ``--input-shape`` first, else the
+    first verification feed's shapes (``--data``), else one calibration sample's shape."""
     shapes = {k: tuple(int(d) for d in v) for k, v in (overrides or {}).items()}
+    for name, arr in (feeds[0] if feeds else {}).items():
+        shapes.setdefault(name, tuple(np.shape(arr)))
     if calibration is not None:
         for name, arr in calibration.arrays.items():
             shapes.setdefault(name, (1,) + tuple(arr.shape[1:]))

@@ -54,7 +54,7 @@ def make_session(
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if (optimize or timing) else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions, turned into one-line errors
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

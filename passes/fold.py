@@ -102,7 +102,7 @@ class FoldPass(OnnxccPass):
         # CRNN declares its [T, 1, classes] output as [1, seqlen]); rewrites that trust
         # them (onnxscript's MaterializeReshapeShape) bake the wrong shape in. Fold on
         # inferred shapes only and put the declared ones back where they agree.
-        declared = {id(v): v.shape for v in model.graph.outputs}
+        declared = {v.name: v.shape for v in model.graph.outputs}  # by name: rewrites may replace the value
         for v in model.graph.outputs:
             v.shape = None
 
@@ -579,7 +579,7 @@ def _restore_declared_output_shapes(model: ir.Model, declared: dict) -> dict[str
     infer_shapes(model)
     corrected = {}
     for v in model.graph.outputs:
-        claim = declared.get(id(v))
+        claim = declared.get(v.name)
         found = v.shape
         if claim is None:
             continue

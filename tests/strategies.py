@@ -20,13 +20,17 @@ ALL_BLOCKS = ("cba1", "cba3", "strided", "dilated", "dw", "grouped", "residual",
 
 @st.composite
 def cnn_graphs(draw, *, name: str = "fuzz", hw: int = 16, in_channels: tuple[int, ...] | None = (1, 3, 4), blocks=ALL_BLOCKS,
-               max_blocks: int = 7, max_ch: int = 12, max_residual: int = 8, max_hidden: int = 8, classes: int = 4, maybe_fold: bool = False) -> ir.Model:
+               max_blocks: int = 7, max_ch: int = 12, max_residual: int = 8, max_hidden: int = 8, classes: int = 4, maybe_fold: bool = False,
+               foreign: tuple[tuple[str, dict], ...] = ()) -> ir.Model:
+    """``foreign``: (op_type, attributes) of shape-keeping operators drawn from ONNX's conformance
+    suite (models.conformance.unary_float_ops), dropped in as the block kind "foreign"."""
     if in_channels is None:
         b = NetBuilder(name, hw, seed=draw(st.integers(0, 2**16)))
     else:
         b = NetBuilder(name, hw, in_ch=draw(st.sampled_from(list(in_channels))), seed=draw(st.integers(0, 2**16)))
     x = b.input
-    for kind in draw(st.lists(st.sampled_from(list(blocks)), min_size=1, max_size=max_blocks)):
+    kinds = list(blocks) + (["foreign"] if foreign else [])
+    for kind in draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=max_blocks)):
         c = b.ch[x]
         act = draw(st.sampled_from(["relu", "relu6", "hardswish", "silu", None]))
         if kind == "cba1":
@@ -59,6 +63,9 @@ def cnn_graphs(draw, *, name: str = "fuzz", hw: int = 16, in_channels: tuple[int
             hw //= 2
         elif kind == "se" and c >= 2:
             x = b.se(x, max(1, c // 2))
+        elif kind == "foreign":
+            op, attrs = draw(st.sampled_from(list(foreign)))
+            x = b.op(op, [x], dict(attrs), ch=c)
     if draw(st.booleans()):
         x = b.gemm(b.flatten(x, spatial=hw * hw), draw(st.integers(2, max_hidden)))  # Flatten→Gemm over H·W blocks
         x = b.gemm(b.relu(x), classes)

@@ -137,7 +137,7 @@ def prune_once(model: ir.Model, cfg: PruneConfig, context: PassContext, ratio: f
     # Bias compensation for removed channels that the next layers read as nonzero.
     deltas: dict[ir.Node, np.ndarray] = {}
     lossy_notes: list[str] = []
-    data = calib if calib is not None else (_random_set(model) if cfg.criterion == "zero" else None)
+    data = calib if calib is not None else (_random_set(model) if cfg.criterion == "zero" and removed else None)
     if removed and (cfg.compensate or cfg.criterion == "zero") and data is not None:
         cached = calib_stats if data is calib else {}  # cached stats are calibration statistics
         removed, deltas, lossy_notes, more_kept = _compensate(model, cg, removed, data, cfg, exact=exact, cache=cached)
@@ -241,11 +241,18 @@ def _dead_selection(cg: ChannelGraph) -> tuple[set[int], dict[int, str]]:
     return removed, kept
 
 
-def _random_set(model: ir.Model) -> CalibrationSet:
+def _random_set(model: ir.Model) -> CalibrationSet | None:
+    """Seeded random inputs as a sample set for the zero criterion's compensation; None when the
+    inputs have no sample axis to stack on (scalars), or there are none."""
     from onnxcc.compiler.verify import verification_feeds
 
     feeds = verification_feeds(model, None, samples=4, seed=1234)
-    return CalibrationSet({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}, source="random inputs")
+    if not feeds or not feeds[0] or any(np.ndim(a) == 0 for f in feeds for a in f.values()):
+        return None
+    try:
+        return CalibrationSet({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}, source="random inputs")
+    except BadInputError:  # inputs without a shared sample axis (an operator test's tensors)
+        return None
 
 
 def _consumer_input_stats(model, cg: ChannelGraph, calib: CalibrationSet, cfg, cache: dict) -> dict[str, ChannelStats]:

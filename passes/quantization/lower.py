@@ -72,8 +72,10 @@ def batchnorm_to_depthwise(graph: ir.Graph) -> int:
     """
     count = 0
     for node in list(graph):
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or any(o.uses() for o in node.outputs[1:]):
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
+        if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]) or node.attributes.get_int("training_mode", 0):
+            continue  # training mode: normalizes by the batch's statistics (and outputs them), not a fixed affine
         x = node.inputs[0]
         params = [const_array(v) for v in node.inputs[1:5]]
         if x is None or x.shape is None or len(x.shape) != 4 or any(p is None for p in params):
