@@ -261,6 +261,7 @@ def verification_data(source: Any, model: ir.Model, *, limit: int | None = None)
         if len(specs) != 1:
             raise BadInputError(f"{label}: one array given but the model has {len(specs)} inputs; use an .npz keyed by input name")
         arrays = {specs[0].name: arrays[""]}
+    _check_names(arrays, [s.name for s in specs], label)
     if _fits_as_feed(arrays, specs):
         _check_feed(arrays, model, label)
         return [arrays]
@@ -281,14 +282,18 @@ def _fits_as_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) 
     return True
 
 
-def _check_feed(feed: dict[str, np.ndarray], model: ir.Model, label: str) -> None:
-    specs = {s.name: s for s in input_specs(model)}
-    missing = [n for n in specs if n not in feed]
-    extra = [n for n in feed if n not in specs]
+def _check_names(feed: Mapping[str, Any], names: Sequence[str], label: str) -> None:
+    missing = [n for n in names if n not in feed]
+    extra = [n for n in feed if n not in names]
     if missing:
         raise BadInputError(f"{label}: no data for model input(s) {', '.join(missing)}")
     if extra:
-        raise BadInputError(f"{label}: data for unknown input(s) {', '.join(extra)} (model inputs: {', '.join(specs) or 'none'})")
+        raise BadInputError(f"{label}: data for unknown input(s) {', '.join(extra)} (model inputs: {', '.join(names) or 'none'})")
+
+
+def _check_feed(feed: dict[str, np.ndarray], model: ir.Model, label: str) -> None:
+    specs = {s.name: s for s in input_specs(model)}
+    _check_names(feed, list(specs), label)
     for name, s in specs.items():
         a = np.asarray(feed[name])
         if a.dtype != s.dtype:

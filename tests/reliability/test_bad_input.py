@@ -197,6 +197,7 @@ def test_no_input_file_is_ever_overwritten(cli, tmp_path, resnet_path):
         (recipe, ["compile", resnet_path, "--recipe", recipe, "-o", recipe, "--no-latency"]),
         (tmp_path / "ext.onnx.data", ["fold", ext, "-o", tmp_path / "ext.onnx.data"]),
         (calib, ["prune", resnet_path, "--calib", calib, "-o", tmp_path / "o.onnx", "--report", calib]),
+        (calib, ["fold", resnet_path, "--data", calib, "-o", calib, "--in-place"]),
     ]
     for victim, args in cases:
         before = digest(victim)
@@ -268,3 +269,67 @@ def test_a_batch_stored_as_minus_one_is_dynamic(cli, tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
     r = cli("fold", src, "-o", tmp_path / "o.onnx")
     assert r.code == 0, r.err
+
+
+def _shape_input_model(path):
+    """Gather(x, idx) → Reshape(·, shape): an index input and a shape input, as exported
+    detectors and the conformance suite have them."""
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["x", "idx"], ["g"], axis=0),
+         onnx.helper.make_node("Reshape", ["g", "shape"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [5, 6]), onnx.helper.make_tensor_value_info("idx", 7, [4]),
+         onnx.helper.make_tensor_value_info("shape", 7, [2])],
+        [onnx.helper.make_tensor_value_info("y", 1, [3, 8])],
+    )
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+
+
+def test_data_gives_real_inputs_to_verify_on(cli, tmp_path):
+    """Random values cannot make a valid Reshape target: the refusal names the integer inputs and
+    asks for --data; with the user's inputs the model folds, verified on them."""
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    _shape_input_model(src)
+    r = cli("fold", src, "-o", out)
+    assert_refused(r, str(out), "integer input(s) idx, shape got random values", "--data")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.arange(30, dtype=np.float32).reshape(5, 6), idx=np.array([4, 0, 2, 2]), shape=np.array([3, 8]))
+    rep = tmp_path / "r.json"
+    r = cli("fold", src, "-o", out, "--data", data, "--report", rep)
+    assert r.code == 0, r
+    import json
+
+    step = json.loads(rep.read_text())["passes"][0]
+    assert step["verify_vs_previous"]["outputs"][0]["shape_ref"] == [3, 8]  # verified on the given feed
+
+
+def test_random_indices_stay_inside_the_gathered_axis():
+    import onnx_ir as ir
+
+    from onnxcc.compiler.calibration import index_ranges, input_specs, random_inputs
+
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["x", "idx"], ["y"], axis=1),
+         onnx.helper.make_node("ReduceSum", ["x", "axes"], ["s"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [2, 3, 4]), onnx.helper.make_tensor_value_info("idx", 7, [50]),
+         onnx.helper.make_tensor_value_info("axes", 7, [3])],
+        [onnx.helper.make_tensor_value_info("y", 1, [2, 50, 4]), onnx.helper.make_tensor_value_info("s", 1, [1, 1, 1])],
+    )
+    m = ir.serde.deserialize_model(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 18)]))
+    assert index_ranges(m) == {"idx": (0, 3, False), "axes": (0, 3, True)}
+    feed = random_inputs(input_specs(m), seed=5)[0]
+    assert feed["idx"].min() >= 0 and feed["idx"].max() <= 2
+    assert sorted(feed["axes"].tolist()) == [0, 1, 2]  # distinct axes
+
+
+@pytest.mark.parametrize("arrays,fragment", [
+    ({"x": np.zeros((5, 6), np.float32), "idx": np.zeros(4, np.int32), "shape": np.array([3, 8])}, "dtype int32"),
+    ({"x": np.zeros((5, 6), np.float32), "idx": np.zeros(4, np.int64)}, "no data for model input(s) shape"),
+    ({"x": np.zeros((5, 6), np.float32), "idx": np.zeros(4, np.int64), "shape": np.array([3, 8]), "z": np.zeros(1)}, "unknown input(s) z"),
+])
+def test_bad_verification_data_is_refused_in_one_line(cli, tmp_path, arrays, fragment):
+    src, out, data = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "d.npz"
+    _shape_input_model(src)
+    np.savez(data, **arrays)
+    assert_refused(cli("fold", src, "-o", out, "--data", data), str(out), fragment)
