@@ -275,6 +275,34 @@ def layer_weight(node: ir.Node) -> np.ndarray | None:
     return None
 
 
+def layer_precision(node: ir.Node) -> str:
+    """How a weighted layer computes, read from the graph: ``int8`` (QDQ on weights and
+    activations: an integer kernel), ``int8-weights`` / ``int4-weights`` (weight-only, float
+    compute), ``float16-weights``, ``codebook``, ``float32``."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    p = w.producer() if w is not None else None
+    x = node.inputs[0] if node.inputs else None
+    x_q = x is not None and x.producer() is not None and x.producer().op_type == "DequantizeLinear"
+    if p is not None and p.op_type == "DequantizeLinear":
+        q = p.inputs[0]
+        bits = "int4" if q is not None and q.dtype in (ir.DataType.INT4, ir.DataType.UINT4) else "int8"
+        return bits if x_q else f"{bits}-weights"
+    if p is not None and p.op_type == "Cast":
+        return "float16-weights"
+    if p is not None and p.op_type == "Gather":
+        return "codebook"
+    if w is not None and w.dtype is not None:
+        return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.DOUBLE: "float64"}.get(
+            w.dtype, w.dtype.name.lower())
+    return "float32"
+
+
+def layer_precisions(model: ir.Model) -> dict[str, str]:
+    """:func:`layer_precision` of every Conv / ConvTranspose / Gemm / MatMul, by layer name."""
+    return {n.name: layer_precision(n) for n in model.graph
+            if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.name}
+
+
 def _stored_weight_size(node: ir.Node) -> int:
     """Elements of a layer's weight when it is rebuilt in the graph (Cast, Gather, DequantizeLinear): read
     from the stored constant's metadata, without rebuilding the weight."""

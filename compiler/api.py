@@ -25,6 +25,7 @@ totals: parameters, MACs, file size, measured latency and the metric.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -100,7 +101,7 @@ def as_calibration(calibration: Any, model: ir.Model):
             raise BadInputError("calibration: an array fits a single-input model; give a dict of arrays")
         return CalibrationSet({model.graph.inputs[0].name: calibration}, source="array")
     if isinstance(calibration, Mapping):
-        return CalibrationSet({k: np.asarray(v) for k, v in calibration.items()}, source="arrays")
+        return CalibrationSet.load(calibration, model)  # stacked samples, or one whole feed
     if isinstance(calibration, (str, os.PathLike)):
         return CalibrationSet.load(str(calibration), model)
     if hasattr(calibration, "get_next"):  # onnxruntime CalibrationDataReader
@@ -130,8 +131,23 @@ def serialized_size(model: ir.Model) -> int:
     return model_nbytes(model) if needs_file(model) else len(ir.to_proto(model).SerializeToString())
 
 
-def totals(model: ir.Model, *, latency: bool = True, threads: int = 2) -> dict[str, Any]:
-    """Parameters, MACs, nodes, serialized size and (measured, batch 1) latency of ``model``.
+#: How compile times the model before and after: `onnxcc bench`'s protocol, both in one run.
+LATENCY_PROTOCOL = {"threads": 2, "batch": 1, "rounds": 5, "block": 10, "method": "alternating blocks, median"}
+
+
+def paired_latency(before: ir.Model, after: ir.Model) -> tuple[float, float]:
+    """Median latency (ms) of both models timed in the same run, in alternating blocks (as
+    ``onnxcc bench`` does), so that the ratio does not depend on what the machine did in between."""
+    from onnxcc.compiler.bench import bench_models
+
+    p = LATENCY_PROTOCOL
+    res = bench_models([("before", before), ("after", after)], threads=p["threads"], batch=p["batch"],
+                       rounds=p["rounds"], block=p["block"], measure_memory=False)
+    return round(res.entries[0].median_ms, 4), round(res.entries[1].median_ms, 4)
+
+
+def totals(model: ir.Model) -> dict[str, Any]:
+    """Parameters, MACs, nodes and serialized size of ``model`` (latency: :func:`paired_latency`).
 
     Parameters are counted per layer element by element, also when stored as int8/int4, FP16 or a
     codebook (one parameter per weight, whatever its storage); ``file_bytes`` shows the storage
@@ -141,14 +157,8 @@ def totals(model: ir.Model, *, latency: bool = True, threads: int = 2) -> dict[s
 
     s = analyze(model, stats=False)
     params = sum(v["params"] for v in per_layer_totals(model).values())
-    out: dict[str, Any] = {"params": params, "macs": s.macs, "nodes": s.nodes, "op_counts": dict(sorted(s.op_counts.items())),
-                           "file_bytes": serialized_size(model)}
-    if latency:
-        from onnxcc.compiler.bench import bench_models
-
-        res = bench_models([("m", model)], threads=threads, batch=1, rounds=3, block=10, measure_memory=False)
-        out["latency_ms"] = round(res.entries[0].median_ms, 4)
-    return out
+    return {"params": params, "macs": s.macs, "nodes": s.nodes, "op_counts": dict(sorted(s.op_counts.items())),
+            "file_bytes": serialized_size(model)}
 
 
 def _counted(model: ir.Model, specs: Sequence[PassSpec]) -> ir.Model | None:
@@ -212,17 +222,19 @@ def compile_model(
     pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, top_k=top_k)
     original = clone_model(m)
     counted = _counted(original, specs)
-    before: dict[str, Any] = {} if counted is None else totals(counted, latency=measure_latency)
+    before: dict[str, Any] = {} if counted is None else totals(counted)
 
     def first_fold(step, folded: ir.Model) -> None:
         if not before:  # the recipe's own first fold: the same function as the input, shapes known
-            before.update(totals(folded, latency=measure_latency))
+            before.update(totals(folded))
 
     t0 = time.perf_counter()
     result = pipeline.run(m, calib, feeds=feeds, on_step=first_fold)
     elapsed = time.perf_counter() - t0
     before["file_bytes"] = serialized_size(original)
-    after = totals(result.model, latency=measure_latency)
+    after = totals(result.model)
+    if measure_latency:  # the input as given against the result, in one run (onnxruntime optimizes both)
+        before["latency_ms"], after["latency_ms"] = paired_latency(original, result.model)
     report: dict[str, Any] = {"recipe": [{"name": s.name, "options": dict(s.options)} for s in specs], "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
     last = next((s.vs_original for s in reversed(result.steps) if s.vs_original is not None), None)
     if last is not None:
@@ -235,6 +247,7 @@ def compile_model(
         }
     if measure_latency and before.get("latency_ms"):
         report["latency_ratio"] = round(after["latency_ms"] / before["latency_ms"], 3)
+        report["latency_protocol"] = dict(LATENCY_PROTOCOL)
     if profile_layers:
         from onnxcc.compiler.bench import layer_times, profile_nodes
 
@@ -242,10 +255,68 @@ def compile_model(
             "before": layer_times(original, profile_nodes(original, runs=10)),
             "after": layer_times(result.model, profile_nodes(result.model, runs=10)),
         }
+    report["provenance"] = stamp_provenance(result.model, specs, calib)
     report["_models"] = {"before": original}  # for the HTML report; dropped by json writers
     return CompileResult(result.model, report, result)
 
 
+def calibration_digest(calib: Any) -> dict[str, Any]:
+    """What identifies the calibration data: its source, sample count and a SHA-256 of its arrays
+    (names, dtypes, shapes and bytes, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(calib.arrays):
+        a = np.ascontiguousarray(calib.arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return {"source": os.path.basename(str(calib.source)), "samples": len(calib), "sha256": h.hexdigest()}
+
+
+def stamp_provenance(model: ir.Model, specs: Sequence[PassSpec], calib: Any) -> dict[str, Any]:
+    """Record in the output model what was done to it, where Netron and other tools show it:
+    ``producer_name``/``producer_version`` are onnxcc's, and ``metadata_props`` gain
+    ``onnxcc.recipe`` (the passes and options), ``onnxcc.calibration`` (source, sample count,
+    SHA-256) and ``onnxcc.precision`` (per weighted layer: int8, int8-weights, float16-weights,
+    codebook, float32), as JSON strings. The model's own metadata is kept. Returns the same
+    record for the report."""
+    import json
+    from importlib.metadata import version
+
+    from onnxcc.compiler.analysis import layer_precisions
+
+    __version__ = version("onnxcc")
+    record: dict[str, Any] = {
+        "producer": {"name": "onnxcc", "version": __version__},
+        "recipe": [{"name": s.name, "options": dict(s.options)} for s in specs],
+        "precision": layer_precisions(model),
+    }
+    if calib is not None:
+        record["calibration"] = calibration_digest(calib)
+    model.producer_name, model.producer_version = "onnxcc", __version__
+    for key in ("recipe", "calibration", "precision"):
+        if key in record:
+            model.metadata_props[f"onnxcc.{key}"] = json.dumps(record[key], sort_keys=True, default=str)
+    return record
+
+
+REPORT_SCHEMA_VERSION = 1
+
+
 def json_report(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The report without in-memory objects (what ``--report`` writes)."""
-    return {k: v for k, v in report.items() if not k.startswith("_")}
+    """The report without in-memory objects (what ``--report`` writes), stamped with its schema
+    version and onnxcc's; numbers are JSON numbers: a value that is not finite (an infinite SQNR
+    of an unchanged model) is null, never a string or ``Infinity``."""
+    from importlib.metadata import version
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, Mapping):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    body = {k: finite(v) for k, v in report.items() if not k.startswith("_")}
+    return {"schema_version": REPORT_SCHEMA_VERSION, "onnxcc_version": version("onnxcc"), **body}

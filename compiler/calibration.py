@@ -321,7 +321,13 @@ class ImagePreprocessing:
 
 
 class CalibrationSet:
-    """N samples per input (axis 0), validated against a model, fed in batches."""
+    """N samples per input (axis 0), validated against a model, fed in batches.
+
+    Or, when the inputs share no sample axis (an image with its size vector, a tensor with its
+    axes, an operator test's inputs), **one whole feed** (:meth:`one_feed`): one sample, fed as
+    it is."""
+
+    whole_feed = False
 
     def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "data"):
         self.arrays = {k: v for k, v in arrays.items()}
@@ -337,6 +343,24 @@ class CalibrationSet:
 
     def __len__(self) -> int:
         return self.n
+
+    @classmethod
+    def one_feed(cls, feed: Mapping[str, np.ndarray], source: str = "data") -> "CalibrationSet":
+        """One feed used as it is (the arrays are kept with a leading axis of one sample)."""
+        calib = cls({k: np.asarray(v)[None] for k, v in feed.items()}, source)
+        calib.whole_feed = True
+        return calib
+
+    @classmethod
+    def _from_arrays(cls, arrays: Mapping[str, np.ndarray], source: str, model: ir.Model | None) -> "CalibrationSet":
+        """Samples stacked on axis 0 when they are; else, when the arrays have exactly the model's
+        declared input shapes, one whole feed."""
+        try:
+            return cls(arrays, source)
+        except BadInputError:
+            if model is not None and arrays and _fits_as_feed(arrays, input_specs(model)):
+                return cls.one_feed(arrays, source)
+            raise
 
     def __repr__(self) -> str:
         shapes = {k: v.shape for k, v in self.arrays.items()}
@@ -356,7 +380,7 @@ class CalibrationSet:
         if isinstance(source, CalibrationSet):
             calib = source
         elif isinstance(source, Mapping):
-            calib = cls({k: np.asarray(v) for k, v in source.items()}, "arrays")
+            calib = cls._from_arrays({k: np.asarray(v) for k, v in source.items()}, "arrays", model)
         elif hasattr(source, "get_next"):
             calib = cls.from_reader(source)
         elif isinstance(source, np.ndarray):
@@ -366,7 +390,7 @@ class CalibrationSet:
         else:
             raise BadInputError(f"cannot read calibration data from {type(source).__name__}")
         if limit is not None and limit < calib.n:
-            calib = CalibrationSet({k: v[:limit] for k, v in calib.arrays.items()}, calib.source)
+            calib = calib.subset(limit)
         if model is not None:
             calib.validate(model)
         return calib
@@ -394,7 +418,7 @@ class CalibrationSet:
             if path.suffix == ".npz":
                 with np.load(path, allow_pickle=False) as z:
                     arrays = {k: z[k] for k in z.files}
-                return cls(arrays, label)
+                return cls._from_arrays(arrays, label, model)
             if path.suffix == ".npy":
                 return cls._single(np.load(path, mmap_mode="r", allow_pickle=False), model, label)
         except (ValueError, OSError, EOFError) as e:
@@ -430,6 +454,14 @@ class CalibrationSet:
 
     # ---- validation and feeding
     def validate(self, model: ir.Model) -> None:
+        if self.whole_feed:
+            feed = {k: v[0] for k, v in self.arrays.items()}
+            _check_feed(feed, model, self.source)
+            self.arrays = {k: v[None] for k, v in feed.items()}
+            bad = [k for k, v in feed.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+            if bad:
+                raise BadInputError(f"{self.source}: input '{bad[0]}' contains NaN or Inf")
+            return
         specs = {s.name: s for s in input_specs(model)}
         missing = [n for n in specs if n not in self.arrays]
         extra = [n for n in self.arrays if n not in specs]
@@ -469,16 +501,24 @@ class CalibrationSet:
                 raise BadInputError(f"{self.source}: input '{name}' contains NaN or Inf")
 
     def batch_size_for(self, model: ir.Model, preferred: int = 16) -> int:
+        if self.whole_feed:
+            return 1
         sizes = {s.fixed_batch for s in input_specs(model)}
         fixed = [s for s in sizes if s is not None]
         return fixed[0] if fixed else min(preferred, self.n)
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         n = self.n if limit is None else min(limit, self.n)
+        if self.whole_feed:
+            if n:
+                yield {k: v[0] for k, v in self.arrays.items()}
+            return
         for start in range(0, n, batch_size):
             yield {k: np.ascontiguousarray(v[start : min(start + batch_size, n)]) for k, v in self.arrays.items()}
 
     def subset(self, n: int) -> "CalibrationSet":
+        if self.whole_feed:
+            return self
         return CalibrationSet({k: v[:n] for k, v in self.arrays.items()}, self.source)
 
 

@@ -685,8 +685,21 @@ def list_passes():
             click.echo(f"    {fname.replace('_', '-')}: {tname} = {default!r}  {help_}")
 
 
+_GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+
+
+def hoist_global_flags(argv: Sequence[str]) -> list[str]:
+    """``-q``/``-v`` may come after the subcommand too (``onnxcc fold m.onnx -o o.onnx -q``): they
+    are moved in front of it, where the group reads them (no subcommand uses those letters)."""
+    args = list(argv)
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if a in _GLOBAL_FLAGS]
+    return flags + [a for a in args[:end] if a not in _GLOBAL_FLAGS] + args[end:]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    argv = hoist_global_flags(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
     if not verbose:  # numpy's overflow/NaN notes from constant folding are not the user's business
         import warnings
 

@@ -240,13 +240,13 @@ class Pipeline:
                 raise BadInputError(
                     f"{e}; onnxcc verifies on random inputs{why}: give real inputs with --data (an .npz by input name)"
                 ) from e
-            # NaN/Inf in part of an output is compared place by place; an output with no finite
-            # value left verifies nothing
+            # NaN/Inf in part of an output is compared place by place (±inf by sign: the log-sum
+            # of an empty set is -inf everywhere); an output that is NaN everywhere verifies nothing
             bad = [k for k, v in ref_orig.items()
-                   if np.issubdtype(v.dtype, np.floating) and v.size and not np.any(np.isfinite(v))]
+                   if np.issubdtype(v.dtype, np.floating) and v.size and np.all(np.isnan(v))]
             if bad:
                 raise BadInputError(
-                    f"the input model produces only NaN/Inf in output '{bad[0]}' on the verification inputs; "
+                    f"the input model produces only NaN in output '{bad[0]}' on the verification inputs; "
                     "nothing can be verified against it (check its weights, or give real inputs with --data)"
                 )
             tolerance = V.exact_tolerances(model, feeds, ref_orig)
@@ -347,7 +347,7 @@ def concrete_shapes(
         shapes.setdefault(name, tuple(np.shape(arr)))
     if calibration is not None:
         for name, arr in calibration.arrays.items():
-            shapes.setdefault(name, (1,) + tuple(arr.shape[1:]))
+            shapes.setdefault(name, tuple(arr.shape[1:]) if calibration.whole_feed else (1,) + tuple(arr.shape[1:]))
     return shapes
 
 

@@ -138,7 +138,8 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
     if passes:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         xs = np.arange(len(passes))
-        sq = [min(float(p["verify_vs_original"].get("min_sqnr_db") or 0.0), 120.0) for p in passes]
+        sq = [120.0 if p["verify_vs_original"].get("identical") else min(float(p["verify_vs_original"].get("min_sqnr_db") or 0.0), 120.0)
+              for p in passes]
         ax.plot(xs, sq, marker="o", color="tab:blue")
         ax.set_ylabel("SQNR vs input (dB, capped at 120)", color="tab:blue")
         ax.set_xticks(xs, [f"{i}:{p['pass']}" for i, p in enumerate(passes)], rotation=20, fontsize=8)

@@ -114,10 +114,13 @@ class OutputMetrics:
     problem: str | None = None  # missing output, shape mismatch, NaN
 
     def to_json(self) -> dict[str, Any]:
+        """JSON numbers only: a value that is not finite is null (an infinite SQNR, no error at
+        all, is ``identical: true``; an infinite error comes with its ``problem``)."""
         d = dataclasses.asdict(self)
         for k, v in d.items():
             if isinstance(v, float) and not math.isfinite(v):
-                d[k] = None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+                d[k] = None
+        d["identical"] = self.max_abs == 0.0 and self.problem is None
         return d
 
 
@@ -166,7 +169,8 @@ class Comparison:
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"outputs": [o.to_json() for o in self.outputs]}
         sq = self.min_sqnr
-        d["min_sqnr_db"] = None if math.isnan(sq) else (sq if math.isfinite(sq) else "inf")
+        d["min_sqnr_db"] = sq if math.isfinite(sq) else None
+        d["identical"] = bool(self.outputs) and all(o.max_abs == 0.0 and o.problem is None for o in self.outputs)
         d["metric_drop"] = self.metric_drop()
         if self.accuracy_ref is not None:
             d["accuracy_ref"] = self.accuracy_ref

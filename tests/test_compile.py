@@ -160,3 +160,73 @@ def test_mixed_precision_tries_reuse_the_ranges_of_unchanged_tensors(folded):
     rep = res.steps[0].report
     assert rep.stats["mixed_precision"]["tries"] > 1
     assert rep.stats["ranges_reused"] > 0 and rep.stats["ranges_reused"] >= rep.stats["quantized_tensors"] // 2
+
+
+def test_before_and_after_latency_are_timed_in_one_alternating_run(tiny_models, monkeypatch):
+    """The headline latency ratio comes from one bench run of both models (as `onnxcc bench`),
+    not from two timings minutes apart; the report states the protocol."""
+    from onnxcc.compiler import api, bench
+
+    calls = []
+    real = bench.bench_models
+
+    def spy(models, **kw):
+        calls.append([label for label, _ in models])
+        return real(models, **kw)
+
+    monkeypatch.setattr(bench, "bench_models", spy)
+    res = api.compile_model(tiny_models["resnet"], "lossless")
+    assert calls == [["before", "after"]]
+    rep = res.report
+    assert rep["latency_protocol"]["threads"] == 2 and rep["latency_protocol"]["batch"] == 1
+    assert rep["latency_ratio"] == round(rep["after"]["latency_ms"] / rep["before"]["latency_ms"], 3)
+
+
+def test_the_output_model_says_what_onnxcc_did_to_it(cli, tmp_path, resnet_path):
+    """producer_name/version are onnxcc's and metadata_props carry the recipe, the calibration
+    data's hash and count, and each weighted layer's precision (what Netron shows); the input's
+    own metadata is kept."""
+    import hashlib
+
+    src = tmp_path / "in.onnx"
+    m = onnx.load(resnet_path)
+    onnx.helper.set_model_props(m, {"author": "someone"})
+    onnx.save(m, src)
+    calib = tmp_path / "c.npy"
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    np.save(calib, x)
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", src, "-o", out, "--calib", calib, "--report", tmp_path / "r.json")
+    assert r.code == 0, r
+    q = onnx.load(out)
+    assert q.producer_name == "onnxcc" and q.producer_version
+    props = {p.key: p.value for p in q.metadata_props}
+    assert props["author"] == "someone"
+    assert [p["name"] for p in json.loads(props["onnxcc.recipe"])] == ["fold", "quantize"]
+    cal = json.loads(props["onnxcc.calibration"])
+    h = hashlib.sha256()
+    h.update(f"input|{x.dtype.str}|{x.shape}|".encode())
+    h.update(x.tobytes())
+    assert cal == {"source": "c.npy", "samples": 8, "sha256": h.hexdigest()}
+    precision = json.loads(props["onnxcc.precision"])
+    convs = [n.name for n in q.graph.node if n.op_type == "Conv"]
+    assert convs and all(precision[c] in ("int8", "float32") for c in convs)
+    assert sum(precision[c] == "int8" for c in convs) >= len(convs) // 2  # the report agrees with the graph
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["provenance"]["precision"] == precision
+
+
+def test_the_json_report_holds_json_numbers_and_its_versions(cli, tmp_path, resnet_path):
+    """An exact pass's SQNR is infinite: the report says null with identical: true, never the
+    string "inf" or the non-JSON Infinity, and it is stamped with its schema and onnxcc's version."""
+    rep = tmp_path / "r.json"
+    r = cli("compile", resnet_path, "-o", tmp_path / "o.onnx", "--recipe", "lossless", "--no-latency", "--report", rep)
+    assert r.code == 0, r
+    text = rep.read_text()
+    assert "Infinity" not in text and '"inf"' not in text and "NaN" not in text
+    data = json.loads(text)
+    assert data["schema_version"] == 1 and data["onnxcc_version"]
+    assert any(p["verify_vs_previous"]["identical"] for p in data["passes"])  # the unchanged prune step
+    for p in data["passes"]:
+        for o in p["verify_vs_previous"]["outputs"]:
+            assert o["sqnr_db"] is None or isinstance(o["sqnr_db"], float)

@@ -370,3 +370,33 @@ def test_a_pass_whose_output_is_invalid_fails_as_that_pass_not_as_bad_input(tiny
         assert err.value.exit_code == 1
     finally:
         unregister(bad.name)
+
+
+def test_calibration_data_that_is_one_whole_feed(cli, tmp_path):
+    """An image plus a per-channel vector input share no sample axis (1 image, 4 values): the file
+    is taken as one feed, as the model takes it, and static INT8 calibrates and verifies on it."""
+    import onnx
+
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         onnx.helper.make_node("Unsqueeze", ["bias", "axes"], ["b4"]),
+         onnx.helper.make_node("Add", ["c", "b4"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [1, 3, 8, 8]), onnx.helper.make_tensor_value_info("bias", 1, [4])],
+        [onnx.helper.make_tensor_value_info("y", 1, [1, 4, 8, 8])],
+        [w, onnx.numpy_helper.from_array(np.array([1, 2], np.int64), "axes")],
+    )
+    src, out, calib = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "c.npz"
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    np.savez(calib, x=rng.standard_normal((1, 3, 8, 8)).astype(np.float32), bias=rng.standard_normal(4).astype(np.float32))
+    from onnxcc.compiler.calibration import CalibrationSet
+    from onnxcc.compiler.ir_utils import load_model
+
+    cs = CalibrationSet.load(calib, load_model(src))
+    assert cs.whole_feed and len(cs) == 1 and [b["bias"].shape for b in cs.batches(8)] == [(4,)]
+    r = cli("quantize", src, "-o", out, "--calib", calib, "--report", tmp_path / "r.json")
+    assert r.code == 0, r
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops

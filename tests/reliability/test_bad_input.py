@@ -333,3 +333,11 @@ def test_bad_verification_data_is_refused_in_one_line(cli, tmp_path, arrays, fra
     _shape_input_model(src)
     np.savez(data, **arrays)
     assert_refused(cli("fold", src, "-o", out, "--data", data), str(out), fragment)
+
+
+def test_quiet_and_verbose_may_follow_the_subcommand(cli, tmp_path, resnet_path):
+    out = tmp_path / "o.onnx"
+    r = cli("fold", resnet_path, "-o", out, "-q")
+    assert r.code == 0 and r.out == "" and out.exists()
+    r = cli("fold", tmp_path / "missing.onnx", "-o", tmp_path / "o2.onnx", "--verbose")
+    assert r.code == 2 and "Traceback" in r.err  # -v after the subcommand: the traceback is shown
