@@ -346,8 +346,14 @@ class CalibrationSet:
 
     @classmethod
     def one_feed(cls, feed: Mapping[str, np.ndarray], source: str = "data") -> "CalibrationSet":
-        """One feed used as it is (the arrays are kept with a leading axis of one sample)."""
-        calib = cls({k: np.asarray(v)[None] for k, v in feed.items()}, source)
+        """One feed used as it is (the arrays are kept with a leading axis of one sample). An
+        empty feed is the calibration set of a model without inputs: every activation is a
+        constant, computed once."""
+        if not feed:
+            calib = cls.__new__(cls)
+            calib.arrays, calib.source, calib.n = {}, source, 1
+        else:
+            calib = cls({k: np.asarray(v)[None] for k, v in feed.items()}, source)
         calib.whole_feed = True
         return calib
 
@@ -718,7 +724,7 @@ class ActivationCollector:
             for name, arr in [*zip(names, outs), *((k, feed[k]) for k in direct)]:
                 for r in reducers[name]:
                     r.update(arr)
-            done += next(iter(feed.values())).shape[0]
+            done += 1 if self.calibration.whole_feed else next(iter(feed.values())).shape[0]
             if progress:
                 progress(done, n)
 

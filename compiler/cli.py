@@ -497,7 +497,7 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
     elif dynamic:
         specs.append(("quantize-dynamic", {"exclude": q["exclude"], **dyn}))
     else:
-        if not calib:
+        if not calib and _has_inputs(src):
             raise BadInputError("INT8 quantization needs calibration data: give --calib (or --weight-only / --fp16 / --dynamic)")
         if equalize:
             specs.append(("equalize", {}))
@@ -508,6 +508,19 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
         report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric,
         verify_samples=64 if budget is not None else 8,  # the samples mixed precision measured its drop on
     )
+
+
+def _has_inputs(src: str) -> bool:
+    """Whether the model at ``src`` takes any input (read without its weights); True when it
+    cannot be read here (loading it later gives the one-line error)."""
+    import onnx
+
+    try:
+        m = onnx.load(src, load_external_data=False)
+    except Exception:
+        return True
+    inits = {t.name for t in m.graph.initializer}
+    return any(v.name not in inits for v in m.graph.input)
 
 
 @cli.command()

@@ -209,6 +209,8 @@ class Pipeline:
         ``feeds`` are the real inputs to verify on (``--data``, see
         :func:`compiler.calibration.verification_data`); without them the calibration samples,
         else seeded random inputs."""
+        if calibration is None and not any(not v.is_initializer() for v in model.graph.inputs):
+            calibration = CalibrationSet.one_feed({}, "no inputs")  # nothing to calibrate on: constants only
         context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels, top_k=self.top_k)
         for cls, _ in self.passes:
             if cls.needs_calibration and calibration is None:

@@ -56,17 +56,9 @@ def test_node_suite_has_no_silent_wrong_graph_and_no_crash(cases, runner, comman
     bad = [f"{o.kind}: {o.case}: {o.detail}" for o in outcomes if o.kind in ("wrong", "crash")]
     assert not bad, f"{len(bad)} of {len(outcomes)}:\n" + "\n".join(bad[:30])
     ok = sum(o.kind == "ok" for o in outcomes)
-    if command != "quantize":  # most of the suite is a plain model onnxcc must handle, not refuse
-        assert ok >= 0.75 * len(outcomes), f"only {ok} of {len(outcomes)} ok"
-    elif variant == "frozen":  # no inputs left: nothing to calibrate, and quantize says so
-        assert all(o.kind != "refused" or "needs calibration data" in o.detail for o in outcomes)
-    else:
-        # static INT8 needs calibration samples stacked on axis 0; an operator test whose inputs
-        # have different leading sizes cannot be written that way and is refused in one line
-        assert ok >= 0.45 * len(outcomes), f"only {ok} of {len(outcomes)} ok"
-        known = ("different sample counts", "calibration produced NaN/Inf", "only NaN", "contains NaN or Inf")
-        odd = [o for o in outcomes if o.kind == "refused" and not any(k in o.detail for k in known)]
-        assert len(odd) <= 0.1 * len(outcomes), [f"{o.case}: {o.detail}" for o in odd[:20]]
+    # most of the suite is a plain model onnxcc must handle, not refuse (quantize takes the case's
+    # inputs as one calibration feed; a model with every input frozen needs none)
+    assert ok >= 0.8 * len(outcomes), f"only {ok} of {len(outcomes)} ok"
 
 
 def test_the_suite_is_all_there(cases):
