@@ -235,7 +235,7 @@ def compile_model(
     after = totals(result.model)
     if measure_latency:  # the input as given against the result, in one run (onnxruntime optimizes both)
         before["latency_ms"], after["latency_ms"] = paired_latency(original, result.model)
-    report: dict[str, Any] = {"recipe": [{"name": s.name, "options": dict(s.options)} for s in specs], "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
+    report: dict[str, Any] = {"status": "ok", "recipe": [{"name": s.name, "options": dict(s.options)} for s in specs], "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
     last = next((s.vs_original for s in reversed(result.steps) if s.vs_original is not None), None)
     if last is not None:
         report["metric"] = {
@@ -301,6 +301,9 @@ def stamp_provenance(model: ir.Model, specs: Sequence[PassSpec], calib: Any) -> 
 
 
 REPORT_SCHEMA_VERSION = 1
+#: The JSON Schema every report follows (shipped with the package; the tests validate every
+#: report they write against it).
+REPORT_SCHEMA = Path(__file__).resolve().parent / "schemas" / "report.schema.json"
 
 
 def json_report(report: Mapping[str, Any]) -> dict[str, Any]:

@@ -252,11 +252,16 @@ def run_pipeline(
             raise BadInputError("--html needs matplotlib: pip install 'onnxcc[report]'") from e
     model = load_model(src)
     calibration = CalibrationSet.load(calib, model) if calib else None
-    res = compile_model(
-        model, list(specs), calibration=calibration, data=data, labels=_load_labels(labels), budget=budget, seed=seed,
-        input_shapes=parse_input_shapes(input_shapes), top_k=5 if metric == "top5" else 1,
-        measure_latency=measure_latency, profile_layers=bool(html_path), verify_samples=verify_samples,
-    )
+    try:
+        res = compile_model(
+            model, list(specs), calibration=calibration, data=data, labels=_load_labels(labels), budget=budget, seed=seed,
+            input_shapes=parse_input_shapes(input_shapes), top_k=5 if metric == "top5" else 1,
+            measure_latency=measure_latency, profile_layers=bool(html_path), verify_samples=verify_samples,
+        )
+    except OnnxccError as e:
+        if report:  # CI reads why: the failing pass, the error, and the steps that passed (no model is written)
+            write_json_atomic(report, failure_report(e, specs, src))
+        raise
     page = None
     if html_path:
         from onnxcc.compiler.report_html import render
@@ -275,6 +280,22 @@ def run_pipeline(
     if page is not None:
         with atomic_write(html_path, what="HTML report") as tmp:
             tmp.write_text(page, encoding="utf-8")
+
+
+def failure_report(e: Exception, specs: Sequence[Any], src: str) -> dict[str, Any]:
+    """The JSON report of a run that failed: ``status`` "failed", the exit code, the error line,
+    the pass that failed and the verified steps before it; no ``after`` (nothing was written)."""
+    from onnxcc.compiler.api import json_report
+    from onnxcc.compiler.pipeline import PassSpec
+
+    steps = getattr(e, "completed_steps", [])
+    recipe = [{"name": s.name, "options": dict(s.options)} if isinstance(s, PassSpec) else {"name": s[0], "options": dict(s[1])}
+              for s in specs]
+    return json_report({
+        "status": "failed", "exit_code": getattr(e, "exit_code", 1), "error": str(e),
+        "failed_pass": getattr(e, "failed_pass", None), "recipe": recipe, "input": str(src), "output": None,
+        "passes": [st.to_json() for st in steps],
+    })
 
 
 def _print_result(res: Any) -> None:

@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from onnxcc.compiler import verify as V
 from onnxcc.compiler.calibration import CalibrationSet
-from onnxcc.compiler.errors import BadInputError, BudgetError, ModelRejectedError, VerificationError
+from onnxcc.compiler.errors import BadInputError, BudgetError, ModelRejectedError, OnnxccError, VerificationError
 from onnxcc.compiler.ir_utils import (
     concrete_inputs,
     name_unnamed_nodes,
@@ -265,56 +265,63 @@ class Pipeline:
                 return rep
 
             context.exact_runner = run_nested
-        for cls, config in passes:
-            p = cls(config, context)
-            t0 = time.perf_counter()
-            try:
-                with concrete_inputs(model) if cls.concrete_shapes else contextlib.nullcontext():
-                    report = p(model)
-            except ir.passes.PreconditionError as e:
-                raise BadInputError(f"pass '{cls.name}': {e}") from e
-            except ir.passes.PostconditionError as e:  # the pass's own output fails the ONNX checker
-                cause = e.__cause__ if e.__cause__ is not None else e
-                raise VerificationError(
-                    f"pass '{cls.name}' produced an invalid model: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
-                ) from e
-            except ModelRejectedError as e:
-                if ref_orig is None:  # not verified: the input itself may be what onnxruntime rejects
-                    raise
-                raise VerificationError(f"pass '{cls.name}' made a model onnxruntime rejects: {e}") from e
-            _check_unique_node_names(cls.name, model)
-            if not isinstance(report, PassReport):  # plain PassResult from a wrapped pass
-                report = PassReport(report.model, report.modified)
-            elapsed = time.perf_counter() - t0
-            vs_prev = vs_orig = None
-            if self.verify and feeds is not None:
-                cand = _run_candidate(cls.name, model, feeds)
-                vs_prev = V.compare_outputs(ref_prev, cand)
-                # a lossy pass is judged on what onnxruntime really computes: with its graph
-                # optimizations the integer kernels run (on AVX2 without VNNI their int16 pair sums
-                # saturate, which the unfused QDQ graph never shows)
-                deployed = cand if p.exact else _run_deployed(model, feeds, cand)
-                vs_orig = V.compare_outputs(ref_orig, deployed, labels, self.top_k)
-                if p.exact:
-                    _check_exact(cls.name, ref_prev, cand, vs_prev, tolerance=tolerance)
-                else:
-                    if not vs_prev.ok_structure:
-                        raise VerificationError(
-                            f"pass '{cls.name}' changed the model's outputs: "
-                            + "; ".join(o.problem for o in vs_prev.outputs if o.problem)
-                        )
-                    if self.budget is not None:
-                        why = self.budget.check(vs_orig)
-                        if why:
-                            raise BudgetError(f"pass '{cls.name}': {why}")
-                ref_prev = cand
-            steps.append(
-                StepRecord(cls.name, p.exact, _config_json(config), report, elapsed, vs_prev, vs_orig,
-                           tolerance if p.exact and vs_prev is not None else None)
-            )
-            logger.info("%s: %d changed, %d skipped (%.2fs)", cls.name, len(report.changed), len(report.skipped), elapsed)
-            if on_step is not None:
-                on_step(steps[-1], model)
+        current = None
+        try:
+            for cls, config in passes:
+                current = cls.name
+                p = cls(config, context)
+                t0 = time.perf_counter()
+                try:
+                    with concrete_inputs(model) if cls.concrete_shapes else contextlib.nullcontext():
+                        report = p(model)
+                except ir.passes.PreconditionError as e:
+                    raise BadInputError(f"pass '{cls.name}': {e}") from e
+                except ir.passes.PostconditionError as e:  # the pass's own output fails the ONNX checker
+                    cause = e.__cause__ if e.__cause__ is not None else e
+                    raise VerificationError(
+                        f"pass '{cls.name}' produced an invalid model: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
+                    ) from e
+                except ModelRejectedError as e:
+                    if ref_orig is None:  # not verified: the input itself may be what onnxruntime rejects
+                        raise
+                    raise VerificationError(f"pass '{cls.name}' made a model onnxruntime rejects: {e}") from e
+                _check_unique_node_names(cls.name, model)
+                if not isinstance(report, PassReport):  # plain PassResult from a wrapped pass
+                    report = PassReport(report.model, report.modified)
+                elapsed = time.perf_counter() - t0
+                vs_prev = vs_orig = None
+                if self.verify and feeds is not None:
+                    cand = _run_candidate(cls.name, model, feeds)
+                    vs_prev = V.compare_outputs(ref_prev, cand)
+                    # a lossy pass is judged on what onnxruntime really computes: with its graph
+                    # optimizations the integer kernels run (on AVX2 without VNNI their int16 pair sums
+                    # saturate, which the unfused QDQ graph never shows)
+                    deployed = cand if p.exact else _run_deployed(model, feeds, cand)
+                    vs_orig = V.compare_outputs(ref_orig, deployed, labels, self.top_k)
+                    if p.exact:
+                        _check_exact(cls.name, ref_prev, cand, vs_prev, tolerance=tolerance)
+                    else:
+                        if not vs_prev.ok_structure:
+                            raise VerificationError(
+                                f"pass '{cls.name}' changed the model's outputs: "
+                                + "; ".join(o.problem for o in vs_prev.outputs if o.problem)
+                            )
+                        if self.budget is not None:
+                            why = self.budget.check(vs_orig)
+                            if why:
+                                raise BudgetError(f"pass '{cls.name}': {why}")
+                    ref_prev = cand
+                steps.append(
+                    StepRecord(cls.name, p.exact, _config_json(config), report, elapsed, vs_prev, vs_orig,
+                               tolerance if p.exact and vs_prev is not None else None)
+                )
+                logger.info("%s: %d changed, %d skipped (%.2fs)", cls.name, len(report.changed), len(report.skipped), elapsed)
+                if on_step is not None:
+                    on_step(steps[-1], model)
+        except OnnxccError as e:  # the report of a failed run names the pass and keeps the steps done
+            e.failed_pass = current
+            e.completed_steps = list(steps)
+            raise
         return PipelineResult(model, steps)
 
 

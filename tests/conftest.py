@@ -24,6 +24,37 @@ class CliResult:
         return f"CliResult(code={self.code}, err={self.err!r})"
 
 
+@pytest.fixture(scope="session")
+def report_validator():
+    import json
+
+    import jsonschema
+
+    from onnxcc.compiler.api import REPORT_SCHEMA
+
+    schema = json.loads(REPORT_SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.fixture(autouse=True)
+def _every_report_follows_the_schema(monkeypatch, report_validator):
+    """Every JSON report a test makes (``--report``, a failed run's, ``json_report``) is validated
+    against the shipped schema as it is made."""
+    import json
+
+    from onnxcc.compiler import api
+
+    real = api.json_report
+
+    def checked(report):
+        out = real(report)
+        report_validator.validate(json.loads(json.dumps(out, default=str)))
+        return out
+
+    monkeypatch.setattr(api, "json_report", checked)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run ``onnxcc ARGS`` in-process; returns exit code, stdout, stderr."""

@@ -98,13 +98,15 @@ def test_cli_shortcut_flags_run_in_sound_order(cli, tmp_path, resnet_path):
     assert r.code == 2 and "shipped recipe" in r.err
 
 
-def test_budget_gate_exits_1_names_the_pass_and_writes_nothing(cli, tmp_path, resnet_path):
+def test_budget_gate_exits_1_names_the_pass_and_writes_only_the_failure_report(cli, tmp_path, resnet_path):
     np.save(tmp_path / "c.npy", _calib(load_model(resnet_path))["input"])
     outs = [tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "r.html"]
     # faster-2x without keep-if-faster: the gate must not depend on timings
     r = cli("compile", resnet_path, "-o", outs[0], "--factorize", "spatial-svd:0.2", "--quantize", "minmax", "--calib", tmp_path / "c.npy", "--budget", "0.5", "--report", outs[1], "--html", outs[2])
     assert r.code == 1 and re.search(r"pass '(factorize|quantize)': metric drop .* exceeds the budget", r.err), r.err
-    assert not any(p.exists() for p in outs) and not list(tmp_path.glob("*.tmp*"))
+    assert not outs[0].exists() and not outs[2].exists() and not list(tmp_path.glob("*.tmp*"))
+    failed = json.loads(outs[1].read_text())  # the JSON report says why, for CI; no model, no page
+    assert failed["status"] == "failed" and failed["failed_pass"] in ("factorize", "quantize")
     with pytest.raises(BudgetError):
         recipe = [("fold", {}), ("factorize", {"method": "spatial-svd", "rank": 0.2}), ("fold", {}), ("quantize", {})]
         compile_model(resnet_path, recipe, calibration=str(tmp_path / "c.npy"), budget=0.5, measure_latency=False)
@@ -230,3 +232,17 @@ def test_the_json_report_holds_json_numbers_and_its_versions(cli, tmp_path, resn
     for p in data["passes"]:
         for o in p["verify_vs_previous"]["outputs"]:
             assert o["sqnr_db"] is None or isinstance(o["sqnr_db"], float)
+
+
+def test_the_report_schema_is_shipped_and_catches_a_malformed_report(report_validator, tiny_models):
+    import jsonschema
+
+    from onnxcc.compiler.api import REPORT_SCHEMA, json_report
+
+    assert REPORT_SCHEMA.is_file()
+    good = json_report(compile_model(tiny_models["resnet"], "lossless", measure_latency=False).report)
+    report_validator.validate(good)
+    for broken in ({**good, "status": "fine"}, {k: v for k, v in good.items() if k != "after"},
+                   {**good, "before": {**good["before"], "params": "many"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            report_validator.validate(broken)

@@ -54,6 +54,23 @@ def test_lossy_pass_records_error_and_budget_gate(tiny_models, test_passes):
         Pipeline([("test-scale-lossy", {"factor": -1.0})], budget=Budget(max_drop=1.0)).run(clone_model(tiny_models["resnet"]))
 
 
+def test_a_failed_run_writes_a_report_that_says_why(cli, tmp_path, resnet_path, test_passes):
+    """CI reads the report of a failed run: status, exit code, the failing pass, the error and the
+    steps verified before it; the model is not written."""
+    import json
+
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli("compile", resnet_path, "-o", out, "--pass", "fold", "--pass", "test-scale-lossy:factor=-1",
+              "--budget", "0.5", "--report", rep, "--no-latency")
+    assert res.code == 1 and not out.exists()
+    data = json.loads(rep.read_text())
+    assert data["status"] == "failed" and data["exit_code"] == 1 and data["failed_pass"] == "test-scale-lossy"
+    assert "budget" in data["error"] and data["error"] in res.err
+    assert [p["pass"] for p in data["passes"]] == ["fold"] and data["output"] is None
+    res = cli("compile", resnet_path, "-o", out, "--recipe", "lossless", "--report", rep, "--no-latency")
+    assert res.code == 0 and json.loads(rep.read_text())["status"] == "ok"
+
+
 def test_cli_writes_nothing_when_verification_fails(cli, tmp_path, resnet_path, test_passes):
     out = tmp_path / "o.onnx"
     res = cli("compile", resnet_path, "-o", out, "--pass", "test-scale:factor=1.1")
