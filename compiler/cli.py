@@ -454,14 +454,8 @@ def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_
     lab = _load_labels(labels)
     Pipeline(["fold"], verify=False).run(model)
 
-    def progress(done, total):
-        if not as_json:
-            click.echo(f"\r{done}/{total} cuts measured", nl=False, err=True)
-
     res = S.analyse(model, cal, labels=lab, ratios=rs, criterion=criterion, reconstruct=reconstruct, samples=samples,
-                    progress=progress, top_k=5 if metric == "top5" else 1)
-    if not as_json:
-        click.echo("", err=True)
+                    top_k=5 if metric == "top5" else 1)  # progress: the shared mechanism (compiler.progress)
     if plot:
         _sensitivity_plot(res, plot)
     if as_json:

@@ -417,3 +417,24 @@ def test_calibration_data_that_is_one_whole_feed(cli, tmp_path):
     assert r.code == 0, r
     ops = [n.op_type for n in onnx.load(out).graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_progress_without_a_terminal_is_plain_lines_and_quiet_silences_it(cli, tmp_path, resnet_path, monkeypatch, capsys):
+    from onnxcc.compiler import progress
+
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    progress.enable(True)
+    try:
+        update = progress.bar("calibration")
+        for i in range(1, 4):
+            update(i, 3)
+        err = capsys.readouterr().err
+        assert "\r" not in err and err.count("\n") == 3 and "calibration" in err and "3/3" in err
+    finally:
+        progress.enable(False)
+    calib = tmp_path / "c.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    r = cli("quantize", resnet_path, "-o", tmp_path / "q.onnx", "--calib", calib)
+    assert r.code == 0 and "it/s" in r.err and "\r" not in r.err  # not quiet: progress lines (GPTQ, calibration)
+    r = cli("quantize", resnet_path, "-o", tmp_path / "q2.onnx", "--calib", calib, "-q")
+    assert r.code == 0 and r.err == ""
