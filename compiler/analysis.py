@@ -303,10 +303,15 @@ def layer_precisions(model: ir.Model) -> dict[str, str]:
             if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.name}
 
 
-def _stored_weight_size(node: ir.Node) -> int:
-    """Elements of a layer's weight when it is rebuilt in the graph (Cast, Gather, DequantizeLinear): read
-    from the stored constant's metadata, without rebuilding the weight."""
-    p = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+def _stored_size(v: ir.Value | None) -> int:
+    """Elements of one operand of a layer, a constant or rebuilt in the graph (Cast, Gather,
+    DequantizeLinear), read from the stored constant's metadata without rebuilding it."""
+    if v is None:
+        return 0
+    meta = _const_meta(v)
+    if meta is not None:
+        return meta[0] if np.issubdtype(meta[1], np.number) else 0
+    p = v.producer()
     if p is None or p.op_type not in ("Cast", "Gather", "DequantizeLinear"):
         return 0
     stored = p.inputs[1] if p.op_type == "Gather" else p.inputs[0]  # Gather: the (cast) indices
@@ -314,6 +319,12 @@ def _stored_weight_size(node: ir.Node) -> int:
         stored = stored.producer().inputs[0]
     meta = _const_meta(stored)
     return 0 if meta is None else meta[0]
+
+
+def _layer_params(node: ir.Node) -> int:
+    """Parameters a weighted layer holds: its weight and bias, however stored (a QDQ model's
+    int8 weight and int32 bias, FP16, a codebook), one per element."""
+    return sum(_stored_size(v) for v in node.inputs[1:])
 
 
 def per_layer_totals(model: ir.Model) -> dict[str, dict[str, Any]]:
@@ -326,7 +337,7 @@ def per_layer_totals(model: ir.Model) -> dict[str, dict[str, Any]]:
             continue
         params = layer.params
         if layer.name in weighted:
-            params = max(params, _stored_weight_size(weighted[layer.name]))
+            params = _layer_params(weighted[layer.name])
         key = FACTOR_SUFFIX.sub("", layer.name)
         e = out.setdefault(key, {"macs": 0, "params": 0})
         e["macs"] += layer.macs or 0

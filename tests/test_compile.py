@@ -246,3 +246,16 @@ def test_the_report_schema_is_shipped_and_catches_a_malformed_report(report_vali
                    {**good, "before": {**good["before"], "params": "many"}}):
         with pytest.raises(jsonschema.ValidationError):
             report_validator.validate(broken)
+
+
+@pytest.mark.parametrize("args", [["--calib", "CALIB"], ["--weight-only", "int8"], ["--weight-only", "int4"], ["--fp16"]])
+def test_quantization_keeps_the_parameter_count(cli, tmp_path, resnet_path, args):
+    """A quantized model holds as many parameters as the float one, biases included (an int32
+    bias behind a DequantizeLinear is still a bias): the report counts what the model holds."""
+    calib = tmp_path / "c.npy"
+    np.save(calib, _calib(load_model(resnet_path))["input"])
+    rep = tmp_path / "r.json"
+    r = cli("quantize", resnet_path, "-o", tmp_path / "q.onnx", "--report", rep, *[str(calib) if a == "CALIB" else a for a in args])
+    assert r.code == 0, r
+    data = json.loads(rep.read_text())
+    assert data["after"]["params"] == data["before"]["params"] > 0
