@@ -25,6 +25,7 @@ totals: parameters, MACs, file size, measured latency and the metric.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -37,6 +38,7 @@ import onnx_ir as ir
 from onnxcc.compiler.errors import BadInputError
 from onnxcc.compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, concrete_shapes, load_recipe, specs_from_data
 
+logger = logging.getLogger(__name__)
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
@@ -245,6 +247,11 @@ def compile_model(
             "accuracy_after": last.accuracy_cand,
             "drop_points": last.metric_drop(),
         }
+    if budget is None and last is not None and any(not st.exact and st.report.modified for st in result.steps):
+        warning = far_drop_warning(last)
+        if warning:
+            logger.warning(warning)
+            report["warning"] = warning
     if measure_latency and before.get("latency_ms"):
         report["latency_ratio"] = round(after["latency_ms"] / before["latency_ms"], 3)
         report["latency_protocol"] = dict(LATENCY_PROTOCOL)
@@ -258,6 +265,24 @@ def compile_model(
     report["provenance"] = stamp_provenance(result.model, specs, calib)
     report["_models"] = {"before": original}  # for the HTML report; dropped by json writers
     return CompileResult(result.model, report, result)
+
+
+#: Without a budget, a lossy result this far from the input still succeeds, with a warning.
+WARN_DROP_POINTS = 5.0
+WARN_SQNR_DB = 20.0
+
+
+def far_drop_warning(comp: Any) -> str | None:
+    """One line when a lossy result moved far from the input (more than :data:`WARN_DROP_POINTS`
+    of accuracy / top-1 agreement, or an SQNR under :data:`WARN_SQNR_DB`), saying how to bound it."""
+    drop, sq = comp.metric_drop(), comp.min_sqnr
+    if drop is not None and drop > WARN_DROP_POINTS:
+        what = f"{'accuracy' if comp.accuracy_ref is not None else 'top-1 agreement with the input'} dropped {drop:.1f} points"
+    elif drop is None and math.isfinite(sq) and sq < WARN_SQNR_DB:
+        what = f"the outputs are at {sq:.1f} dB SQNR from the input's"
+    else:
+        return None
+    return f"{what} and no budget was given: pass --budget PTS (budget= in Python) to bound the loss"
 
 
 def calibration_digest(calib: Any) -> dict[str, Any]:

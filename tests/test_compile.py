@@ -259,3 +259,17 @@ def test_quantization_keeps_the_parameter_count(cli, tmp_path, resnet_path, args
     assert r.code == 0, r
     data = json.loads(rep.read_text())
     assert data["after"]["params"] == data["before"]["params"] > 0
+
+
+def test_a_far_lossy_result_without_a_budget_succeeds_with_a_one_line_warning(cli, tmp_path):
+    """Static INT8 of the random-weight sample changes a quarter of its top-1 answers: exit 0, but
+    one warning line with the figure and how to set a budget, also in the report; with a budget
+    the gate decides instead, and an exact recipe never warns."""
+    rep = tmp_path / "r.json"
+    r = cli("quantize", "models/sample_resnet.onnx", "-o", tmp_path / "q.onnx", "--calib", "models/sample_calib.npy", "--report", rep)
+    assert r.code == 0, r
+    warnings = [ln for ln in r.err.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1 and "top-1 agreement with the input dropped" in warnings[0] and "--budget" in warnings[0]
+    assert "--budget" in json.loads(rep.read_text())["warning"]
+    r = cli("compile", "models/sample_resnet.onnx", "-o", tmp_path / "l.onnx", "--recipe", "lossless", "--no-latency")
+    assert r.code == 0 and "WARNING" not in r.err
