@@ -461,7 +461,7 @@ class CalibrationSet:
     # ---- validation and feeding
     def validate(self, model: ir.Model) -> None:
         if self.whole_feed:
-            feed = {k: v[0] for k, v in self.arrays.items()}
+            feed = {k: v[0, ...] for k, v in self.arrays.items()}
             _check_feed(feed, model, self.source)
             self.arrays = {k: v[None] for k, v in feed.items()}
             bad = [k for k, v in feed.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
@@ -517,7 +517,7 @@ class CalibrationSet:
         n = self.n if limit is None else min(limit, self.n)
         if self.whole_feed:
             if n:
-                yield {k: v[0] for k, v in self.arrays.items()}
+                yield {k: v[0, ...] for k, v in self.arrays.items()}
             return
         for start in range(0, n, batch_size):
             yield {k: np.ascontiguousarray(v[start : min(start + batch_size, n)]) for k, v in self.arrays.items()}

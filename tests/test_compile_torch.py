@@ -67,4 +67,6 @@ def test_budget_gate_on_an_exported_model(cli, tmp_path, exported):
     out = tmp_path / "o.onnx"
     r = cli("compile", src, "-o", out, "--recipe", "smallest", "--calib", calib, "--budget", "0.1", "--report", tmp_path / "r.json")
     assert r.code == 1 and "budget" in r.err
-    assert not out.exists() and not (tmp_path / "r.json").exists()
+    assert not out.exists()  # no model; the report says why (status failed, the pass)
+    failed = json.loads((tmp_path / "r.json").read_text())
+    assert failed["status"] == "failed" and "budget" in failed["error"] and failed["failed_pass"]

@@ -48,7 +48,9 @@ class LowerInt8Pass(OnnxccPass):
 def lower(model: ir.Model, *, hard_activations: bool = True) -> dict[str, int]:
     """The rewrites of :class:`LowerInt8Pass`, in place; counts per kind."""
     stats = {"opset_upgraded": 0, "hard_activations": 0, "batchnorms": 0, "reduce_means": 0}
-    if model.opset_imports.get("", 0) < MIN_OPSET:
+    if "" not in model.opset_imports:  # no default-domain node (an ai.onnx.ml model): nothing to convert
+        model.opset_imports[""] = MIN_OPSET
+    elif model.opset_imports[""] < MIN_OPSET:
         replace_contents(model, convert_opset(model, MIN_OPSET))
         stats["opset_upgraded"] = 1
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)

@@ -59,6 +59,7 @@ class WeightOnlyPass(OnnxccPass):
 
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
+        model.opset_imports.setdefault("", 13)  # no default-domain node yet (an ai.onnx.ml model)
         if cfg.dtype in ("int4", "binary", "ternary") and model.opset_imports.get("", 0) < 21:
             replace_contents(model, convert_opset(model, 21))
         elif cfg.dtype == "int8" and model.opset_imports.get("", 0) < 13:  # per-axis DequantizeLinear
