@@ -71,6 +71,18 @@ def specs_from_flags(
     return specs
 
 
+def recipe_json(specs: Sequence[Any]) -> list[dict[str, Any]]:
+    """A recipe as the report and the model's provenance record it: ``[{name, options}, ...]``
+    (specs as :func:`resolve_recipe` takes them)."""
+    return [{"name": s.name, "options": dict(s.options)} for s in resolve_recipe(list(specs))]
+
+
+def onnxcc_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxcc")
+
+
 def shipped_recipes() -> dict[str, Path]:
     """Name → path of the recipes shipped with onnxcc (``compiler/recipes/*.yaml``)."""
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
@@ -237,7 +249,7 @@ def compile_model(
     after = totals(result.model)
     if measure_latency:  # the input as given against the result, in one run (onnxruntime optimizes both)
         before["latency_ms"], after["latency_ms"] = paired_latency(original, result.model)
-    report: dict[str, Any] = {"status": "ok", "recipe": [{"name": s.name, "options": dict(s.options)} for s in specs], "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
+    report: dict[str, Any] = {"status": "ok", "recipe": recipe_json(specs), "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
     last = next((s.vs_original for s in reversed(result.steps) if s.vs_original is not None), None)
     if last is not None:
         report["metric"] = {
@@ -306,19 +318,17 @@ def stamp_provenance(model: ir.Model, specs: Sequence[PassSpec], calib: Any) -> 
     codebook, float32), as JSON strings. The model's own metadata is kept. Returns the same
     record for the report."""
     import json
-    from importlib.metadata import version
 
     from onnxcc.compiler.analysis import layer_precisions
 
-    __version__ = version("onnxcc")
     record: dict[str, Any] = {
-        "producer": {"name": "onnxcc", "version": __version__},
-        "recipe": [{"name": s.name, "options": dict(s.options)} for s in specs],
+        "producer": {"name": "onnxcc", "version": onnxcc_version()},
+        "recipe": recipe_json(specs),
         "precision": layer_precisions(model),
     }
     if calib is not None:
         record["calibration"] = calibration_digest(calib)
-    model.producer_name, model.producer_version = "onnxcc", __version__
+    model.producer_name, model.producer_version = "onnxcc", record["producer"]["version"]
     for key in ("recipe", "calibration", "precision"):
         if key in record:
             model.metadata_props[f"onnxcc.{key}"] = json.dumps(record[key], sort_keys=True, default=str)
@@ -335,8 +345,6 @@ def json_report(report: Mapping[str, Any]) -> dict[str, Any]:
     """The report without in-memory objects (what ``--report`` writes), stamped with its schema
     version and onnxcc's; numbers are JSON numbers: a value that is not finite (an infinite SQNR
     of an unchanged model) is null, never a string or ``Infinity``."""
-    from importlib.metadata import version
-
     def finite(v: Any) -> Any:
         if isinstance(v, float):
             return v if math.isfinite(v) else None
@@ -347,4 +355,4 @@ def json_report(report: Mapping[str, Any]) -> dict[str, Any]:
         return v
 
     body = {k: finite(v) for k, v in report.items() if not k.startswith("_")}
-    return {"schema_version": REPORT_SCHEMA_VERSION, "onnxcc_version": version("onnxcc"), **body}
+    return {"schema_version": REPORT_SCHEMA_VERSION, "onnxcc_version": onnxcc_version(), **body}

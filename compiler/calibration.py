@@ -97,7 +97,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
 def _dims(v: ir.Value | None) -> list[int] | None:
     if v is None or v.shape is None:
         return None
-    return [d if isinstance(d, int) and d >= 0 else -1 for d in v.shape.dims]
+    return [-1 if is_dynamic_dim(d) else d for d in v.shape.dims]
 
 
 def _valid_range(node: ir.Node, index: int) -> tuple[int, int, bool] | None:
@@ -106,12 +106,13 @@ def _valid_range(node: ir.Node, index: int) -> tuple[int, int, bool] | None:
     bounds within the sliced sizes, TopK's K within the axis, Tile repeats 1-2; axes are also
     distinct. None: no bound known (random 0..3 is used)."""
     op = node.op_type
+    if (op, index) == ("Tile", 1):
+        return (1, 3, False)
     data = _dims(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
-    axis_attr = node.attributes.get("axis")
-    axis = axis_attr.as_int() if axis_attr is not None else 0
     if data is None:
-        return (1, 3, False) if (op, index) == ("Tile", 1) else None
+        return None
     rank = len(data)
+    axis = node.attributes.get_int("axis", -1 if op == "TopK" else 0)
     known = [d for d in data if d > 0]
     if op in ("Gather", "GatherElements", "Scatter", "ScatterElements") and index == 1:
         if -rank <= axis < rank and data[axis] > 0:
@@ -132,11 +133,8 @@ def _valid_range(node: ir.Node, index: int) -> tuple[int, int, bool] | None:
             return (0, rank, True)
         if index == 4:
             return (1, 3, False)
-    if op == "TopK" and index == 1 and -rank <= node.attributes.get_int("axis", -1) < rank:
-        k = data[node.attributes.get_int("axis", -1)]
-        return (1, k + 1, False) if k > 0 else None
-    if op == "Tile" and index == 1:
-        return (1, 3, False)
+    if op == "TopK" and index == 1 and -rank <= axis < rank:
+        return (1, data[axis] + 1, False) if data[axis] > 0 else None
     return None
 
 
@@ -240,8 +238,7 @@ def verification_data(source: Any, model: ir.Model, *, limit: int | None = None)
     elif isinstance(source, (str, os.PathLike)):
         path, label = Path(source), str(source)
         if path.is_dir():  # a folder of images: samples, like calibration data
-            calib = CalibrationSet.load(path, model)
-            return list(calib.batches(calib.batch_size_for(model, preferred=8), limit=limit))
+            return CalibrationSet.load(path, model).feeds(model, limit)
         if not path.is_file():
             raise BadInputError(f"{label}: verification data not found (--data takes an .npz by input name, an .npy or an image folder)")
         try:
@@ -267,19 +264,17 @@ def verification_data(source: Any, model: ir.Model, *, limit: int | None = None)
         return [arrays]
     calib = CalibrationSet(arrays, label)
     calib.validate(model)
-    return list(calib.batches(calib.batch_size_for(model, preferred=8), limit=limit))
+    return calib.feeds(model, limit)
+
+
+def _shape_fits(shape: tuple[int, ...], declared: tuple[int | str | None, ...] | None) -> bool:
+    """An array of ``shape`` is what an input declared ``declared`` takes: same rank, same fixed sizes."""
+    return declared is None or (len(shape) == len(declared) and all(
+        not (isinstance(d, int) and d >= 0) or d == n for d, n in zip(declared, shape)))
 
 
 def _fits_as_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:
-    for s in specs:
-        a = arrays.get(s.name)
-        if a is None:
-            return False
-        if s.shape is None:
-            continue
-        if a.ndim != len(s.shape) or any(isinstance(d, int) and d >= 0 and d != n for d, n in zip(s.shape, a.shape)):
-            return False
-    return True
+    return all(s.name in arrays and _shape_fits(np.shape(arrays[s.name]), s.shape) for s in specs)
 
 
 def _check_names(feed: Mapping[str, Any], names: Sequence[str], label: str) -> None:
@@ -301,8 +296,7 @@ def _check_feed(feed: dict[str, np.ndarray], model: ir.Model, label: str) -> Non
                 a = a.astype(s.dtype)
             else:
                 raise BadInputError(f"{label}: input '{name}' has dtype {a.dtype}, the model expects {s.dtype}")
-        if s.shape is not None and (a.ndim != len(s.shape) or any(
-                isinstance(d, int) and d >= 0 and d != n for d, n in zip(s.shape, a.shape))):
+        if not _shape_fits(a.shape, s.shape):
             raise BadInputError(f"{label}: input '{name}' has shape {a.shape}, the model expects {_fmt_shape(s.shape)}")
         feed[name] = a
 
@@ -469,14 +463,7 @@ class CalibrationSet:
                 raise BadInputError(f"{self.source}: input '{bad[0]}' contains NaN or Inf")
             return
         specs = {s.name: s for s in input_specs(model)}
-        missing = [n for n in specs if n not in self.arrays]
-        extra = [n for n in self.arrays if n not in specs]
-        if missing:
-            raise BadInputError(f"{self.source}: no data for model input(s) {', '.join(missing)}")
-        if extra:
-            raise BadInputError(
-                f"{self.source}: data for unknown input(s) {', '.join(extra)} (model inputs: {', '.join(specs)})"
-            )
+        _check_names(self.arrays, list(specs), self.source)
         for name, spec in specs.items():
             arr = self.arrays[name]
             if arr.dtype != spec.dtype:
@@ -521,6 +508,10 @@ class CalibrationSet:
             return
         for start in range(0, n, batch_size):
             yield {k: np.ascontiguousarray(v[start : min(start + batch_size, n)]) for k, v in self.arrays.items()}
+
+    def feeds(self, model: ir.Model, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+        """The first ``limit`` samples as verification feeds, in the model's batch size (8 when dynamic)."""
+        return list(self.batches(self.batch_size_for(model, preferred=8), limit=limit))
 
     def subset(self, n: int) -> "CalibrationSet":
         if self.whole_feed:

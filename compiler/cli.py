@@ -285,15 +285,12 @@ def run_pipeline(
 def failure_report(e: Exception, specs: Sequence[Any], src: str) -> dict[str, Any]:
     """The JSON report of a run that failed: ``status`` "failed", the exit code, the error line,
     the pass that failed and the verified steps before it; no ``after`` (nothing was written)."""
-    from onnxcc.compiler.api import json_report
-    from onnxcc.compiler.pipeline import PassSpec
+    from onnxcc.compiler.api import json_report, recipe_json
 
     steps = getattr(e, "completed_steps", [])
-    recipe = [{"name": s.name, "options": dict(s.options)} if isinstance(s, PassSpec) else {"name": s[0], "options": dict(s[1])}
-              for s in specs]
     return json_report({
         "status": "failed", "exit_code": getattr(e, "exit_code", 1), "error": str(e),
-        "failed_pass": getattr(e, "failed_pass", None), "recipe": recipe, "input": str(src), "output": None,
+        "failed_pass": getattr(e, "failed_pass", None), "recipe": recipe_json(specs), "input": str(src), "output": None,
         "passes": [st.to_json() for st in steps],
     })
 
@@ -512,8 +509,6 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
     elif dynamic:
         specs.append(("quantize-dynamic", {"exclude": q["exclude"], **dyn}))
     else:
-        if not calib and _has_inputs(src):
-            raise BadInputError("INT8 quantization needs calibration data: give --calib (or --weight-only / --fp16 / --dynamic)")
         if equalize:
             specs.append(("equalize", {}))
         # --budget drives mixed precision: the most harmful layers stay float until the drop fits
@@ -523,19 +518,6 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
         report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric,
         verify_samples=64 if budget is not None else 8,  # the samples mixed precision measured its drop on
     )
-
-
-def _has_inputs(src: str) -> bool:
-    """Whether the model at ``src`` takes any input (read without its weights); True when it
-    cannot be read here (loading it later gives the one-line error)."""
-    import onnx
-
-    try:
-        m = onnx.load(src, load_external_data=False)
-    except Exception:
-        return True
-    inits = {t.name for t in m.graph.initializer}
-    return any(v.name not in inits for v in m.graph.input)
 
 
 @cli.command()

@@ -85,6 +85,8 @@ class OnnxccPass(ir.passes.InPlacePass):
     exact: ClassVar[bool]
     summary: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    #: said after "needs calibration data (--calib)" when it is missing: what to use instead
+    without_calibration: ClassVar[str] = ""
     # The pipeline runs the pass with the graph inputs at their concrete shapes (ir_utils.shape_hint)
     # so spatial sizes and MACs are known; the declared dynamic shapes are restored afterwards. A
     # pass that folds shapes into constants (fold) must not see them: it sets this False.
@@ -104,7 +106,12 @@ class OnnxccPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         if self.needs_calibration and self.context.calibration is None:
-            raise ir.passes.PreconditionError(f"pass '{self.name}' needs calibration data (--calib)")
+            raise ir.passes.PreconditionError(missing_calibration(type(self)))
+
+
+def missing_calibration(cls: type[OnnxccPass]) -> str:
+    """The one message for a pass run without the calibration data it needs."""
+    return f"pass '{cls.name}' needs calibration data: give --calib" + (f" ({cls.without_calibration})" if cls.without_calibration else "")
 
 
 def config_fields(cls: type[OnnxccPass]) -> list[tuple[str, str, Any, str]]:

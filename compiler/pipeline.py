@@ -44,7 +44,7 @@ from onnxcc.compiler.ir_utils import (
     shape_hint,
     upgrade_model,
 )
-from onnxcc.compiler.passbase import OnnxccPass, PassContext, PassReport, make_config
+from onnxcc.compiler.passbase import OnnxccPass, PassContext, PassReport, make_config, missing_calibration
 from onnxcc.compiler.registry import get_pass
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class Pipeline:
         context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels, top_k=self.top_k)
         for cls, _ in self.passes:
             if cls.needs_calibration and calibration is None:
-                raise BadInputError(f"pass '{cls.name}' needs calibration data (--calib)")
+                raise BadInputError(missing_calibration(cls))
         _refuse_non_finite_weights(model)
         if not shape_hint(model):
             set_shape_hint(model, concrete_shapes(self.input_shapes, calibration, feeds))

@@ -88,8 +88,7 @@ def verification_feeds(
 ) -> list[dict[str, np.ndarray]]:
     """Calibration samples when given (first ``samples``), else seeded random inputs."""
     if calibration is not None:
-        bs = calibration.batch_size_for(model, preferred=8)
-        return list(calibration.batches(bs, limit=samples))
+        return calibration.feeds(model, samples)
     specs = input_specs(model)
     fixed = {s.fixed_batch for s in specs if s.fixed_batch is not None}
     if fixed:
@@ -120,8 +119,12 @@ class OutputMetrics:
         for k, v in d.items():
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = None
-        d["identical"] = self.max_abs == 0.0 and self.problem is None
+        d["identical"] = self.identical
         return d
+
+    @property
+    def identical(self) -> bool:
+        return self.max_abs == 0.0 and self.problem is None
 
 
 @dataclasses.dataclass
@@ -170,7 +173,7 @@ class Comparison:
         d: dict[str, Any] = {"outputs": [o.to_json() for o in self.outputs]}
         sq = self.min_sqnr
         d["min_sqnr_db"] = sq if math.isfinite(sq) else None
-        d["identical"] = bool(self.outputs) and all(o.max_abs == 0.0 and o.problem is None for o in self.outputs)
+        d["identical"] = bool(self.outputs) and all(o.identical for o in self.outputs)
         d["metric_drop"] = self.metric_drop()
         if self.accuracy_ref is not None:
             d["accuracy_ref"] = self.accuracy_ref

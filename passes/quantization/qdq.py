@@ -70,6 +70,7 @@ class QuantizePass(OnnxccPass):
     name = "quantize"
     exact = False
     needs_calibration = True
+    without_calibration = "or --weight-only / --fp16 / --dynamic"
     summary = "INT8 QDQ quantization placed for onnxruntime's integer kernels (per-channel int8 weights, int32 bias)"
 
     @dataclasses.dataclass(frozen=True)
