@@ -10,10 +10,16 @@
 ``recipe`` is a shipped recipe name (:func:`shipped_recipes`), a YAML/JSON
 path, or a list of passes (names, ``(name, options)`` pairs or dicts).
 ``data`` are real inputs to verify every pass on (an ``.npz`` by input name, a dict of arrays
-or a list of feed dicts: :func:`~compiler.calibration.verification_data`); without it the
-calibration samples, else seeded random inputs of the declared shapes.
+or a list of feed dicts: :func:`~compiler.calibration.verification_data`), all of them; without
+it the first ``verify_samples`` calibration samples (64 under a budget, else 8), else seeded
+random inputs. ``labels`` label those evaluation samples, in order; ``metric`` is top-k
+(``top_k``) accuracy against them, or a score function ``fn(outputs, labels)``
+(:class:`~compiler.verify.Metric`). ``budget`` (points of that metric) drives every lossy pass
+that can trade accuracy: mixed precision, prune ratios, factorization ranks, sparsity, codebook
+bits (:mod:`compiler.pipeline`).
 ``calibration`` may be a :class:`~compiler.calibration.CalibrationSet`, a
-numpy array or dict of arrays, a ``.npy``/``.npz``/image-folder path, or an
+numpy array or dict of arrays, a ``.npy``/``.npz``/image-folder path (``images``: an
+:class:`~compiler.calibration.ImagePreprocessing` or a dict of its fields, for folders), or an
 onnxruntime ``CalibrationDataReader``, so existing onnxruntime quantization
 code plugs in. The data is read once and shared by every pass.
 
@@ -35,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxcc.compiler import verify as V
 from onnxcc.compiler.errors import BadInputError
 from onnxcc.compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, concrete_shapes, load_recipe, specs_from_data
 
@@ -99,13 +106,28 @@ def resolve_recipe(recipe: Any) -> list[PassSpec]:
             raise BadInputError(f"recipe '{recipe}': no such file, and not a shipped recipe ({', '.join(shipped)})")
         return load_recipe(recipe)
     if isinstance(recipe, (list, tuple, Mapping)):
-        if isinstance(recipe, (list, tuple)) and all(isinstance(r, (PassSpec, tuple)) for r in recipe):
-            return [r if isinstance(r, PassSpec) else PassSpec(r[0], dict(r[1] or {})) for r in recipe]
+        if isinstance(recipe, (list, tuple)) and all(isinstance(r, (PassSpec, tuple, str)) for r in recipe):
+            return [r if isinstance(r, PassSpec) else PassSpec(r, {}) if isinstance(r, str) else PassSpec(r[0], dict(r[1] or {}))
+                    for r in recipe]
         return specs_from_data(recipe)
     raise BadInputError(f"recipe: cannot use a {type(recipe).__name__}")
 
 
-def as_calibration(calibration: Any, model: ir.Model):
+def as_images(images: Any):
+    """An :class:`~compiler.calibration.ImagePreprocessing` from one, a dict of its fields, or None."""
+    from onnxcc.compiler.calibration import ImagePreprocessing
+
+    if images is None or isinstance(images, ImagePreprocessing):
+        return images
+    if isinstance(images, Mapping):
+        try:
+            return ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in images.items()})
+        except TypeError as e:
+            raise BadInputError(f"images: {e}") from e
+    raise BadInputError(f"images: cannot use a {type(images).__name__}")
+
+
+def as_calibration(calibration: Any, model: ir.Model, images: Any = None):
     from onnxcc.compiler.calibration import CalibrationSet
 
     if calibration is None or isinstance(calibration, CalibrationSet):
@@ -117,7 +139,7 @@ def as_calibration(calibration: Any, model: ir.Model):
     if isinstance(calibration, Mapping):
         return CalibrationSet.load(calibration, model)  # stacked samples, or one whole feed
     if isinstance(calibration, (str, os.PathLike)):
-        return CalibrationSet.load(str(calibration), model)
+        return CalibrationSet.load(str(calibration), model, images=as_images(images))
     if hasattr(calibration, "get_next"):  # onnxruntime CalibrationDataReader
         return CalibrationSet.from_reader(calibration)
     raise BadInputError(f"calibration: cannot use a {type(calibration).__name__}")
@@ -172,7 +194,7 @@ def totals(model: ir.Model) -> dict[str, Any]:
     s = analyze(model, stats=False)
     params = sum(v["params"] for v in per_layer_totals(model).values())
     return {"params": params, "macs": s.macs, "nodes": s.nodes, "op_counts": dict(sorted(s.op_counts.items())),
-            "file_bytes": serialized_size(model)}
+            "file_bytes": serialized_size(model), "latency_ms": None}
 
 
 def _counted(model: ir.Model, specs: Sequence[PassSpec]) -> ir.Model | None:
@@ -192,18 +214,26 @@ def _counted(model: ir.Model, specs: Sequence[PassSpec]) -> ir.Model | None:
     return m
 
 
+#: Verification samples (from --data, else the calibration set, else seeded random inputs): a
+#: budget is judged on more of them than an exact check needs.
+VERIFY_SAMPLES = 8
+VERIFY_SAMPLES_BUDGET = 64
+
+
 def compile_model(
     model: Any,
     recipe: Any = None,
     *,
     calibration: Any = None,
     data: Any = None,
+    images: Any = None,
     labels: Any = None,
     budget: float | Budget | None = None,
     seed: int = 0,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    verify_samples: int = 8,
+    verify_samples: int | None = None,
     top_k: int = 1,
+    metric: Any = None,
     measure_latency: bool = True,
     profile_layers: bool = False,
 ) -> CompileResult:
@@ -214,18 +244,20 @@ def compile_model(
     """
     from onnxcc.compiler.ir_utils import clone_model, load_model
 
+    if verify_samples is None:  # the CLI and the API verify on the same number
+        verify_samples = VERIFY_SAMPLES_BUDGET if budget is not None else VERIFY_SAMPLES
     specs = resolve_recipe(recipe)
     if not specs:
         raise BadInputError("nothing to do: give a recipe")
     m = clone_model(model) if isinstance(model, ir.Model) else load_model(model)
-    calib = as_calibration(calibration, m)
+    calib = as_calibration(calibration, m, images)
     if calib is not None:
         calib.validate(m)
     feeds = None
     if data is not None:
         from onnxcc.compiler.calibration import verification_data
 
-        feeds = verification_data(data, m, limit=verify_samples)
+        feeds = verification_data(data, m, images=as_images(images))  # all of it: the user chose these samples
     if isinstance(budget, (int, float)):
         budget = Budget(max_drop=float(budget))
     if labels is not None and not isinstance(labels, np.ndarray):
@@ -233,7 +265,7 @@ def compile_model(
     from onnxcc.compiler.ir_utils import set_shape_hint
 
     set_shape_hint(m, concrete_shapes(input_shapes, calib, feeds))  # before/after totals count at this shape
-    pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, top_k=top_k)
+    pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, metric=V.as_metric(metric if metric is not None else top_k))
     original = clone_model(m)
     counted = _counted(original, specs)
     before: dict[str, Any] = {} if counted is None else totals(counted)
@@ -250,6 +282,8 @@ def compile_model(
     if measure_latency:  # the input as given against the result, in one run (onnxruntime optimizes both)
         before["latency_ms"], after["latency_ms"] = paired_latency(original, result.model)
     report: dict[str, Any] = {"status": "ok", "recipe": recipe_json(specs), "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
+    if budget is not None:
+        report["budget"] = budget.max_drop if budget.max_drop is not None else budget.min_sqnr_db
     last = next((s.vs_original for s in reversed(result.steps) if s.vs_original is not None), None)
     if last is not None:
         report["metric"] = {
@@ -258,6 +292,8 @@ def compile_model(
             "accuracy_before": last.accuracy_ref,
             "accuracy_after": last.accuracy_cand,
             "drop_points": last.metric_drop(),
+            "name": result.verification.get("metric"),
+            "samples": result.verification.get("samples"),
         }
     if budget is None and last is not None and any(not st.exact and st.report.modified for st in result.steps):
         warning = far_drop_warning(last)
@@ -304,9 +340,10 @@ def calibration_digest(calib: Any) -> dict[str, Any]:
 
     h = hashlib.sha256()
     for name in sorted(calib.arrays):
-        a = np.ascontiguousarray(calib.arrays[name])
+        a = calib.arrays[name]
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
+        for chunk in calib.chunks(name):  # a memory-mapped set is hashed without reading it whole
+            h.update(np.ascontiguousarray(chunk).tobytes())
     return {"source": os.path.basename(str(calib.source)), "samples": len(calib), "sha256": h.hexdigest()}
 
 

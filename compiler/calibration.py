@@ -215,7 +215,8 @@ def random_inputs(
     return feeds
 
 
-def verification_data(source: Any, model: ir.Model, *, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+def verification_data(source: Any, model: ir.Model, *, limit: int | None = None,
+                      images: "ImagePreprocessing | None" = None) -> list[dict[str, np.ndarray]]:
     """Real inputs to verify on (``--data``): feed dicts, by input name.
 
     ``source`` is an ``.npz`` (one array per input name), an ``.npy`` (single-input models), a
@@ -238,7 +239,7 @@ def verification_data(source: Any, model: ir.Model, *, limit: int | None = None)
     elif isinstance(source, (str, os.PathLike)):
         path, label = Path(source), str(source)
         if path.is_dir():  # a folder of images: samples, like calibration data
-            return CalibrationSet.load(path, model).feeds(model, limit)
+            return CalibrationSet.load(path, model, images=images).feeds(model, limit)
         if not path.is_file():
             raise BadInputError(f"{label}: verification data not found (--data takes an .npz by input name, an .npy or an image folder)")
         try:
@@ -304,14 +305,60 @@ def _check_feed(feed: dict[str, np.ndarray], model: ir.Model, label: str) -> Non
 # --------------------------------------------------------------------------- calibration set
 @dataclasses.dataclass(frozen=True)
 class ImagePreprocessing:
-    """How a folder of images becomes model input."""
+    """How a folder of images becomes model input. Pillow decodes, converts and resizes.
 
-    size: tuple[int, int] = (224, 224)  # (height, width)
-    layout: str = "NCHW"
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    Every field left None comes from the model's (single) image input: ``size`` (height, width)
+    and ``layout`` (``NCHW`` when axis 1 has 1 or 3 channels, ``NHWC`` when the last axis has)
+    from its declared shape, ``channels`` from its channel count (1: ``L``, grayscale; 3: ``RGB``).
+    ``resize`` first scales the shorter side to that many pixels, keeping the aspect, then
+    crops the centre to ``size`` (torchvision's Resize + CenterCrop); without it the image is
+    resized straight to ``size``. Pixels are multiplied by ``scale`` (1/255: [0, 1]), then
+    ``(x - mean) / std`` per channel: ImageNet's statistics for 3 channels and 0 / 1 for one
+    unless given (pass your model's own).
+    """
+
+    size: tuple[int, int] | None = None
+    resize: int | None = None
+    layout: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     scale: float = 1 / 255.0
-    grayscale: bool = False
+    channels: str | None = None  # "RGB", "BGR" or "L"
+
+    def __post_init__(self):
+        if self.layout is not None and self.layout.upper() not in ("NCHW", "NHWC"):
+            raise BadInputError(f"image layout must be NCHW or NHWC, not {self.layout!r}")
+        if self.channels is not None and self.channels.upper() not in ("RGB", "BGR", "L"):
+            raise BadInputError(f"image channels must be RGB, BGR or L, not {self.channels!r}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise BadInputError(f"image size must be HxW, got {self.size}")
+        if self.std is not None and any(v == 0 for v in self.std):
+            raise BadInputError("image std must not be 0")
+
+    def resolved(self, model: ir.Model | None) -> "ImagePreprocessing":
+        """Every field set: the given ones, the rest from ``model``'s image input."""
+        spec = next(iter(input_specs(model)), None) if model is not None else None
+        shape = (spec.hint or spec.shape) if spec is not None else None
+        layout, size, channels = self.layout, self.size, self.channels
+        if shape is not None and len(shape) == 4:
+            if layout is None:
+                layout = "NHWC" if shape[-1] in (1, 3) and shape[1] not in (1, 3) else "NCHW"
+            h, w, c = (shape[2], shape[3], shape[1]) if layout.upper() == "NCHW" else (shape[1], shape[2], shape[3])
+            if size is None and isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+                size = (h, w)
+            if channels is None and c in (1, 3):
+                channels = "L" if c == 1 else "RGB"
+        if size is None:
+            raise BadInputError("the model's image input has a dynamic height/width: give the image size (--image-size HxW)")
+        channels = (channels or "RGB").upper()
+        n = 1 if channels == "L" else 3
+        mean = self.mean if self.mean is not None else ((0.0,) if n == 1 else (0.485, 0.456, 0.406))
+        std = self.std if self.std is not None else ((1.0,) if n == 1 else (0.229, 0.224, 0.225))
+        for what, v in (("mean", mean), ("std", std)):
+            if len(v) not in (1, n):
+                raise BadInputError(f"image {what} has {len(v)} values for {n} channel(s)")
+        return dataclasses.replace(self, size=tuple(size), layout=(layout or "NCHW").upper(), channels=channels,
+                                   mean=tuple(mean), std=tuple(std))
 
 
 class CalibrationSet:
@@ -413,7 +460,7 @@ class CalibrationSet:
         if not path.exists():
             raise BadInputError(f"{label}: calibration data not found")
         if path.is_dir():
-            return cls._from_folder(path, model, images or ImagePreprocessing())
+            return cls._from_folder(path, model, (images or ImagePreprocessing()).resolved(model))
         try:
             if path.suffix == ".npz":
                 with np.load(path, allow_pickle=False) as z:
@@ -435,22 +482,55 @@ class CalibrationSet:
 
     @classmethod
     def from_reader(cls, reader: Any) -> "CalibrationSet":
-        chunks: dict[str, list[np.ndarray]] = {}
-        while True:
-            feed = reader.get_next()
-            if feed is None:
-                break
-            for k, v in feed.items():
-                chunks.setdefault(k, []).append(np.asarray(v))
+        """Consume an onnxruntime ``CalibrationDataReader`` once, streaming: each feed is appended
+        to a temporary file per input as it arrives, and the set reads memory-mapped arrays from
+        those files, so a reader of more data than RAM works (onnxruntime's own quantizer holds it
+        all in memory). The files live as long as the set."""
+        import tempfile
+
+        spool = tempfile.TemporaryDirectory(prefix="onnxcc-calib-")
+        name = type(reader).__name__
+        files: dict[str, Any] = {}
+        meta: dict[str, list[Any]] = {}  # input -> [dtype, sample shape, count]
+        try:
+            while True:
+                feed = reader.get_next()
+                if feed is None:
+                    break
+                for k, v in feed.items():
+                    a = np.ascontiguousarray(np.asarray(v))
+                    a = a[None] if a.ndim == 0 else a  # readers give feeds that carry a batch axis
+                    m = meta.setdefault(k, [a.dtype, a.shape[1:], 0])
+                    if (a.dtype, a.shape[1:]) != (m[0], m[1]):
+                        raise BadInputError(
+                            f"{name}: input '{k}' changes between feeds: {m[1]} {m[0]}, then {a.shape[1:]} {a.dtype}"
+                        )
+                    if k not in files:
+                        files[k] = open(Path(spool.name) / f"{len(files)}.bin", "wb")  # noqa: SIM115 (closed below)
+                    files[k].write(a.tobytes())
+                    m[2] += a.shape[0]
+        finally:
+            for f in files.values():
+                f.close()
         if hasattr(reader, "rewind"):
             try:
                 reader.rewind()
             except Exception:  # a reader that cannot rewind is still usable once
                 pass
-        if not chunks:
+        if not meta or any(m[2] == 0 for m in meta.values()):
+            spool.cleanup()
             raise BadInputError("calibration data reader returned no data")
-        # Readers give feed dicts that already carry a batch axis.
-        return cls({k: np.concatenate(v, axis=0) for k, v in chunks.items()}, type(reader).__name__)
+        paths = {k: Path(spool.name) / f"{i}.bin" for i, k in enumerate(files)}
+        arrays = {k: np.memmap(paths[k], dtype=m[0], mode="r", shape=(m[2], *m[1])) for k, m in meta.items()}
+        calib = cls(arrays, name)
+        calib._spool = spool
+        return calib
+
+    def chunks(self, name: str, size: int = 64) -> Iterator[np.ndarray]:
+        """Input ``name`` in runs of ``size`` samples (a memory-mapped set is never read whole)."""
+        arr = self.arrays[name]
+        for start in range(0, max(1, arr.shape[0]) if arr.ndim else 1, size):
+            yield np.asarray(arr[start:start + size]) if arr.ndim else np.asarray(arr)
 
     # ---- validation and feeding
     def validate(self, model: ir.Model) -> None:
@@ -490,7 +570,7 @@ class CalibrationSet:
                     raise BadInputError(
                         f"{self.source}: the model has a fixed batch of {fixed_batch} but {self.n} samples were given"
                     )
-            if np.issubdtype(self.arrays[name].dtype, np.floating) and not np.all(np.isfinite(self.arrays[name])):
+            if np.issubdtype(self.arrays[name].dtype, np.floating) and not all(np.all(np.isfinite(c)) for c in self.chunks(name)):
                 raise BadInputError(f"{self.source}: input '{name}' contains NaN or Inf")
 
     def batch_size_for(self, model: ir.Model, preferred: int = 16) -> int:
@@ -516,7 +596,9 @@ class CalibrationSet:
     def subset(self, n: int) -> "CalibrationSet":
         if self.whole_feed:
             return self
-        return CalibrationSet({k: v[:n] for k, v in self.arrays.items()}, self.source)
+        sub = CalibrationSet({k: v[:n] for k, v in self.arrays.items()}, self.source)
+        sub._spool = getattr(self, "_spool", None)  # a memory-mapped set's files outlive it
+        return sub
 
 
 def _fmt_shape(shape: Sequence[Any]) -> str:
@@ -524,24 +606,34 @@ def _fmt_shape(shape: Sequence[Any]) -> str:
 
 
 def load_image(path: Path, prep: ImagePreprocessing) -> np.ndarray:
+    """One sample from an image file (or an ``.npy`` array, taken as it is), with ``prep`` resolved."""
     if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False).astype(np.float32)
-    else:
-        try:
-            from PIL import Image
-        except ImportError as e:
-            raise BadInputError("reading image files needs Pillow: pip install 'onnxcc[images]'") from e
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if prep.grayscale else "RGB").resize((prep.size[1], prep.size[0]))
-                arr = np.asarray(im, dtype=np.float32)
-        except OSError as e:
-            raise BadInputError(f"{path}: cannot read image: {e}") from e
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        arr = (arr * prep.scale - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
-        if prep.layout.upper() == "NCHW":
-            arr = arr.transpose(2, 0, 1)
+        return np.ascontiguousarray(np.load(path, allow_pickle=False), dtype=np.float32)
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise BadInputError("reading image files needs Pillow: pip install 'onnxcc[images]'") from e
+    h, w = prep.size
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if prep.channels == "L" else "RGB")
+            if prep.resize:  # shorter side to `resize`, then the centre crop
+                k = prep.resize / min(im.size)
+                im = im.resize((max(w, round(im.size[0] * k)), max(h, round(im.size[1] * k))), Image.Resampling.BILINEAR)
+                left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
+                im = im.crop((left, top, left + w, top + h))
+            else:
+                im = im.resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read image: {e}") from e
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if prep.channels == "BGR":
+        arr = arr[..., ::-1]
+    arr = (arr * prep.scale - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    if prep.layout == "NCHW":
+        arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 

@@ -62,13 +62,78 @@ def _load_labels(path: str | None):
 
 
 metric_option = click.option(
-    "--metric", type=click.Choice(["top1", "top5"]), default="top1", show_default=True,
-    help="with --labels: accuracy metric (without labels: top-1 agreement with the original)",
+    "--metric", default="top1", show_default=True, metavar="top1|top5|MODULE:FUNCTION",
+    help="what --budget measures: top-1/top-5 accuracy with --labels (without: top-1 agreement with the original), "
+         "or a score function fn(outputs, labels) -> float, higher is better (outputs: dict by output name; labels: "
+         "--labels, else the original model's outputs), from an importable module or a file.py",
 )
+
+
+
+def _store_image_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Image-folder options are gathered in ``ctx.meta`` (read by :func:`image_preprocessing`)
+    rather than passed to every command function."""
+    if value is not None:
+        ctx.meta.setdefault("onnxcc.images", {})[param.name] = value
+    return value
+
+
+def _image_option(*decls: str, **kw: Any):
+    return click.option(*decls, expose_value=False, callback=_store_image_option, default=None, **kw)
+
+
+# How an image folder given to --calib / --data becomes input (Pillow decodes and resizes).
+image_options = [
+    _image_option("--image-size", metavar="HxW", help="image folders: input height x width (default: the model's input shape)"),
+    _image_option("--resize", type=int, metavar="N", help="image folders: scale the shorter side to N, then centre-crop to the size (default: resize straight to the size)"),
+    _image_option("--layout", type=click.Choice(["nchw", "nhwc"], case_sensitive=False), help="image folders: tensor layout (default: from the model's input)"),
+    _image_option("--channels", type=click.Choice(["rgb", "bgr", "l"], case_sensitive=False), help="image folders: channel order, or l for grayscale (default: from the model's channel count)"),
+    _image_option("--mean", metavar="M[,M,M]", help="image folders: per-channel mean after scaling (default: ImageNet's for RGB, 0 for grayscale)"),
+    _image_option("--std", metavar="S[,S,S]", help="image folders: per-channel std (default: ImageNet's for RGB, 1 for grayscale)"),
+    _image_option("--pixel-scale", type=float, metavar="F", help="image folders: pixel multiplier before mean/std (default 1/255)"),
+]
+
+
+def image_preprocessing(ctx: click.Context | None = None):
+    """The :class:`~onnxcc.compiler.calibration.ImagePreprocessing` the image options give, or None."""
+    from onnxcc.compiler.calibration import ImagePreprocessing
+
+    ctx = ctx or click.get_current_context()
+    given = ctx.meta.get("onnxcc.images", {})
+    if not given:
+        return None
+
+    def floats(name: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in str(given[name]).split(","))
+        except ValueError as e:
+            raise BadInputError(f"--{name}: expected comma-separated numbers, got {given[name]!r}") from e
+
+    kw: dict[str, Any] = {}
+    if "image_size" in given:
+        try:
+            h, w = (int(v) for v in str(given["image_size"]).lower().split("x"))
+        except ValueError as e:
+            raise BadInputError(f"--image-size: expected HxW, got {given['image_size']!r}") from e
+        kw["size"] = (h, w)
+    for name in ("mean", "std"):
+        if name in given:
+            kw[name] = floats(name)
+    if "resize" in given:
+        kw["resize"] = int(given["resize"])
+    if "layout" in given:
+        kw["layout"] = given["layout"].upper()
+    if "channels" in given:
+        kw["channels"] = given["channels"].upper()
+    if "pixel_scale" in given:
+        kw["scale"] = float(given["pixel_scale"])
+    return ImagePreprocessing(**kw)
+
 
 common_model_options = [
     click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD", help="concrete shape for an input with dynamic dims"),
 ]
+data_options = common_model_options + image_options
 
 # Every command that writes a model: where, its JSON report, and whether OUT may be the input.
 output_options = [
@@ -224,7 +289,7 @@ def run_pipeline(
     external_data: bool | None = None,
     seed: int = 0,
     metric: str = "top1",
-    verify_samples: int = 8,
+    verify_samples: int | None = None,
     measure_latency: bool = False,
     protect: Sequence[str] = (),
 ) -> None:
@@ -237,6 +302,7 @@ def run_pipeline(
     from onnxcc.compiler.calibration import CalibrationSet, parse_input_shapes
     from onnxcc.compiler.files import atomic_write, external_data_files, file_size
     from onnxcc.compiler.ir_utils import check_distinct_outputs, check_output_path, load_model, save_model
+    from onnxcc.compiler.verify import load_metric
 
     # the model may be replaced with --in-place; its external data, the data and the recipe never
     inputs = (src, *external_data_files(src), calib, data, labels, *protect)
@@ -251,11 +317,12 @@ def run_pipeline(
         except ImportError as e:
             raise BadInputError("--html needs matplotlib: pip install 'onnxcc[report]'") from e
     model = load_model(src)
-    calibration = CalibrationSet.load(calib, model) if calib else None
+    images = image_preprocessing(ctx)
+    calibration = CalibrationSet.load(calib, model, images=images) if calib else None
     try:
         res = compile_model(
-            model, list(specs), calibration=calibration, data=data, labels=_load_labels(labels), budget=budget, seed=seed,
-            input_shapes=parse_input_shapes(input_shapes), top_k=5 if metric == "top5" else 1,
+            model, list(specs), calibration=calibration, data=data, images=images, labels=_load_labels(labels), budget=budget, seed=seed,
+            input_shapes=parse_input_shapes(input_shapes), metric=load_metric(metric),
             measure_latency=measure_latency, profile_layers=bool(html_path), verify_samples=verify_samples,
         )
     except OnnxccError as e:
@@ -316,9 +383,19 @@ def _print_result(res: Any) -> None:
     b, a = res.report["before"], res.report["after"]
     rows = []
     for key, label, unit in (("params", "parameters", ""), ("macs", "MACs", ""), ("nodes", "nodes", ""), ("file_bytes", "file size", "B"), ("latency_ms", "latency (ms)", "")):
-        if key in b and key in a:
+        if b.get(key) is not None and a.get(key) is not None:
             rows.append([label, human(b[key], unit), human(a[key], unit), f"{a[key] / b[key]:.3f}x" if b[key] else "-"])
     click.echo(format_table(rows, ["", "before", "after", "ratio"]))
+    m, ver = res.report.get("metric"), res.report.get("verification") or {}
+    if m and ver:
+        budget = res.report.get("budget")
+        tail = f" (budget {budget:g})" if budget is not None else ""
+        if m.get("accuracy_before") is not None and m.get("accuracy_after") is not None:
+            click.echo(f"{ver['metric']} on {ver['samples']} {ver['source']} samples: {100 * m['accuracy_before']:.2f}% -> "
+                       f"{100 * m['accuracy_after']:.2f}%, drop {m['drop_points']:.2f} points{tail}")
+        elif m.get("top1_agreement") is not None:
+            click.echo(f"top-1 agreement with the input on {ver['samples']} {ver['source']} samples: "
+                       f"{100 * m['top1_agreement']:.2f}%{tail}")
 
 
 @cli.command()
@@ -326,7 +403,7 @@ def _print_result(res: Any) -> None:
 @_apply(output_options)
 @config_options("fold", aliases={"fold_batchnorm": ["--fold-batchnorm/--no-bn"]})
 @click.option("--external-data/--no-external-data", default=None, help="store weights in OUT.data (default: only over 2 GB)")
-@_apply(common_model_options)
+@_apply(data_options)
 @click.pass_context
 def fold(ctx, src, out, report, in_place, data, external_data, input_shapes, **options):
     """Exact clean-up: fold constants, BatchNorm, shape chains; drop dead and no-op nodes."""
@@ -349,7 +426,7 @@ def fold(ctx, src, out, report, in_place, data, external_data, input_shapes, **o
 @click.option("--html", "html_path", type=click.Path(), help="write a self-contained HTML report with plots (report extra)")
 @click.option("--no-latency", is_flag=True, help="do not time the model before and after")
 @click.option("--seed", type=int, default=0)
-@_apply(common_model_options)
+@_apply(data_options)
 @metric_option
 @click.pass_context
 def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, sparsity, codebook_bits, quant_method, calib, labels, budget, report, html_path, no_latency, in_place, data, seed, input_shapes, metric):  # noqa: A001
@@ -376,7 +453,7 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
     recipe_file = [recipe] if recipe and os.path.isfile(recipe) else []
     run_pipeline(ctx, src, out, specs, calib=calib, labels=labels, budget=budget, report=report, html_path=html_path,
                  in_place=in_place, data=data, input_shapes=input_shapes, seed=seed, metric=metric, protect=recipe_file,
-                 verify_samples=64 if budget is not None else 8, measure_latency=not no_latency)
+                 measure_latency=not no_latency)
 
 
 @cli.command()
@@ -386,7 +463,7 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
 @click.option("--calib", type=click.Path(), help="calibration data: activation criterion, bias compensation, reconstruction, automatic ratios")
 @_apply(budget_options)
 @click.option("--force", is_flag=True, help="write the model even when the budget is exceeded (the report says by how much)")
-@_apply(common_model_options)
+@_apply(data_options)
 @metric_option
 @click.pass_context
 def prune(ctx, src, out, calib, labels, budget, force, report, in_place, data, input_shapes, metric, **options):
@@ -404,7 +481,7 @@ def prune(ctx, src, out, calib, labels, budget, force, report, in_place, data, i
 @config_options("factorize", aliases={"calib_samples": ["--samples"]})
 @click.option("--calib", type=click.Path(), help="calibration data: refit each layer's last factor by least squares")
 @_apply(budget_options)
-@_apply(common_model_options)
+@_apply(data_options)
 @metric_option
 @click.pass_context
 def factorize(ctx, src, out, calib, labels, budget, report, in_place, data, input_shapes, metric, **options):
@@ -429,12 +506,13 @@ def factorize(ctx, src, out, calib, labels, budget, report, in_place, data, inpu
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(), help="PNG of metric loss vs ratio per space (needs the report extra)")
 @metric_option
-@_apply(common_model_options)
+@_apply(data_options)
 def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_json, plot, metric, input_shapes):
     """Prune each channel space alone at each ratio and measure the metric."""
     from onnxcc.compiler.calibration import CalibrationSet
     from onnxcc.compiler.ir_utils import load_model
     from onnxcc.compiler.pipeline import Pipeline
+    from onnxcc.compiler.verify import load_metric
     from onnxcc.passes.pruning import sensitivity as S
 
     try:
@@ -447,12 +525,12 @@ def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_
         if importlib.util.find_spec("matplotlib") is None:
             raise BadInputError("--plot needs matplotlib: pip install 'onnxcc[report]'")
     model = load_model(src)
-    cal = CalibrationSet.load(calib, model)
+    cal = CalibrationSet.load(calib, model, images=image_preprocessing())
     lab = _load_labels(labels)
     Pipeline(["fold"], verify=False).run(model)
 
     res = S.analyse(model, cal, labels=lab, ratios=rs, criterion=criterion, reconstruct=reconstruct, samples=samples,
-                    top_k=5 if metric == "top5" else 1)  # progress: the shared mechanism (compiler.progress)
+                    metric=load_metric(metric))  # progress: the shared mechanism (compiler.progress)
     if plot:
         _sensitivity_plot(res, plot)
     if as_json:
@@ -493,7 +571,7 @@ def _sensitivity_plot(res, path: str) -> None:
 @click.option("--equalize", is_flag=True, help="cross-layer equalization first (exact in float)")
 @click.option("--labels", type=click.Path(), help="labels (.npy) for accuracy")
 @click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points: mixed precision keeps the most harmful layers float until it fits")
-@_apply(common_model_options)
+@_apply(data_options)
 @metric_option
 @click.pass_context
 def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels, budget, report, in_place, data, input_shapes, metric, **options):
@@ -511,12 +589,12 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
     else:
         if equalize:
             specs.append(("equalize", {}))
-        # --budget drives mixed precision: the most harmful layers stay float until the drop fits
-        specs.append(("quantize", {**q, "max_drop": budget}))
+        # --budget drives mixed precision (the pipeline hands it the budget and the sample count):
+        # the most harmful layers stay float until the drop fits
+        specs.append(("quantize", q))
     run_pipeline(
         ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
         report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric,
-        verify_samples=64 if budget is not None else 8,  # the samples mixed precision measured its drop on
     )
 
 
@@ -526,7 +604,7 @@ def quantize(ctx, src, out, calib, weight_only, fp16, dynamic, equalize, labels,
 @config_options("sparsify", exclude=("reconstruct",), aliases={"global_threshold": ["--global"], "calib_samples": ["--samples"]})
 @click.option("--calib", type=click.Path(), help="calibration data: refit the kept weights (sparsity pattern kept)")
 @_apply(budget_options)
-@_apply(common_model_options)
+@_apply(data_options)
 @metric_option
 @click.pass_context
 def sparsify(ctx, src, out, calib, labels, budget, report, in_place, data, input_shapes, metric, **options):
@@ -543,7 +621,7 @@ def sparsify(ctx, src, out, calib, labels, budget, report, in_place, data, input
 @config_options("codebook")
 @click.option("--calib", type=click.Path(), help="data to verify on (default: random inputs)")
 @_apply(budget_options)
-@_apply(common_model_options)
+@_apply(data_options)
 @metric_option
 @click.pass_context
 def codebook(ctx, src, out, calib, labels, budget, report, in_place, data, input_shapes, metric, **options):
@@ -562,7 +640,7 @@ def codebook(ctx, src, out, calib, labels, budget, report, in_place, data, input
 @config_options("codebook", only=("bits",))
 @click.option("--int8", "int8", is_flag=True, help="INT8 activations too: quantize before the codebook, which then shares int8 levels (still fused)")
 @_apply(budget_options)
-@_apply(common_model_options)
+@_apply(data_options)
 @metric_option
 @click.pass_context
 def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, budget, report, in_place, data, input_shapes, metric):
@@ -575,7 +653,7 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
         specs.append(("quantize", {"method": "minmax", "bias_correction": True}))
     specs.append(("codebook", {"bits": bits}))
     run_pipeline(ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
-                 report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric, verify_samples=64)
+                 report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric)
 
 
 # --------------------------------------------------------------------------- read-only commands
@@ -624,7 +702,7 @@ def inspect(model_path, as_json, channels, input_shapes):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--seed", type=int, default=0)
 @metric_option
-@_apply(common_model_options)
+@_apply(data_options)
 def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, seed, metric, input_shapes):
     """Compare two models in onnxruntime on the same inputs (exit 1 outside tolerance)."""
     from onnxcc.compiler import verify as V
@@ -635,13 +713,13 @@ def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, see
     ref = load_model(reference)
     cand = load_model(candidate)
     if data:
-        feeds = verification_data(data, ref, limit=samples)
+        feeds = verification_data(data, ref, limit=samples, images=image_preprocessing())
     else:
         feeds = V.verification_feeds(ref, None, samples=samples, seed=seed, overrides=parse_input_shapes(input_shapes))
     lab = _load_labels(labels)
     if lab is not None:
         lab = lab[: sum(next(iter(f.values())).shape[0] for f in feeds)]
-    comp = V.compare_outputs(V.run_model(ref, feeds), V.run_model(cand, feeds), lab, 5 if metric == "top5" else 1)
+    comp = V.compare_outputs(V.run_model(ref, feeds), V.run_model(cand, feeds), lab, V.load_metric(metric))
     ok = comp.within(rtol, atol)
     if as_json:
         click.echo(json.dumps({"ok": ok, "rtol": rtol, "atol": atol, **comp.to_json()}, indent=2, default=_json_default))

@@ -60,8 +60,11 @@ class PassContext:
 
     calibration: Any = None  # compiler.calibration.CalibrationSet
     seed: int = 0
-    labels: Any = None  # labels of the calibration samples, when given (accuracy-driven passes)
-    top_k: int = 1  # accuracy with labels: top-1 or top-5
+    labels: Any = None  # labels of the evaluation samples, when given (accuracy-driven passes)
+    # The evaluation samples, as feeds: the pipeline's verification inputs (--data, else the first
+    # calibration samples). ``labels`` and every budget figure are about these; None outside a pipeline.
+    eval_feeds: Any = None
+    metric: Any = 1  # what the budget measures: top-k (an int) or a compiler.verify.Metric
     # Activation statistics of the *input* model, keyed by tensor name, that a caller running many
     # variants of one model (sensitivity analysis) computed once; passes may read them instead of
     # running the collector again. Only valid while the model a pass receives is that input model.
@@ -107,6 +110,31 @@ class OnnxccPass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if self.needs_calibration and self.context.calibration is None:
             raise ir.passes.PreconditionError(missing_calibration(type(self)))
+
+    # How an accuracy budget drives a lossy pass (the pipeline's budget search, see
+    # compiler.pipeline): ``milder`` gives the config at ``strength`` in (0, 1) of the change asked
+    # for (1: as asked; towards 0: no change), or None when this config has nothing to weaken;
+    # ``with_budget`` hands a pass that trades accuracy itself (quantize's mixed precision) the
+    # points it may spend and the verification sample count, before it runs.
+    @classmethod
+    def milder(cls, config: Any, strength: float) -> Any | None:
+        return None
+
+    @classmethod
+    def with_budget(cls, config: Any, points: float, samples: int) -> Any:
+        return config
+
+
+def scaled_overrides(items: tuple[str, ...], scale: Callable[[float], float]) -> tuple[str, ...]:
+    """``PATTERN=R`` overrides (per-layer ratios, ranks) with each R mapped through ``scale``."""
+    out = []
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        try:
+            out.append(f"{key}={scale(float(value)):.6g}" if sep else item)
+        except ValueError:
+            out.append(item)
+    return tuple(out)
 
 
 def missing_calibration(cls: type[OnnxccPass]) -> str:

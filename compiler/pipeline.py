@@ -36,6 +36,7 @@ from onnxcc.compiler import verify as V
 from onnxcc.compiler.calibration import CalibrationSet
 from onnxcc.compiler.errors import BadInputError, BudgetError, ModelRejectedError, OnnxccError, VerificationError
 from onnxcc.compiler.ir_utils import (
+    clone_model,
     concrete_inputs,
     name_unnamed_nodes,
     needs_upgrade,
@@ -44,7 +45,7 @@ from onnxcc.compiler.ir_utils import (
     shape_hint,
     upgrade_model,
 )
-from onnxcc.compiler.passbase import OnnxccPass, PassContext, PassReport, make_config, missing_calibration
+from onnxcc.compiler.passbase import OnnxccPass, PassContext, PassReport, Skipped, make_config, missing_calibration
 from onnxcc.compiler.registry import get_pass
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,18 @@ class Budget:
 
     max_drop: float | None = None
     min_sqnr_db: float | None = None
+
+    def share(self, k: int, n: int) -> "Budget":
+        """What the k-th of n lossy passes may have spent, cumulatively: k/n of ``max_drop`` (an
+        SQNR floor holds for every pass as it is)."""
+        if self.max_drop is None or n <= 1:
+            return self
+        return dataclasses.replace(self, max_drop=self.max_drop * k / n)
+
+    def describe(self) -> str:
+        parts = ([f"{self.max_drop:g} points"] if self.max_drop is not None else []) + (
+            [f"{self.min_sqnr_db:g} dB SQNR"] if self.min_sqnr_db is not None else [])
+        return " and ".join(parts) or "none"
 
     def check(self, comp: V.Comparison) -> str | None:
         if not comp.ok_structure:
@@ -112,9 +125,14 @@ class StepRecord:
 class PipelineResult:
     model: ir.Model
     steps: list[StepRecord]
+    verification: dict[str, Any] = dataclasses.field(default_factory=dict)  # samples, source, metric
 
     def to_json(self) -> dict[str, Any]:
-        return {"passes": [s.to_json() for s in self.steps]}
+        return {"passes": [s.to_json() for s in self.steps], **({"verification": self.verification} if self.verification else {})}
+
+
+#: Bisection steps of the budget search: the mildest setting tried is 1/16 of the change asked.
+BUDGET_SEARCH_STEPS = 4
 
 
 def load_recipe(path: str | Path) -> list[PassSpec]:
@@ -171,7 +189,7 @@ class Pipeline:
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         labels: np.ndarray | None = None,
         seed: int = 0,
-        top_k: int = 1,
+        metric: Any = 1,
     ):
         self.specs = [self._spec(s) for s in specs]
         # Build every config first: a typo in the last pass fails before any work.
@@ -185,7 +203,7 @@ class Pipeline:
         self.input_shapes = input_shapes
         self.labels = labels
         self.seed = seed
-        self.top_k = top_k  # accuracy metric with labels: top-1 or top-5
+        self.metric = metric  # top-k accuracy with labels (an int), or a verify.Metric
 
     @staticmethod
     def _spec(s: Any) -> PassSpec:
@@ -211,7 +229,7 @@ class Pipeline:
         else seeded random inputs."""
         if calibration is None and not any(not v.is_initializer() for v in model.graph.inputs):
             calibration = CalibrationSet.one_feed({}, "no inputs")  # nothing to calibrate on: constants only
-        context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels, top_k=self.top_k)
+        context = PassContext(calibration=calibration, seed=self.seed, labels=self.labels, metric=self.metric)
         for cls, _ in self.passes:
             if cls.needs_calibration and calibration is None:
                 raise BadInputError(missing_calibration(cls))
@@ -231,6 +249,8 @@ class Pipeline:
             feeds = [dict(f) for f in feeds]
             if labels is not None:
                 labels = np.asarray(labels)[: sum(next(iter(f.values())).shape[0] for f in feeds)]
+                context.labels = labels
+            context.eval_feeds = feeds
             try:
                 ref_orig = ref_prev = V.run_model(model, feeds)
             except ModelRejectedError as e:
@@ -265,51 +285,107 @@ class Pipeline:
                 return rep
 
             context.exact_runner = run_nested
+        verification: dict[str, Any] = {}
+        if self.verify and feeds is not None:
+            verification = {
+                "samples": int(sum(next(iter(f.values())).shape[0] if f and np.ndim(next(iter(f.values()))) else 1 for f in feeds)),
+                "source": "data" if given_feeds else ("calibration" if calibration is not None else "random"),
+                "metric": V.as_metric(self.metric).name if labels is not None or V.as_metric(self.metric).fn is not None else "top1 agreement",
+            }
+
+        def execute(p: OnnxccPass, m: ir.Model) -> tuple[PassReport, float]:
+            t0 = time.perf_counter()
+            try:
+                with concrete_inputs(m) if p.concrete_shapes else contextlib.nullcontext():
+                    report = p(m)
+            except ir.passes.PreconditionError as e:
+                raise BadInputError(f"pass '{p.name}': {e}") from e
+            except ir.passes.PostconditionError as e:  # the pass's own output fails the ONNX checker
+                cause = e.__cause__ if e.__cause__ is not None else e
+                raise VerificationError(
+                    f"pass '{p.name}' produced an invalid model: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
+                ) from e
+            except ModelRejectedError as e:
+                if ref_orig is None:  # not verified: the input itself may be what onnxruntime rejects
+                    raise
+                raise VerificationError(f"pass '{p.name}' made a model onnxruntime rejects: {e}") from e
+            _check_unique_node_names(p.name, m)
+            if not isinstance(report, PassReport):  # plain PassResult from a wrapped pass
+                report = PassReport(report.model, report.modified)
+            return report, time.perf_counter() - t0
+
+        def check(p: OnnxccPass, m: ir.Model):
+            """The step's comparisons with the model before it and with the original."""
+            cand = _run_candidate(p.name, m, feeds)
+            vs_prev = V.compare_outputs(ref_prev, cand)
+            # a lossy pass is judged on what onnxruntime really computes: with its graph
+            # optimizations the integer kernels run (on AVX2 without VNNI their int16 pair sums
+            # saturate, which the unfused QDQ graph never shows)
+            deployed = cand if p.exact else _run_deployed(m, feeds, cand)
+            vs_orig = V.compare_outputs(ref_orig, deployed, labels, self.metric)
+            if p.exact:
+                _check_exact(p.name, ref_prev, cand, vs_prev, tolerance=tolerance)
+            elif not vs_prev.ok_structure:
+                raise VerificationError(
+                    f"pass '{p.name}' changed the model's outputs: " + "; ".join(o.problem for o in vs_prev.outputs if o.problem)
+                )
+            return vs_prev, vs_orig, cand
+
+        gated = self.budget is not None and self.verify and feeds is not None
+        n_lossy = sum(1 for cls, config in passes if not cls(config, context).exact) if gated else 0
+        k_lossy = 0
         current = None
         try:
             for cls, config in passes:
                 current = cls.name
                 p = cls(config, context)
-                t0 = time.perf_counter()
-                try:
-                    with concrete_inputs(model) if cls.concrete_shapes else contextlib.nullcontext():
-                        report = p(model)
-                except ir.passes.PreconditionError as e:
-                    raise BadInputError(f"pass '{cls.name}': {e}") from e
-                except ir.passes.PostconditionError as e:  # the pass's own output fails the ONNX checker
-                    cause = e.__cause__ if e.__cause__ is not None else e
-                    raise VerificationError(
-                        f"pass '{cls.name}' produced an invalid model: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
-                    ) from e
-                except ModelRejectedError as e:
-                    if ref_orig is None:  # not verified: the input itself may be what onnxruntime rejects
-                        raise
-                    raise VerificationError(f"pass '{cls.name}' made a model onnxruntime rejects: {e}") from e
-                _check_unique_node_names(cls.name, model)
-                if not isinstance(report, PassReport):  # plain PassResult from a wrapped pass
-                    report = PassReport(report.model, report.modified)
-                elapsed = time.perf_counter() - t0
+                limit = None
+                if gated and not p.exact:
+                    k_lossy += 1
+                    limit = self.budget.share(k_lossy, n_lossy)
+                    if limit.max_drop is not None:
+                        spent = next((st.vs_original.metric_drop() or 0.0 for st in reversed(steps) if st.vs_original is not None), 0.0)
+                        config = cls.with_budget(config, limit.max_drop - spent, verification["samples"])
+                        p = cls(config, context)
+                snapshot = clone_model(model) if limit is not None and cls.milder(config, 0.5) is not None else None
+                report, elapsed = execute(p, model)
                 vs_prev = vs_orig = None
                 if self.verify and feeds is not None:
-                    cand = _run_candidate(cls.name, model, feeds)
-                    vs_prev = V.compare_outputs(ref_prev, cand)
-                    # a lossy pass is judged on what onnxruntime really computes: with its graph
-                    # optimizations the integer kernels run (on AVX2 without VNNI their int16 pair sums
-                    # saturate, which the unfused QDQ graph never shows)
-                    deployed = cand if p.exact else _run_deployed(model, feeds, cand)
-                    vs_orig = V.compare_outputs(ref_orig, deployed, labels, self.top_k)
-                    if p.exact:
-                        _check_exact(cls.name, ref_prev, cand, vs_prev, tolerance=tolerance)
-                    else:
-                        if not vs_prev.ok_structure:
-                            raise VerificationError(
-                                f"pass '{cls.name}' changed the model's outputs: "
-                                + "; ".join(o.problem for o in vs_prev.outputs if o.problem)
+                    vs_prev, vs_orig, cand = check(p, model)
+                    why = limit.check(vs_orig) if limit is not None else None
+                    if why and snapshot is None:
+                        raise BudgetError(f"pass '{cls.name}': {why}" + _share_note(limit, self.budget))
+                    if why:  # the budget drives the pass: the strongest setting that fits, by bisection
+                        asked, tries, best, last_why = config, [{"strength": 1.0, "drop": _drop(vs_orig), "fits": False}], None, why
+                        lo, hi = 0.0, 1.0
+                        for _ in range(BUDGET_SEARCH_STEPS):
+                            strength = (lo + hi) / 2
+                            cfg_s = cls.milder(asked, strength)
+                            trial = clone_model(snapshot)
+                            p_s = cls(cfg_s, context)
+                            rep_s, el_s = execute(p_s, trial)
+                            elapsed += el_s
+                            checked = check(p_s, trial)
+                            w = limit.check(checked[1])
+                            tries.append({"strength": strength, "drop": _drop(checked[1]), "fits": w is None})
+                            if w is None:
+                                lo, best = strength, (trial, cfg_s, p_s, rep_s, checked)
+                            else:
+                                hi, last_why = strength, w
+                        if best is None:
+                            raise BudgetError(
+                                f"pass '{cls.name}': no setting fits the budget{_share_note(limit, self.budget)}: as asked, {why}; "
+                                f"at 1/{2 ** BUDGET_SEARCH_STEPS} of the change, {last_why}"
                             )
-                        if self.budget is not None:
-                            why = self.budget.check(vs_orig)
-                            if why:
-                                raise BudgetError(f"pass '{cls.name}': {why}")
+                        trial, config, p, report, (vs_prev, vs_orig, cand) = best
+                        replace_contents(model, trial)
+                        report.model = model
+                        report.stats["budget_search"] = {
+                            "budget_points": limit.max_drop, "asked": _config_json(asked), "strength": lo, "tries": tries,
+                        }
+                        report.skipped.append(Skipped("budget", (
+                            f"as asked, {why}: weakened to {lo:g} of the change ({_config_change(asked, config)}), "
+                            f"drop {_drop(vs_orig):.2f} points")))
                     ref_prev = cand
                 steps.append(
                     StepRecord(cls.name, p.exact, _config_json(config), report, elapsed, vs_prev, vs_orig,
@@ -322,7 +398,7 @@ class Pipeline:
             e.failed_pass = current
             e.completed_steps = list(steps)
             raise
-        return PipelineResult(model, steps)
+        return PipelineResult(model, steps, verification)
 
 
 class UpgradeStep(OnnxccPass):
@@ -423,6 +499,20 @@ def _refuse_non_finite_weights(model: ir.Model) -> None:
             arr = const_array(v) if v is not None else None
             if arr is not None and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
                 raise BadInputError(f"weight '{v.name}' of layer {node_label(node)} contains NaN/Inf")
+
+
+def _drop(comp: V.Comparison) -> float | None:
+    d = comp.metric_drop()
+    return None if d is None else round(d, 3)
+
+
+def _share_note(limit: Budget, budget: Budget) -> str:
+    return "" if limit.max_drop == budget.max_drop else f" (this pass's share: {limit.max_drop:g} of {budget.max_drop:g} points, cumulative)"
+
+
+def _config_change(asked: Any, got: Any) -> str:
+    a, g = _config_json(asked), _config_json(got)
+    return ", ".join(f"{k} {a[k]} -> {g[k]}" for k in a if a[k] != g[k]) or "same options"
 
 
 def _config_json(config: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@ Plots (each only when its data exists):
 
 The page checks itself when it loads: every ``<img>`` must have decoded, and
 then the title becomes ``onnxcc report: N plots rendered`` (or ``... ERROR``),
-which the headless-browser test reads.
+which the headless-browser test reads (at a desktop and at a phone width: ``, page wider than the
+window`` is added when the page itself overflows instead of its tables scrolling).
 """
 
 from __future__ import annotations
@@ -31,11 +32,17 @@ import onnx_ir as ir
 from onnxcc.compiler.analysis import FACTOR_SUFFIX, layer_weight, per_layer_totals
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+body{font-family:system-ui,sans-serif;margin:1em auto;padding:0 1em;max-width:1100px;color:#222}
+.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}img{max-width:100%}
-.skip{font-size:85%;color:#555}
+td.name{min-width:14em;max-width:26em;overflow-wrap:anywhere;text-align:left}
+tr.ok td{background:#e8f5e9}tr.warn td{background:#fff4e0}tr.fail td{background:#fdecea}
+.banner{padding:.6em 1em;border-radius:4px;font-weight:600}.banner.ok{background:#e8f5e9;color:#1b5e20}
+.banner.warn{background:#fff4e0;color:#8a4b00}.banner.fail{background:#fdecea;color:#b71c1c}
+figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}img{max-width:100%;height:auto}
+.skip{font-size:85%;color:#555}p,li,summary{overflow-wrap:anywhere}
+@media (max-width:600px){body{padding:0 .4em}td,th{padding:3px 4px;font-size:85%}}
 """
 _CHECK = """
 <script>
@@ -43,7 +50,9 @@ window.addEventListener('error', function () { document.title = 'onnxcc report: 
 window.addEventListener('load', function () {
   var imgs = document.querySelectorAll('img'), ok = 0;
   for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
-  document.title = ok === imgs.length ? 'onnxcc report: ' + ok + ' plots rendered' : 'onnxcc report: ERROR ' + ok + '/' + imgs.length;
+  var fits = document.documentElement.scrollWidth <= window.innerWidth + 1;  // tables scroll on their own
+  document.title = ok === imgs.length ? 'onnxcc report: ' + ok + ' plots rendered' + (fits ? '' : ', page wider than the window')
+                                      : 'onnxcc report: ERROR ' + ok + '/' + imgs.length;
 });
 </script>
 """
@@ -107,6 +116,8 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
                     ax.hist(wa.reshape(-1), bins=bins, alpha=0.6, label="after")
                 ax.set_title(name if name in na else f"{name} (replaced)", fontsize=8)
                 ax.set_yscale("log")
+                ax.set_xlabel("weight value", fontsize=6)
+                ax.set_ylabel("count", fontsize=6)
                 ax.tick_params(labelsize=6)
             for ax in list(axes.flat)[len(big):]:
                 ax.axis("off")
@@ -116,10 +127,12 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
     curves = [c for p in report.get("passes", []) for s in (p.get("stats") or {}).get("steps", []) if isinstance(s, dict) and "sensitivity" in s for c in s["sensitivity"]["curves"]]
     if curves:
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for c in curves[:30]:
-            ax.plot(c["ratios"], c["loss"], marker="o", label=c["layer"])
+        colours = plt.get_cmap("tab20").colors
+        for i, c in enumerate(curves[:60]):  # 20 colours x 3 line styles: no two curves look alike
+            ax.plot(c["ratios"], c["loss"], marker="o", markersize=3, color=colours[i % 20], linestyle=("-", "--", ":")[i // 20 % 3],
+                    label=c["layer"])
         ax.set_xlabel("channels removed (ratio)")
-        ax.set_ylabel("metric loss")
+        ax.set_ylabel(f"metric loss ({report.get('sensitivity_metric', 'points')})")
         ax.set_title("Pruning sensitivity per channel space")
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
@@ -159,6 +172,8 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, int):
@@ -166,38 +181,106 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _table(header: list[str], rows: list[str]) -> str:
+    """A table that scrolls sideways on its own at a narrow width, instead of the whole page."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    return f"<div class='scroll'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
+
+
+def layer_rows(report: Mapping[str, Any], after: ir.Model | None) -> list[dict[str, Any]]:
+    """One row per weighted layer of the output: precision, fused into an integer kernel or not
+    (from onnxruntime's optimized graph), input scale, weight SQNR, the error it adds (dB of SQNR
+    lost across it), profiled latency before and after, and why it stayed float."""
+    precision = dict((report.get("provenance") or {}).get("precision") or {})
+    quant: dict[str, Any] = {}
+    why: dict[str, str] = {}
+    for p in report.get("passes", []):
+        stats = p.get("stats") or {}
+        if isinstance(stats.get("layers"), Mapping) and p["pass"] in ("quantize", "quantize-dynamic", "weight-only"):
+            quant = stats["layers"]
+        for s in p.get("skipped", []):
+            why.setdefault(str(s.get("layer")), str(s.get("reason")))
+    lat = report.get("layer_latency_us") or {}
+    lb, la = lat.get("before", {}), {}
+    for k, v in lat.get("after", {}).items():
+        la[FACTOR_SUFFIX.sub("", k)] = la.get(FACTOR_SUFFIX.sub("", k), 0.0) + v
+    ops = {n.name: n.op_type for n in after.graph} if after is not None else {}
+    names = list(precision) or [k for k, op in ops.items() if op in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+    rows = []
+    for name in names:
+        q = quant.get(name, {})
+        prec = precision.get(name, "float32")
+        rows.append({
+            "layer": name, "op": q.get("op") or ops.get(name), "precision": prec, "fused": q.get("fused"),
+            "input_scale": q.get("input_scale"), "weight_sqnr_db": q.get("weight_sqnr_db"), "error_db": q.get("error_db"),
+            "latency_before_us": lb.get(name), "latency_after_us": la.get(name),
+            "why_float": why.get(name) if prec == "float32" else None,
+        })
+    return rows
+
+
+def _banner(report: Mapping[str, Any]) -> str:
+    m = report.get("metric") or {}
+    drop = m.get("drop_points")
+    budget = report.get("budget")
+    if report.get("status") == "failed":
+        return f"<p class='banner fail'>failed: {html.escape(str(report.get('error')))}</p>"
+    if report.get("warning"):
+        return f"<p class='banner warn'>{html.escape(str(report['warning']))}</p>"
+    text = "verified" + (f": drop {drop:.2f} points" if drop is not None else "") + (f" within the budget of {budget:g}" if budget is not None else "")
+    return f"<p class='banner ok'>{html.escape(text)}</p>"
+
+
 def render(report: Mapping[str, Any], before: ir.Model | None = None, after: ir.Model | None = None, title: str = "onnxcc compile report") -> str:
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"]
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
+             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"]
     parts.append(f"<h1>{html.escape(title)}</h1>")
+    parts.append(_banner(report))
     if report.get("input"):
         parts.append(f"<p>{html.escape(str(report.get('input')))} → {html.escape(str(report.get('output', '')))}</p>")
     b, a = report.get("before", {}), report.get("after", {})
     if b:
         rows = []
         for key, label in (("params", "parameters"), ("macs", "MACs"), ("nodes", "nodes"), ("file_bytes", "file bytes"), ("latency_ms", "latency ms (batch 1)")):
-            if key in b:
+            if b.get(key) is not None:
                 ratio = a.get(key) / b[key] if b.get(key) and a.get(key) is not None else None
                 rows.append(f"<tr><td>{label}</td><td>{_fmt(b[key])}</td><td>{_fmt(a.get(key))}</td><td>{'-' if ratio is None else f'{ratio:.3f}x'}</td></tr>")
-        parts.append("<h2>Totals</h2><table><tr><th></th><th>before</th><th>after</th><th>ratio</th></tr>" + "".join(rows) + "</table>")
+        parts.append("<h2>Totals</h2>" + _table(["", "before", "after", "ratio"], rows))
+        proto = report.get("latency_protocol")
+        if proto:
+            parts.append(f"<p class='skip'>latency: {html.escape(str(proto.get('method')))}, {proto.get('threads')} threads, batch {proto.get('batch')}</p>")
     metric = report.get("metric")
     if metric:
-        parts.append("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in metric) + "</tr><tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in metric.values()) + "</tr></table>")
+        parts.append(_table(list(metric), ["<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in metric.values()) + "</tr>"]))
     passes = report.get("passes", [])
     if passes:
         rows = []
         for p in passes:
             v = p.get("verify_vs_original") or {}
+            drop = v.get("metric_drop")
+            cls = "ok" if p.get("exact") or drop is None or drop <= (report.get("budget") if report.get("budget") is not None else 5.0) else "warn"
             rows.append(
-                f"<tr><td>{html.escape(p['pass'])}</td><td>{'exact' if p.get('exact') else 'lossy'}</td><td>{_fmt(p.get('seconds'))}</td>"
+                f"<tr class='{cls}'><td>{html.escape(p['pass'])}</td><td>{'exact' if p.get('exact') else 'lossy'}</td><td>{_fmt(p.get('seconds'))}</td>"
                 f"<td>{len(p.get('changed', []))}</td><td>{len(p.get('skipped', []))}</td><td>{_fmt(v.get('min_sqnr_db'))}</td><td>{_fmt(v.get('metric_drop'))}</td></tr>"
             )
-        parts.append("<h2>Passes</h2><table><tr><th>pass</th><th>kind</th><th>seconds</th><th>changed</th><th>skipped</th><th>SQNR vs input (dB)</th><th>metric drop (pts)</th></tr>" + "".join(rows) + "</table>")
+        parts.append("<h2>Passes</h2>" + _table(["pass", "kind", "seconds", "changed", "skipped", "SQNR vs input (dB)", "metric drop (pts)"], rows))
         for p in passes:
             sk = p.get("skipped", [])
             if sk:
                 items = "".join(f"<li>{html.escape(str(s.get('layer')))}: {html.escape(str(s.get('reason')))}</li>" for s in sk[:50])
                 more = f"<li>… {len(sk) - 50} more in the JSON report</li>" if len(sk) > 50 else ""
                 parts.append(f"<details class='skip'><summary>{html.escape(p['pass'])}: {len(sk)} skipped</summary><ul>{items}{more}</ul></details>")
+    layers = layer_rows(report, after)
+    if layers:
+        cols = [("layer", "layer"), ("op", "op"), ("precision", "precision"), ("fused", "fused (integer kernel)"),
+                ("input_scale", "input scale"), ("weight_sqnr_db", "weight SQNR (dB)"), ("error_db", "error added (dB)"),
+                ("latency_before_us", "latency before (µs)"), ("latency_after_us", "latency after (µs)"), ("why_float", "why float")]
+        rows = []
+        for r in layers:
+            cls = "warn" if r["fused"] is False or r["why_float"] else ""
+            cells = "".join(f"<td class='name'>{_fmt(r[k])}</td>" if k in ("layer", "why_float") else f"<td>{_fmt(r[k])}</td>" for k, _ in cols)
+            rows.append(f"<tr class='{cls}'>{cells}</tr>")
+        parts.append("<h2>Layers</h2>" + _table([c for _, c in cols], rows))
     figs = _figures(report, before, after)
     if figs:
         parts.append("<h2>Plots</h2>")

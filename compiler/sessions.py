@@ -91,25 +91,38 @@ def run_session(session: "ort.InferenceSession", feeds: Sequence[Mapping[str, np
     """Run every feed and concatenate outputs along axis 0 (or stack scalars)."""
     names = [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    batch = None
     for feed in feeds:
+        first = next((np.shape(v) for v in feed.values() if np.ndim(v) > 0), None)
+        batch = first[0] if batch is None and first else batch
         try:
             outs = session.run(names, dict(feed))
         except Exception as e:
             raise ModelRejectedError(f"onnxruntime failed to run the model: {first_line(e)}") from e
         for n, o in zip(names, outs):
             parts[n].append(np.asarray(o))
-    return {n: join_batches(v) for n, v in parts.items()}
+    return {n: join_batches(v, batch) for n, v in parts.items()}
 
 
-def join_batches(arrs: list[np.ndarray]) -> np.ndarray:
-    """One array from the outputs of several feeds: concatenated along the batch, stacked when
-    scalars; outputs whose shape depends on the data (TopK, Tile, Resize by sizes) differ between
-    feeds and are joined flattened (the same way for both models compared)."""
+def batch_axis(arrs: list[np.ndarray], batch: int | None) -> int:
+    """The axis the samples of one feed lie along in an output: 0, unless axis 0 is not the
+    feed's batch size and exactly one other axis is (a sequence-first CTC output ``[T, N, C]``)."""
+    if batch is None or not arrs or arrs[0].ndim == 0 or arrs[0].shape[0] == batch:
+        return 0
+    axes = [k for k in range(1, arrs[0].ndim) if all(a.ndim == arrs[0].ndim and a.shape[k] == batch for a in arrs)]
+    return axes[0] if len(axes) == 1 else 0
+
+
+def join_batches(arrs: list[np.ndarray], batch: int | None = None) -> np.ndarray:
+    """One array from the outputs of several feeds: concatenated along the batch (axis 0, or the
+    axis of size ``batch`` where axis 0 is not: :func:`batch_axis`), stacked when scalars;
+    outputs whose shape depends on the data (TopK, Tile, Resize by sizes) differ between feeds
+    and are joined flattened (the same way for both models compared)."""
     if len(arrs) == 1:
         return arrs[0]
     if all(a.ndim > 0 for a in arrs):
         try:
-            return np.concatenate(arrs, axis=0)
+            return np.concatenate(arrs, axis=batch_axis(arrs, batch))
         except ValueError:
             pass
     if len({a.shape for a in arrs}) == 1:

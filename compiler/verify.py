@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -165,9 +165,9 @@ class Comparison:
     def metric_drop(self) -> float | None:
         """Accuracy drop in points with labels, else top-1 disagreement in points."""
         if self.accuracy_ref is not None and self.accuracy_cand is not None:
-            return 100.0 * (self.accuracy_ref - self.accuracy_cand)
+            return round(100.0 * (self.accuracy_ref - self.accuracy_cand), 9)  # 1 of 400 samples is 0.25, not 0.2500000000000009
         t = self.top1
-        return None if t is None else 100.0 * (1.0 - t)
+        return None if t is None else round(100.0 * (1.0 - t), 9)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"outputs": [o.to_json() for o in self.outputs]}
@@ -238,17 +238,105 @@ def accuracy(outputs: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
     return float(np.mean((topk == labels[:, None]).any(1)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """What the budget measures: top-k accuracy of the first output against labels (without
+    labels, top-1 agreement with the original), or a user's score function.
+
+    A score function ``fn(outputs, labels) -> float`` takes the outputs of all verification
+    samples (a dict output name → array, samples joined along each output's batch axis) and
+    the labels given with ``--labels`` (any array: class ids, strings, boxes), or, without labels,
+    the *original model's* outputs on the same samples (so a detector can be scored against the
+    original's own detections). Higher is better; a fraction in [0, 1] like accuracy (the budget
+    is in points: 100 × the score's drop).
+    """
+
+    top_k: int = 1
+    fn: Callable[[Mapping[str, np.ndarray], Any], float] | None = None
+    name: str = "top1"
+
+    def score(self, outputs: Mapping[str, np.ndarray], truth: Any) -> float:
+        try:
+            value = self.fn(dict(outputs), truth)
+        except Exception as e:
+            raise BadInputError(f"metric {self.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise BadInputError(f"metric {self.name} returned {value!r}: it must return a finite number (higher is better)")
+        return value
+
+
+def as_metric(metric: "int | Metric | Callable | None") -> Metric:
+    """A :class:`Metric` from top-k (an int), a score function, or a Metric."""
+    if metric is None:
+        return Metric()
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, int):
+        return Metric(top_k=metric, name=f"top{metric}")
+    if callable(metric):
+        return Metric(fn=metric, name=getattr(metric, "__qualname__", "metric"))
+    raise BadInputError(f"metric: cannot use a {type(metric).__name__}")
+
+
+def load_metric(spec: str) -> Metric:
+    """``top1``, ``top5``, or a score function ``module:function`` (an importable module, or a
+    ``path/to/file.py:function``)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    if spec in ("top1", "top5"):
+        return Metric(top_k=int(spec[3:]), name=spec)
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name.isidentifier():
+        raise BadInputError(f"--metric {spec}: expected top1, top5 or module:function")
+    try:
+        if mod_name.endswith(".py"):
+            if not os.path.isfile(mod_name):
+                raise BadInputError(f"--metric {spec}: {mod_name}: no such file")
+            loader = importlib.util.spec_from_file_location(f"onnxcc_metric_{abs(hash(mod_name))}", mod_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # a module next to the user's data, as python -m finds it
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(mod_name)
+    except BadInputError:
+        raise
+    except Exception as e:
+        raise BadInputError(f"--metric {spec}: cannot import {mod_name}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise BadInputError(f"--metric {spec}: {mod_name} has no function {fn_name}")
+    return Metric(fn=fn, name=spec)
+
+
 def compare_outputs(
     ref: Mapping[str, np.ndarray],
     cand: Mapping[str, np.ndarray],
     labels: np.ndarray | None = None,
-    top_k: int = 1,
+    metric: "int | Metric | Callable" = 1,
 ) -> Comparison:
+    """Per-output agreement of ``cand`` with ``ref``, and the metric of both (:class:`Metric`;
+    an int is top-k accuracy against ``labels``)."""
     outs = [compare_arrays(name, r, cand.get(name)) for name, r in ref.items()]
     for name in cand:
         if name not in ref:
             outs.append(OutputMetrics(name, (), tuple(cand[name].shape), problem="output not in reference"))
     comp = Comparison(outs)
+    metric = as_metric(metric)
+    top_k = metric.top_k
+    if metric.fn is not None and ref:
+        truth = labels if labels is not None else ref
+        comp.accuracy_ref = metric.score(ref, truth)
+        if comp.ok_structure:
+            comp.accuracy_cand = metric.score(cand, truth)
+        return comp
     if labels is not None and ref:
         first = next(iter(ref))
         comp.accuracy_ref = accuracy(ref[first], labels, top_k)

@@ -205,3 +205,40 @@ def test_inspect_counts_at_the_given_shape(corpus_path, cli):
     assert json.loads(r.out)["macs"] > 1.6e7  # 16.3M at 48x192; the symbolic model counted -56 thousand
     bare = json.loads(cli("inspect", str(src), "--json").out)
     assert bare["macs"] >= 0  # a batch stored as -1 is a dynamic batch, not a size
+
+
+def test_a_user_metric_drives_the_budget_on_an_ocr_and_a_detector(corpus_path, cli, tmp_path):
+    """`--metric module:function`: character accuracy on the captcha CRNN's CTC output (with
+    labels) and a detection F1 against the original's own boxes (no labels) are what the budget
+    bounds; the report's figures are the function's, recomputed here on held-out data."""
+    from tests import user_metrics as um
+
+    name = "captcha_crnn"
+    cal = cd.make(name, 32, seed=0)
+    cd.save_npz(cal, tmp_path / "cal.npz")
+    np.save(tmp_path / "labels.npy", np.array(cal.labels))
+    out = tmp_path / "cap.onnx"
+    r = cli("quantize", corpus_path(name), "-o", out, "--calib", tmp_path / "cal.npz", "--labels", tmp_path / "labels.npy",
+            "--metric", "tests/user_metrics.py:captcha_char_accuracy", "--budget", "2", "--weight-rounding", "nearest",
+            "--report", tmp_path / "r.json")
+    assert r.code == 0, r.err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["metric"]["name"] == "tests/user_metrics.py:captcha_char_accuracy"
+    ref = run_model(load_model(corpus_path(name)), [{"image": cal.inputs["image"][i:i + 1]} for i in range(32)])
+    assert rep["metric"]["accuracy_before"] == pytest.approx(um.captcha_char_accuracy(ref, cal.labels))
+    assert rep["metric"]["drop_points"] <= 2.0
+    held = cd.make(name, 48, seed=1)
+    feeds = [{"image": held.inputs["image"][i:i + 8]} for i in range(0, 48, 8)]
+    acc_f = um.captcha_char_accuracy(run_model(load_model(corpus_path(name)), feeds), held.labels)
+    acc_q = um.captcha_char_accuracy(run_model(load_model(out), feeds), held.labels)
+    assert acc_f > 0.7 and acc_q >= acc_f - 0.03, (acc_f, acc_q)
+
+    det = "ddddocr_det"
+    cd.save_npz(cd.make(det, 16, seed=0), tmp_path / "det.npz")
+    r = cli("quantize", corpus_path(det), "-o", tmp_path / "det.onnx", "--calib", tmp_path / "det.npz",
+            "--metric", "tests.user_metrics:detection_f1", "--budget", "8", "--weight-rounding", "nearest",
+            "--report", tmp_path / "d.json")
+    assert r.code == 0, r.err
+    rep = json.loads((tmp_path / "d.json").read_text())
+    assert rep["metric"]["accuracy_before"] == 1.0  # the original against its own boxes
+    assert 0.92 <= rep["metric"]["accuracy_after"] <= 1.0 and rep["metric"]["drop_points"] <= 8.0

@@ -34,21 +34,9 @@ def digits(seed: int = 0):
 def _nets():
     import torch.nn as nn
 
-    def cbr(cin, cout, k=3, s=1, g=1, act=nn.ReLU):
-        layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout)]
-        if act is not None:
-            layers.append(act())
-        return nn.Sequential(*layers)
+    from onnxcc.models.make_sample import layers
 
-    class Block(nn.Module):
-        def __init__(self, cin, cout, s):
-            super().__init__()
-            self.body = nn.Sequential(cbr(cin, cout, 3, s), cbr(cout, cout, 3, 1, act=None))
-            self.short = nn.Identity() if s == 1 and cin == cout else cbr(cin, cout, 1, s, act=None)
-            self.act = nn.ReLU()
-
-        def forward(self, x):
-            return self.act(self.body(x) + self.short(x))
+    cbr, Block = layers()
 
     class ResNet(nn.Module):
         def __init__(self):
@@ -131,25 +119,11 @@ def trained(name: str, epochs: int | None = None, seed: int = 0) -> tuple[Path, 
     import torch
 
     epochs = epochs or (8 if name == "vgg" else 30)  # the VGG is ~10x the MACs of the others
-    torch.manual_seed(seed)
-    torch.set_num_threads(2)
+    from onnxcc.models.make_sample import fit
+
     x_tr, y_tr, _, x_te, y_te = digits()
-    net = _nets()[name]()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * -(-len(x_tr) // 64))
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        net.train()
-        perm = torch.randperm(len(xt), generator=g)
-        for i in range(0, len(xt), 64):
-            j = perm[i:i + 64]
-            xb = xt[j] + 0.1 * torch.randn(xt[j].shape, generator=g)  # light noise: a less brittle net
-            loss = torch.nn.functional.cross_entropy(net(xb), yt[j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    torch.manual_seed(seed)  # the initial weights
+    net = fit(_nets()[name](), x_tr, y_tr, epochs, seed)
     net.eval()
     with torch.no_grad():
         acc = float((net(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())

@@ -129,6 +129,12 @@ class CodebookPass(OnnxccPass):
             if not 2 <= self.bits <= 8:
                 raise ValueError("bits must be in 2..8")
 
+    @classmethod
+    def milder(cls, config, strength: float):
+        """More index bits, up to 8, as ``strength`` falls."""
+        bits = min(8, config.bits + round((1 - strength) * (8 - config.bits)))
+        return None if config.bits >= 8 else dataclasses.replace(config, bits=bits)
+
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
         skipped: list[Skipped] = []

@@ -57,6 +57,10 @@ class SparsifyPass(OnnxccPass):
             if self.steps < 1:
                 raise ValueError("steps must be >= 1")
 
+    @classmethod
+    def milder(cls, config, strength: float):
+        return dataclasses.replace(config, sparsity=config.sparsity * strength)
+
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
         skipped: list[Skipped] = []

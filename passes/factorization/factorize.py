@@ -54,7 +54,7 @@ import onnx_ir.passes.common as common
 from onnxcc.compiler.analysis import layer_macs
 from onnxcc.compiler.ir_utils import attr, add_initializer, clone_model, const_array, gemm_as_matmul, infer_shapes, node_label, replace_contents
 from onnxcc.compiler import speed
-from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
+from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped, scaled_overrides
 from onnxcc.passes.factorization import decompose as D
 
 logger = logging.getLogger(__name__)
@@ -448,6 +448,22 @@ class FactorizePass(OnnxccPass):
             if self.target_macs is not None and not 0 < self.target_macs < 1:
                 raise ValueError("target_macs must be in (0, 1)")
             _parse_overrides(self.layer_rank)
+
+    @classmethod
+    def milder(cls, config: "FactorizePass.Config", strength: float) -> "FactorizePass.Config | None":
+        """A kept fraction f (of MACs, of energy, of the model's MACs) → 1 − (1 − f) × strength;
+        absolute ranks and VBMF have nothing to weaken."""
+        def keep(f):
+            return min(0.999, 1 - (1 - f) * strength)
+
+        overrides = scaled_overrides(config.layer_rank, lambda r: keep(r) if r < 1 else r)
+        if config.target_macs is not None:
+            return dataclasses.replace(config, target_macs=keep(config.target_macs), layer_rank=overrides)
+        if config.energy is not None:
+            return dataclasses.replace(config, energy=min(1.0, 1 - (1 - config.energy) * strength), layer_rank=overrides)
+        if config.vbmf or config.rank >= 1:
+            return None
+        return dataclasses.replace(config, rank=keep(config.rank), layer_rank=overrides)
 
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config

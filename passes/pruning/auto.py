@@ -68,7 +68,8 @@ def auto_prune(model: ir.Model, cfg: PruneConfig, context: PassContext) -> PassR
         # With reconstruction the curves are measured reconstructed: what is cheap to cut then differs.
         sens = sensitivity.analyse(model, context.calibration, labels=context.labels, ratios=cfg.sensitivity_ratios,
                                    criterion=cfg.criterion, samples=cfg.calib_samples, reconstruct=cfg.reconstruct,
-                                   top_k=context.top_k)
+                                   metric=context.metric,
+                                   eval_feeds=context.eval_feeds if context.labels is not None else None)  # labels are about those
         frac = goal / now
         for attempt in range(4):
             trial = clone_model(model)

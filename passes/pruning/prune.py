@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxcc.compiler.passbase import OnnxccPass, PassReport
+import dataclasses
+
+from onnxcc.compiler.passbase import OnnxccPass, PassReport, scaled_overrides
 from onnxcc.passes.pruning.auto import auto_prune
 from onnxcc.passes.pruning.cut import PruneConfig, is_exact, prune_once
 
@@ -34,6 +36,23 @@ class PrunePass(OnnxccPass):
             raise ir.passes.PreconditionError("reconstruction needs calibration data (--calib)")
         if (self.config.target_macs or self.config.target_params or self.config.target_latency) and self.context.calibration is None:
             raise ir.passes.PreconditionError("automatic ratios need calibration data (--calib)")
+
+    @classmethod
+    def milder(cls, config: PruneConfig, strength: float) -> PruneConfig | None:
+        """Every ratio × ``strength``; a target t of MACs/params/latency → 1 − (1 − t) × strength."""
+        if is_exact(config):
+            return None
+
+        def target(t):
+            return None if t is None else min(0.999, 1 - (1 - t) * strength)
+
+        return dataclasses.replace(
+            config, ratio=config.ratio * strength,
+            layer_ratio=scaled_overrides(config.layer_ratio, lambda r: r * strength),
+            space_ratio=scaled_overrides(config.space_ratio, lambda r: r * strength),
+            target_macs=target(config.target_macs), target_params=target(config.target_params),
+            target_latency=target(config.target_latency),
+        )
 
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -104,7 +104,8 @@ def analyse(
     reconstruct: bool = False,
     samples: int = 64,
     progress: Callable[[int, int], None] | None = None,
-    top_k: int = 1,
+    metric: Any = 1,
+    eval_feeds: Sequence[dict] | None = None,
 ) -> Sensitivity:
     """Prune each space alone at each ratio; ``model`` should be folded. The model is not modified."""
     t0 = time.perf_counter()
@@ -113,16 +114,18 @@ def analyse(
     cg = ChannelGraph(base)
     keys = space_keys(cg)
     bs = calibration.batch_size_for(base, preferred=16)
-    feeds = list(calibration.batches(bs, limit=samples))
+    feeds = list(eval_feeds) if eval_feeds else list(calibration.batches(bs, limit=samples))  # what labels are about
     n_eval = sum(next(iter(f.values())).shape[0] for f in feeds)
     lab = None if labels is None else np.asarray(labels)[:n_eval]
     ref = V.run_model(base, feeds, optimize=True)  # metric runs may use onnxruntime's optimised graph
     # Channel statistics of every consumer input, computed once and shared by all cuts (bias compensation).
     cache = {node.inputs[i].name: ChannelStats(cg.tracked[node.inputs[i]].axis) for node, i in cg.consumers}
     ActivationCollector(base, calibration).collect({k: [v] for k, v in cache.items()}, limit=samples)
-    context = PassContext(calibration=calibration, labels=labels, stats_cache=cache, top_k=top_k)
+    context = PassContext(calibration=calibration, labels=labels, stats_cache=cache, metric=metric)
     before = analyze(base, stats=False)
-    metric = f"top-{top_k} accuracy drop (points)" if lab is not None else "top-1 disagreement with the original (points)"
+    m_ = V.as_metric(metric)
+    what = (f"{m_.name} drop (points)" if m_.fn is not None else f"top-{m_.top_k} accuracy drop (points)" if lab is not None
+            else "top-1 disagreement with the original (points)")
     curves = []
     total = len(keys) * len(ratios)
     done = 0
@@ -138,7 +141,7 @@ def analyse(
             cut = PruneConfig(ratio=0.0, criterion=criterion, space_ratio=(f"{key}={r}",), reconstruct=reconstruct, calib_samples=samples)
             prune_once(m, cut, context, 0.0, cut.space_ratio)
             after = analyze(m, stats=False)
-            comp = V.compare_outputs(ref, V.run_model(m, feeds, optimize=True), lab, top_k)
+            comp = V.compare_outputs(ref, V.run_model(m, feeds, optimize=True), lab, metric)
             curve.loss.append(round(_loss(comp), 4))
             curve.macs_saved.append(before.macs - after.macs)
             curve.params_saved.append(before.params - after.params)
@@ -146,7 +149,7 @@ def analyse(
             if progress:
                 progress(done, total)
         curves.append(curve)
-    return Sensitivity(before.macs, before.params, metric, curves, time.perf_counter() - t0)
+    return Sensitivity(before.macs, before.params, what, curves, time.perf_counter() - t0)
 
 
 def allocate(sens: Sensitivity, target: float, *, resource: str = "macs", max_ratio: float = 0.9) -> dict[str, float]:

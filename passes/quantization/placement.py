@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from typing import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -58,9 +59,13 @@ def is_activation(v: ir.Value | None) -> bool:
     return v is not None and is_float(v) and const_array(v) is None
 
 
-def plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> Plan:
+def plan(graph: ir.Graph, cfg, skipped: list[Skipped], kept: Mapping[str, str] | None = None) -> Plan:
+    """What to quantize. ``kept``: node name → why a policy keeps it float (the accuracy budget,
+    the speed guard), reported as that reason; ``cfg.exclude`` patterns are the user's own."""
     outputs = set(graph.outputs)
-    excluded = lambda n: any(fnmatch.fnmatchcase(n.name or "", p) for p in cfg.exclude)  # noqa: E731
+    kept = kept or {}
+    pattern = lambda n: next((p for p in cfg.exclude if fnmatch.fnmatchcase(n.name or "", p)), None)  # noqa: E731
+    excluded = lambda n: n.name in kept or pattern(n) is not None  # noqa: E731
     nodes, weighted = [], []
     marked: dict[ir.Value, None] = {}
     excitation = excitation_branches(graph) if cfg.float_excitation else set()
@@ -73,8 +78,11 @@ def plan(graph: ir.Graph, cfg, skipped: list[Skipped]) -> Plan:
         op = node.op_type
         if node.domain not in ("", "ai.onnx") or (op not in WEIGHTED and op not in ACTIVATION_ONLY):
             continue
-        if excluded(node):
-            skipped.append(Skipped(node_label(node), "excluded by pattern: kept in float"))
+        if node.name in kept:
+            skipped.append(Skipped(node_label(node), kept[node.name]))
+            continue
+        if pattern(node) is not None:
+            skipped.append(Skipped(node_label(node), f"matches the exclude pattern '{pattern(node)}' you gave: kept in float"))
             continue
         if node in excitation:
             if op in WEIGHTED:

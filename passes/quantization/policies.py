@@ -16,7 +16,7 @@ left float), so the placement and emission rules are never duplicated here.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -29,7 +29,8 @@ from onnxcc.compiler.metrics import sqnr_db
 from onnxcc.compiler.passbase import PassContext, PassReport, Skipped
 from onnxcc.passes.quantization.placement import WEIGHTED
 
-Requantize = Callable[[Sequence[str]], "tuple[ir.Model, PassReport]"]
+#: The float model quantized again with these layers (name → why) kept float.
+Requantize = Callable[[Mapping[str, str]], "tuple[ir.Model, PassReport]"]
 
 
 class _First:
@@ -94,15 +95,13 @@ def layer_speed_guard(model: ir.Model, fp32: ir.Model, report: PassReport, requa
     slower = sorted(k for k, t in per_layer.items() if speed.is_slower(t["fp32_us"], t["int8_us"], speed.INT8))
     guard = {"layers": per_layer, "slower_layers": slower}
     if slower:
-        trial, rep = requantize(slower)
+        why = {k: f"kept in float by the speed guard: its integer kernel measured {per_layer[k]['int8_us']:.0f} us "
+                  f"vs {per_layer[k]['fp32_us']:.0f} us in float" for k in slower}
+        trial, rep = requantize({**report.stats.get("kept_float", {}), **why})  # the budget's float layers stay float
         replace_contents(model, trial)
         rep.model = model
         if "mixed_precision" in report.stats:
             rep.stats["mixed_precision"] = report.stats["mixed_precision"]
-            rep.skipped.extend(s for s in report.skipped if "accuracy budget" in s.reason)
-        for k in slower:
-            t = per_layer[k]
-            rep.skipped.append(Skipped(k, f"kept in float: its integer kernel measured {t['int8_us']:.0f} us vs {t['fp32_us']:.0f} us in float"))
         report = rep
     report.stats["speed_guard"] = guard
     return report
@@ -143,13 +142,14 @@ def mixed_precision(model: ir.Model, fp32: ir.Model, report: PassReport, *, max_
     float model with those layers excluded.
     """
     calib = context.calibration
-    feeds = list(calib.batches(calib.batch_size_for(fp32, 16), limit=eval_samples))
+    # the pipeline's evaluation samples, which the labels and the budget are about; else calibration's
+    feeds = context.eval_feeds or list(calib.batches(calib.batch_size_for(fp32, 16), limit=eval_samples))
     n = sum(next(iter(f.values())).shape[0] for f in feeds)
     labels = None if context.labels is None else np.asarray(context.labels)[:n]
     ref = V.run_model(fp32, feeds)
 
     def drop(m: ir.Model) -> float:
-        d = V.compare_outputs(ref, V.run_model(m, feeds), labels, context.top_k).metric_drop()
+        d = V.compare_outputs(ref, V.run_model(m, feeds), labels, context.metric).metric_drop()
         return 0.0 if d is None else d
 
     d0 = drop(model)
@@ -164,7 +164,7 @@ def mixed_precision(model: ir.Model, fp32: ir.Model, report: PassReport, *, max_
     order = sorted(weighted, key=lambda k_: -local[k_]) + sorted(set(local) - set(weighted), key=lambda k_: -local[k_])
 
     def attempt(k: int) -> tuple[ir.Model, PassReport, float]:
-        trial, rep = requantize(order[:k])
+        trial, rep = requantize({n_: f"kept in float for the accuracy budget (adds {local[n_]:.1f} dB of error)" for n_ in order[:k]})
         return trial, rep, drop(trial)
 
     best = None
@@ -196,6 +196,4 @@ def mixed_precision(model: ir.Model, fp32: ir.Model, report: PassReport, *, max_
     rep.stats["mixed_precision"] = info
     if d > max_drop:
         rep.skipped.append(Skipped("budget", f"drop {d:.2f} points exceeds {max_drop} even with every layer in float"))
-    for name in order[:k]:
-        rep.skipped.append(Skipped(name, f"kept in float for the accuracy budget (adds {local[name]:.1f} dB of error)"))
     return rep

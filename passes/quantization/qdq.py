@@ -48,7 +48,7 @@ After::
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+from typing import Literal, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -98,6 +98,18 @@ class QuantizePass(OnnxccPass):
             if not 50.0 < self.percentile <= 100.0:
                 raise ValueError("percentile must be in (50, 100]")
 
+    @classmethod
+    def with_budget(cls, config: "QuantizePass.Config", points: float, samples: int) -> "QuantizePass.Config":
+        """Under a budget, mixed precision spends the pass's share of it, measured on as many
+        samples as the pipeline verifies on (an explicit max_drop is kept)."""
+        if config.max_drop is not None:
+            return config
+        return dataclasses.replace(config, max_drop=max(0.0, points), eval_samples=samples)
+
+    @classmethod
+    def milder(cls, config: "QuantizePass.Config", strength: float) -> "QuantizePass.Config | None":
+        return None if config.max_drop is None else dataclasses.replace(config, max_drop=config.max_drop * strength)
+
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger") for n in model.graph):
@@ -124,15 +136,16 @@ class QuantizePass(OnnxccPass):
             policies.record_layer_errors(model, fp32, report, self.context.calibration)
         return report
 
-    def _requantize(self, fp32: ir.Model, extra_exclude: Sequence[str]) -> tuple[ir.Model, PassReport]:
-        """The float model quantized again with ``extra_exclude`` left float (lowered as the first time)."""
+    def _requantize(self, fp32: ir.Model, kept: Mapping[str, str]) -> tuple[ir.Model, PassReport]:
+        """The float model quantized again with the ``kept`` layers (name → why) left float, lowered
+        as the first time."""
         trial = clone_model(fp32)
         names_before = E.value_names(trial.graph)
         lower(trial, hard_activations=self.config.decompose_hard_activations)
-        c = dataclasses.replace(self.config, exclude=self.config.exclude + tuple(extra_exclude), max_drop=None, speed_guard=False)
-        return trial, QuantizePass(c, self.context)._quantize(trial, names_before)
+        c = dataclasses.replace(self.config, max_drop=None, speed_guard=False)
+        return trial, QuantizePass(c, self.context)._quantize(trial, names_before, kept)
 
-    def _quantize(self, model: ir.Model, names_before: set[str]) -> PassReport:
+    def _quantize(self, model: ir.Model, names_before: set[str], kept: Mapping[str, str] | None = None) -> PassReport:
         """Place, calibrate and emit QDQ on a lowered model; tensors not in ``names_before`` get short names."""
         cfg = self.config
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -141,9 +154,9 @@ class QuantizePass(OnnxccPass):
         graph = model.graph
         skipped: list[Skipped] = []
         limits = flat_limits(graph)  # value → interval outside which its activation is flat
-        plan = P.plan(graph, cfg, skipped)
+        plan = P.plan(graph, cfg, skipped, kept)
         if not plan.nodes:
-            return PassReport(model, False, skipped=skipped, stats={"quantized_layers": 0})
+            return PassReport(model, False, skipped=skipped, stats={"quantized_layers": 0, "kept_float": dict(kept or {})})
 
         # Every statistic this pass needs is declared first and gathered in one run over the data:
         # ranges of the calibrated tensors, input means (bias correction), Gram matrices (GPTQ).
@@ -211,13 +224,16 @@ class QuantizePass(OnnxccPass):
             "ranges_clamped": clamped,  # pre-activation ranges cut to where HardSigmoid/HardSwish is not flat
             "layers": layers,
             "ranges": ranges,
+            "kept_float": dict(kept or {}),  # layers a policy keeps float (budget, speed guard), and why
         }
         if cfg.check_fusion:
             fusion = fusion_report(model)
             stats["fusion"] = fusion
             if "unchecked" in fusion:
                 skipped.append(Skipped("fusion check", fusion["unchecked"]))
+            already = {s.layer for s in skipped}  # kept float on purpose: that reason stands
             for name in fusion["float_heavy"]:
-                skipped.append(Skipped(name, "onnxruntime left this layer in float (not fused into an integer kernel)"))
+                if name not in already:
+                    skipped.append(Skipped(name, "onnxruntime left this layer in float (not fused into an integer kernel)"))
         changed = [node_label(n) for n in plan.nodes]
         return PassReport(model, True, changed=changed, skipped=skipped, stats=stats)
