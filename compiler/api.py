@@ -171,13 +171,13 @@ def serialized_size(model: ir.Model) -> int:
 LATENCY_PROTOCOL = {"threads": 2, "batch": 1, "rounds": 5, "block": 10, "method": "alternating blocks, median"}
 
 
-def paired_latency(before: ir.Model, after: ir.Model) -> tuple[float, float]:
+def paired_latency(before: ir.Model, after: ir.Model, threads: int | None = None) -> tuple[float, float]:
     """Median latency (ms) of both models timed in the same run, in alternating blocks (as
     ``onnxcc bench`` does), so that the ratio does not depend on what the machine did in between."""
     from onnxcc.compiler.bench import bench_models
 
     p = LATENCY_PROTOCOL
-    res = bench_models([("before", before), ("after", after)], threads=p["threads"], batch=p["batch"],
+    res = bench_models([("before", before), ("after", after)], threads=threads or p["threads"], batch=p["batch"],
                        rounds=p["rounds"], block=p["block"], measure_memory=False)
     return round(res.entries[0].median_ms, 4), round(res.entries[1].median_ms, 4)
 
@@ -235,6 +235,7 @@ def compile_model(
     top_k: int = 1,
     metric: Any = None,
     measure_latency: bool = True,
+    latency_threads: int | None = None,
     profile_layers: bool = False,
 ) -> CompileResult:
     """Run ``recipe`` on ``model``, verifying every pass; raises on bad input (BadInputError) or budget (BudgetError).
@@ -280,7 +281,7 @@ def compile_model(
     before["file_bytes"] = serialized_size(original)
     after = totals(result.model)
     if measure_latency:  # the input as given against the result, in one run (onnxruntime optimizes both)
-        before["latency_ms"], after["latency_ms"] = paired_latency(original, result.model)
+        before["latency_ms"], after["latency_ms"] = paired_latency(original, result.model, latency_threads)
     report: dict[str, Any] = {"status": "ok", "recipe": recipe_json(specs), "seconds": round(elapsed, 2), "before": before, "after": after, **result.to_json()}
     if budget is not None:
         report["budget"] = budget.max_drop if budget.max_drop is not None else budget.min_sqnr_db
@@ -302,7 +303,7 @@ def compile_model(
             report["warning"] = warning
     if measure_latency and before.get("latency_ms"):
         report["latency_ratio"] = round(after["latency_ms"] / before["latency_ms"], 3)
-        report["latency_protocol"] = dict(LATENCY_PROTOCOL)
+        report["latency_protocol"] = dict(LATENCY_PROTOCOL, threads=latency_threads or LATENCY_PROTOCOL["threads"])
     if profile_layers:
         from onnxcc.compiler.bench import layer_times, profile_nodes
 

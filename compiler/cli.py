@@ -505,15 +505,16 @@ def factorize(ctx, src, out, calib, labels, budget, report, in_place, data, inpu
 @click.option("--samples", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(), help="PNG of metric loss vs ratio per space (needs the report extra)")
+@click.option("--workers", type=int, default=1, show_default=True, help="share the spaces out over this many processes (or Ray tasks)")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS|auto|local", help="run the shares as Ray tasks on this cluster")
 @metric_option
 @_apply(data_options)
-def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_json, plot, metric, input_shapes):
+def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_json, plot, workers, ray_address, metric, input_shapes):
     """Prune each channel space alone at each ratio and measure the metric."""
     from onnxcc.compiler.calibration import CalibrationSet
     from onnxcc.compiler.ir_utils import load_model
     from onnxcc.compiler.pipeline import Pipeline
     from onnxcc.compiler.verify import load_metric
-    from onnxcc.passes.pruning import sensitivity as S
 
     try:
         rs = tuple(float(r) for r in ratios.split(","))
@@ -529,8 +530,10 @@ def sensitivity(src, calib, labels, ratios, criterion, reconstruct, samples, as_
     lab = _load_labels(labels)
     Pipeline(["fold"], verify=False).run(model)
 
-    res = S.analyse(model, cal, labels=lab, ratios=rs, criterion=criterion, reconstruct=reconstruct, samples=samples,
-                    metric=load_metric(metric))  # progress: the shared mechanism (compiler.progress)
+    from onnxcc.compiler.search import sensitivity as parallel_sensitivity
+
+    res = parallel_sensitivity(model, cal, workers=workers, ray=ray_address, labels=lab, ratios=rs, criterion=criterion,
+                               reconstruct=reconstruct, samples=samples, metric=load_metric(metric))  # progress: compiler.progress
     if plot:
         _sensitivity_plot(res, plot)
     if as_json:
@@ -654,6 +657,73 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
     specs.append(("codebook", {"bits": bits}))
     run_pipeline(ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
                  report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="where to write the best model")
+@click.option("--target", required=True, metavar="macs=R|params=R|latency=R|file=R", help="the ratio to the input to reach")
+@click.option("--calib", type=click.Path(), required=True, help="calibration data for every trial (and the sensitivity sweep that seeds the search)")
+@click.option("--labels", type=click.Path(), help="labels (.npy) of the evaluation samples (--data, else the calibration samples)")
+@click.option("--budget", type=float, default=None, help="max drop of the metric in points: every trial stays inside it")
+@click.option("--trials", type=int, default=32, show_default=True, help="finished trials in the study (a resumed study counts its own)")
+@click.option("--time-limit", "time_limit", type=float, default=None, metavar="MIN", help="stop starting trials after this many minutes")
+@click.option("--workers", type=int, default=1, show_default=True, help="trials in parallel (local processes, or Ray tasks with --ray)")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS|auto|local", help="run the trials as Ray tasks on this cluster (local: start one here)")
+@click.option("--ray-resource", default=None, metavar="NAME", help="run trials only on Ray nodes with this custom resource (where latency is measured)")
+@click.option("--study", type=click.Path(), default=None, help="the study: a SQLite file (default OUT.study.db) or an Optuna storage URL; a killed search resumes from it")
+@click.option("--factorize/--no-factorize", "use_factorize", default=True, show_default=True, help="let trials factorize layers")
+@click.option("--seed", type=int, default=0)
+@click.option("--data", type=click.Path(), help="evaluation samples (.npz/.npy) the budget is judged on; default the calibration data")
+@click.option("--report", type=click.Path(), help="write the JSON report (the best model's compile report with the search: trials, Pareto front)")
+@click.option("--html", "html_path", type=click.Path(), help="write an HTML report with the Pareto plot (report extra)")
+@metric_option
+@click.pass_context
+def search(ctx, src, out, target, calib, labels, budget, trials, time_limit, workers, ray_address, ray_resource, study, use_factorize,
+           seed, data, report, html_path, metric):
+    """Search prune ratios, factorization, INT8 and storage for the best model at a target under the budget (Optuna)."""
+    from onnxcc.compiler.api import json_report
+    from onnxcc.compiler.files import atomic_write, external_data_files, file_size
+    from onnxcc.compiler.ir_utils import check_distinct_outputs, check_output_path, save_model
+    from onnxcc.compiler.search import FACTORIZE, parse_target
+    from onnxcc.compiler.search import search as run_search
+    from onnxcc.compiler.verify import load_metric
+
+    inputs = (src, *external_data_files(src), calib, data, labels)
+    check_output_path(out, *inputs)
+    study = study or f"{out}.study.db"
+    for extra in (report, html_path):
+        if extra:
+            check_output_path(extra, *inputs)
+    check_distinct_outputs(out, report, html_path)
+    res = run_search(src, parse_target(target), calibration=calib, data=data, labels=_load_labels(labels), metric=load_metric(metric),
+                     budget=budget, trials=trials, time_limit_min=time_limit, workers=workers, ray=ray_address,
+                     ray_resource=ray_resource, study=study, seed=seed, factorize=FACTORIZE[1:] if use_factorize else ())
+    page = None
+    if html_path:
+        from onnxcc.compiler.report_html import render
+
+        page = render(res.report, res.report["_models"]["before"], res.model, title="onnxcc search report")
+    save_model(res.model, out)
+    res.report["before"]["file_bytes"], res.report["after"]["file_bytes"] = file_size(src), file_size(out)
+    res.report.update(input=str(src), output=str(out))
+    s = res.report["search"]
+    if not (ctx.obj or {}).get("quiet"):
+        from onnxcc.compiler.analysis import format_table
+
+        done = [t for t in s["trials"] if t["state"] == "COMPLETE"]
+        rows = [[str(t["number"]), f"{t['ratio']:.3f}", f"{t['drop']:.2f}", f"{t['seconds']:.0f}", "best" if t["number"] == s["best"] else ""]
+                for t in done if t["number"] in s["pareto"]]
+        click.echo(f"{len(s['trials'])} trials ({len(done)} finished) in {s['seconds']:.0f}s; Pareto front ({s['target']['kind']} ratio, drop):")
+        click.echo(format_table(rows, ["trial", "ratio", "drop", "s", ""]))
+        _print_result(res)
+        click.echo(f"wrote {out} (trial {s['best']}: {s['target']['kind']} ratio {next(t['ratio'] for t in done if t['number'] == s['best']):.3f}"
+                   f"{'' if s['reached'] else ', target not reached'}); study {study}")
+    if report:
+        write_json_atomic(report, json_report(res.report))
+    if page is not None:
+        with atomic_write(html_path, what="HTML report") as tmp:
+            tmp.write_text(page, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- read-only commands

@@ -147,6 +147,26 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
         if names:
             figs.append(("Per-layer latency from onnxruntime's profiler (batch 1, 2 threads; largest 40 layers)",
                          _bars(names, [lb[n] for n in names], [agg.get(n, 0.0) for n in names], "Kernel time per layer", "µs")))
+    search = report.get("search")
+    if search:
+        done = [t for t in search["trials"] if t["state"] == "COMPLETE"]
+        front = [t for t in done if t["number"] in search["pareto"]]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.scatter([t["ratio"] for t in done], [t["drop"] for t in done], s=18, color="tab:gray", label="trials")
+        front.sort(key=lambda t: t["ratio"])
+        ax.plot([t["ratio"] for t in front], [t["drop"] for t in front], marker="o", color="tab:blue", label="Pareto front")
+        best = next((t for t in done if t["number"] == search["best"]), None)
+        if best:
+            ax.scatter([best["ratio"]], [best["drop"]], s=90, marker="*", color="tab:red", label=f"written (trial {best['number']})", zorder=3)
+        ax.axvline(search["target"]["ratio"], color="tab:green", linestyle="--", label="target")
+        if search.get("budget") is not None:
+            ax.axhline(search["budget"], color="tab:orange", linestyle=":", label="budget")
+        ax.set_xlabel(f"{search['target']['kind']} ratio to the input")
+        ax.set_ylabel("metric drop (points)")
+        ax.set_title("Search: every finished trial")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figs.append(("Search trials and their Pareto front (ratio vs metric drop)", _png(fig)))
     passes = [p for p in report.get("passes", []) if p.get("verify_vs_original")]
     if passes:
         fig, ax = plt.subplots(figsize=(8, 3.5))

@@ -62,11 +62,15 @@ def test_every_recipe_compiles_exported_models(cli, tmp_path, exported, name, dy
     load_model(out)
 
 
-def test_budget_gate_on_an_exported_model(cli, tmp_path, exported):
+def test_a_tight_budget_weakens_a_recipe_on_an_exported_model(cli, tmp_path, exported):
+    """The smallest recipe (60% sparsity, 4-bit codebook) breaks a 0.1-point budget on a
+    random-weight export as asked: the budget weakens its passes until they fit (exit 0), and
+    the report shows what was asked and what was kept. (The failing case: tests/test_budget.py.)"""
     src, calib = exported[("mobilenet_v2", True)]
     out = tmp_path / "o.onnx"
     r = cli("compile", src, "-o", out, "--recipe", "smallest", "--calib", calib, "--budget", "0.1", "--report", tmp_path / "r.json")
-    assert r.code == 1 and "budget" in r.err
-    assert not out.exists()  # no model; the report says why (status failed, the pass)
-    failed = json.loads((tmp_path / "r.json").read_text())
-    assert failed["status"] == "failed" and "budget" in failed["error"] and failed["failed_pass"]
+    assert r.code == 0, r.err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["metric"]["drop_points"] <= 0.1
+    searched = [p for p in rep["passes"] if "budget_search" in p["stats"]]
+    assert searched and all(p["stats"]["budget_search"]["strength"] < 1 for p in searched)

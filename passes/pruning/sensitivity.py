@@ -106,13 +106,17 @@ def analyse(
     progress: Callable[[int, int], None] | None = None,
     metric: Any = 1,
     eval_feeds: Sequence[dict] | None = None,
+    only: Sequence[str] | None = None,
 ) -> Sensitivity:
-    """Prune each space alone at each ratio; ``model`` should be folded. The model is not modified."""
+    """Prune each space alone at each ratio; ``model`` should be folded. The model is not modified.
+    ``only``: the space keys to measure (a share of the work, see compiler.search.sensitivity)."""
     t0 = time.perf_counter()
     base = clone_model(model)
     prepare(base)
     cg = ChannelGraph(base)
     keys = space_keys(cg)
+    if only is not None:
+        keys = {k: v for k, v in keys.items() if v in set(only)}
     bs = calibration.batch_size_for(base, preferred=16)
     feeds = list(eval_feeds) if eval_feeds else list(calibration.batches(bs, limit=samples))  # what labels are about
     n_eval = sum(next(iter(f.values())).shape[0] for f in feeds)

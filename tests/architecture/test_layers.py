@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"onnxcc": "onnxcc", "compiler": "onnxcc.compiler", "passes": "onnxcc.passes", "models": "onnxcc.models"}
 CORE = {"errors", "files", "ir_utils", "passbase", "sessions", "metrics", "weights", "calibration", "verify",
         "analysis", "bench", "speed", "progress"}
-UPPER = {"registry": 2, "pipeline": 2, "api": 3, "cli": 4, "report_html": 4}
+UPPER = {"registry": 2, "pipeline": 2, "api": 3, "search": 3, "cli": 4, "report_html": 4}
 
 
 def _modules() -> dict[str, Path]:
@@ -180,6 +180,25 @@ def test_low_level_modules_do_not_import_onnxruntime_or_passes():
             + "print(sorted(m for m in sys.modules if m == 'onnxruntime' or m.startswith('onnxcc.passes')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_optional_extras_are_imported_only_where_they_are_used():
+    """optuna and ray only in compiler/search.py (inside its functions), torch nowhere in the package;
+    importing every module and running the CLI's help loads none of them."""
+    allowed = {"optuna": {"onnxcc.compiler.search"}, "ray": {"onnxcc.compiler.search"}, "torch": set()}
+    bad = []
+    for m, p in MODULES.items():
+        for module, _names, line in _imports(p):
+            top = module.split(".")[0]
+            if top in allowed and m not in allowed[top]:
+                bad.append(f"{p.relative_to(ROOT)}:{line} imports {module}")
+    assert bad == []
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in sorted(MODULES) if not m.startswith("onnxcc.models.make"))
+            + "from onnxcc.compiler.cli import main\n"
+            + "try:\n    main(['search', '--help'])\nexcept SystemExit:\n    pass\n"
+            + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'ray', 'torch')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_public_api_names_resolve():

@@ -1,0 +1,471 @@
+"""``onnxcc search``: the best compressed model for a target under an accuracy budget.
+
+    from onnxcc.compiler.search import search
+    res = search("net.onnx", "macs=0.4", calibration="calib.npy", data="eval.npy", labels="labels.npy",
+                 budget=1.0, trials=32, workers=2)
+    res.save("net.small.onnx"); res.report["search"]["pareto"]
+
+* **Search space**, built from the model: a prune ratio per channel space (the spaces
+  sensitivity analysis finds, ratios 0 … 0.75 in eighths), a factorization method and rank (or
+  none), INT8 or float (targets that INT8 changes: latency, file), sparsity and codebook bits
+  (file target). The first trial is today's greedy allocation from the sensitivity curves
+  (``prune --target-macs``), so the search starts where the greedy method ends.
+* **Every trial is an ordinary verified pipeline** (:func:`~compiler.api.compile_model`) under the
+  budget, which also drives its lossy passes: a trial's recorded recipe is what it really ran
+  (after the budget weakened a setting) and gives the same model with ``onnxcc compile --recipe``.
+  A trial that fails (no setting fits, a broken graph) is a failed trial with its message.
+* **Algorithm**: Optuna's multi-objective TPE on (target ratio, metric drop), seeded; the Pareto
+  front is reported. The study lives in SQLite (``--study``, by default next to OUT), or any
+  storage URL Optuna supports when several machines share it, so a killed search resumes: the
+  trials already finished count towards ``trials``; a trial whose worker died (no heartbeat for
+  :data:`GRACE_S`) is failed and retried once with the same parameters.
+* **Executors**: in this process (``workers=1``), a local process pool (each worker one process
+  with its own onnxruntime threads, so latency is measured fairly), or Ray tasks on a cluster
+  (``ray="auto"`` or an address; ``ray_resource`` names a custom resource of the nodes that will
+  serve, so latency is measured there). Optuna and Ray are optional extras (``search``, ``ray``).
+* **The result**: the trial inside the budget that reaches the target with the smallest drop
+  (none reaches it: the one with the smallest ratio), recompiled from its recipe and written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from onnxcc.compiler.errors import BadInputError, BudgetError, OnnxccError
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("macs", "params", "latency", "file")
+RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+FACTORIZE = ("none", "svd", "spatial-svd", "tucker")
+HEARTBEAT_S = 10
+GRACE_S = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    kind: str
+    value: float
+
+    @property
+    def key(self) -> str:
+        return {"file": "file_bytes", "latency": "latency_ms"}.get(self.kind, self.kind)
+
+
+def parse_target(spec: str | Target) -> Target:
+    """``macs=0.4``, ``params=0.5``, ``latency=0.5`` or ``file=0.25``: the ratio to the input."""
+    if isinstance(spec, Target):
+        return spec
+    kind, sep, value = str(spec).partition("=")
+    try:
+        v = float(value)
+    except ValueError:
+        v = math.nan
+    if not sep or kind not in TARGETS or not 0 < v < 1:
+        raise BadInputError(f"--target {spec}: expected one of {', '.join(t + '=R' for t in TARGETS)} with 0 < R < 1")
+    return Target(kind, v)
+
+
+@dataclasses.dataclass
+class Space:
+    """What a trial may choose for one model and target (see the module docstring)."""
+
+    target: Target
+    spaces: list[str]  # channel-space keys (tensors only that space owns), in the order found
+    seed: dict[str, Any]  # the greedy allocation's parameters: the first trial
+    calibrated: bool = True
+    factorize: tuple[str, ...] = FACTORIZE[1:]  # methods a trial may pick (besides none)
+
+    def sample(self, trial: Any) -> list[tuple[str, dict[str, Any]]]:
+        """A recipe from an Optuna trial's choices."""
+        recipe: list[tuple[str, dict[str, Any]]] = [("fold", {})]
+        ratios = {key: trial.suggest_categorical(f"prune:{key}", RATIOS) for key in self.spaces}
+        cut = tuple(f"{k}={r}" for k, r in ratios.items() if r > 0)
+        if cut:
+            recipe.append(("prune", {"ratio": 0.0, "space_ratio": cut, "reconstruct": self.calibrated}))
+        method = trial.suggest_categorical("factorize", ("none", *self.factorize)) if self.factorize else "none"
+        if method != "none":
+            rank = trial.suggest_float("factorize_rank", 0.2, 0.8, step=0.1)
+            recipe.append(("factorize", {"method": method, "rank": rank}))
+        if cut or method != "none":
+            recipe.append(("fold", {}))
+        if self.target.kind == "file":
+            sparsity = trial.suggest_float("sparsity", 0.0, 0.8, step=0.1)
+            if sparsity > 0:
+                recipe.append(("sparsify", {"sparsity": sparsity, "reconstruct": self.calibrated}))
+            storage = trial.suggest_categorical("storage", ["float", "int8", "codebook4", "codebook6"])
+            if storage.startswith("codebook"):
+                recipe.append(("codebook", {"bits": int(storage[8:])}))
+            elif storage == "int8":
+                recipe.append(("quantize", {"bias_correction": True}))
+        elif self.target.kind == "latency":
+            if trial.suggest_categorical("quantize", ["float", "int8"]) == "int8":
+                recipe.append(("quantize", {"bias_correction": True}))
+        return recipe
+
+
+def build_space(model: Any, target: Target, calib: Any, *, labels: Any = None, metric: Any = None,
+                factorize: Sequence[str] = FACTORIZE[1:]) -> Space:
+    """The channel spaces of the folded model and the greedy allocation for ``target`` from one
+    sensitivity sweep (as ``prune --target-macs`` makes it)."""
+    from onnxcc.compiler.ir_utils import clone_model
+    from onnxcc.compiler.pipeline import Pipeline
+    from onnxcc.passes.pruning import sensitivity as S
+    from onnxcc.passes.pruning.cut import prepare
+    from onnxcc.passes.pruning.dependency import ChannelGraph
+
+    m = clone_model(model)
+    Pipeline(["fold"], verify=False).run(m)
+    base = clone_model(m)
+    prepare(base)
+    keys = list(S.space_keys(ChannelGraph(base)).values())
+    seed: dict[str, Any] = {f"prune:{k}": 0.0 for k in keys}
+    if factorize:
+        seed["factorize"] = "none"
+    if keys and calib is not None:
+        sens = S.analyse(m, calib, labels=labels, ratios=(0.25, 0.5, 0.75), samples=32, metric=metric if metric is not None else 1)
+        resource = "params" if target.kind == "params" else "macs"
+        goal = target.value if target.kind in ("macs", "params") else max(target.value, 0.3)
+        for key, r in S.allocate(sens, goal, resource=resource, max_ratio=RATIOS[-1]).items():
+            seed[f"prune:{key}"] = min(RATIOS, key=lambda x: abs(x - r))
+    if target.kind == "file":
+        seed.update(sparsity=0.0, storage="int8")
+    elif target.kind == "latency":
+        seed["quantize"] = "int8"
+    return Space(target, keys, seed, calibrated=calib is not None, factorize=tuple(factorize))
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything a worker needs, picklable: paths (or arrays) rather than loaded objects."""
+
+    model: Any
+    target: Target
+    calibration: Any
+    data: Any
+    labels: Any
+    metric: Any
+    budget: float | None
+    space: Space
+    storage: str
+    study_name: str
+    trials: int
+    time_limit_s: float | None
+    seed: int
+    threads: int
+
+
+def run_trial(job: Job, recipe: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """One verified compile of ``recipe``: its ratio to the input on the target, its metric drop,
+    and the recipe as it ran (each pass's config after the budget search)."""
+    from onnxcc.compiler.api import compile_model
+
+    t0 = time.perf_counter()
+    res = compile_model(job.model, list(recipe), calibration=job.calibration, data=job.data, labels=job.labels,
+                        metric=job.metric, budget=job.budget, measure_latency=job.target.kind == "latency",
+                        latency_threads=job.threads)
+    rep = res.report
+    key = job.target.key
+    ratio = rep["after"][key] / rep["before"][key] if rep["before"].get(key) else 1.0
+    drop = (rep.get("metric") or {}).get("drop_points") or 0.0
+    used = [{"name": p["pass"], "options": _options(p)} for p in rep["passes"] if p["pass"] != "upgrade"]
+    return {"ratio": round(float(ratio), 5), "drop": round(float(drop), 4), "recipe": used,
+            "seconds": round(time.perf_counter() - t0, 2), "after": {k: rep["after"][k] for k in ("params", "macs", "file_bytes", "latency_ms")}}
+
+
+def _options(step: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's config as recipe options: only what differs from the pass's defaults."""
+    from onnxcc.compiler.passbase import config_fields
+    from onnxcc.compiler.registry import get_pass
+
+    defaults = {name: default for name, _, default, _ in config_fields(get_pass(step["pass"]))}
+    norm = {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}
+    return {k: v for k, v in step["config"].items() if norm.get(k, object()) != v}
+
+
+def study_storage(url: str) -> Any:
+    """The study's storage, with heartbeats: a trial whose worker died is failed after
+    :data:`GRACE_S` and retried once with the same parameters."""
+    import warnings
+
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                      engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+
+
+def _objective(job: Job, trial_runner: Callable[[Job, Any], dict[str, Any]]):
+    def objective(trial: Any) -> tuple[float, float]:
+        recipe = job.space.sample(trial)
+        trial.set_user_attr("asked", [{"name": n, "options": o} for n, o in recipe])
+        try:
+            out = trial_runner(job, recipe)
+        except OnnxccError as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            raise
+        for k, v in out.items():
+            trial.set_user_attr(k, v)
+        return out["ratio"], out["drop"]
+
+    return objective
+
+
+def work(job: Job, n_trials_hint: int | None = None, trial_runner: Callable | None = None) -> int:
+    """One worker: run trials of the shared study until it holds ``job.trials`` finished ones
+    (or the time limit passes). Returns how many this worker ran."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("OMP_NUM_THREADS", str(job.threads))
+    study = optuna.load_study(study_name=job.study_name, storage=study_storage(job.storage),
+                              sampler=optuna.samplers.TPESampler(seed=job.seed + (n_trials_hint or 0), multivariate=True))
+    before = len(study.get_trials(deepcopy=False))
+    done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    if sum(t.state in done for t in study.get_trials(deepcopy=False)) < job.trials:
+        study.optimize(_objective(job, trial_runner or run_trial), timeout=job.time_limit_s, catch=(OnnxccError,),
+                       callbacks=[MaxTrialsCallback(job.trials, states=done)], gc_after_trial=True)
+    return len(study.get_trials(deepcopy=False)) - before
+
+
+def _work_remote(job: Job, index: int) -> int:
+    return work(job, index)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    model: Any
+    report: dict[str, Any]
+    result: Any = None  # the best model's PipelineResult (its verified steps)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from onnxcc.compiler.ir_utils import save_model
+
+        save_model(self.model, path)
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both (ratio, drop), lower being better."""
+    front = []
+    for i, (r, d) in enumerate(points):
+        if not any((r2 <= r and d2 <= d) and (r2 < r or d2 < d) for j, (r2, d2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def choose(trials: Sequence[Mapping[str, Any]], target: Target, budget: float | None) -> Mapping[str, Any] | None:
+    """The trial inside the budget that reaches the target with the smallest drop (ties: the
+    smaller ratio); when none reaches it, the one with the smallest ratio."""
+    ok = [t for t in trials if budget is None or t["drop"] <= budget + 1e-9]
+    if not ok:
+        return None
+    reached = [t for t in ok if t["ratio"] <= target.value]
+    if reached:
+        return min(reached, key=lambda t: (t["drop"], t["ratio"], t["number"]))
+    return min(ok, key=lambda t: (t["ratio"], t["drop"], t["number"]))
+
+
+def search(
+    model: Any,
+    target: str | Target,
+    *,
+    calibration: Any = None,
+    data: Any = None,
+    labels: Any = None,
+    metric: Any = None,
+    budget: float | None = None,
+    trials: int = 32,
+    time_limit_min: float | None = None,
+    workers: int = 1,
+    ray: str | None = None,
+    ray_resource: str | None = None,
+    study: str | os.PathLike | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    factorize: Sequence[str] = FACTORIZE[1:],
+    trial_runner: Callable | None = None,
+) -> SearchResult:
+    """Search (see the module docstring); ``study`` is a SQLite file path or an Optuna storage
+    URL (default: a temporary file, so nothing resumes). ``threads``: onnxruntime threads per
+    trial (default: 2 with one worker, else 1). ``trial_runner`` replaces :func:`run_trial`
+    (tests inject failures through it; in-process workers only)."""
+    try:
+        import optuna
+    except ImportError as e:
+        raise BadInputError("search needs Optuna: pip install 'onnxcc[search]'") from e
+    from onnxcc.compiler.api import as_calibration, compile_model
+    from onnxcc.compiler.ir_utils import load_model
+    import tempfile
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    target = parse_target(target)
+    if trials < 1 or workers < 1:
+        raise BadInputError("--trials and --workers must be at least 1")
+    if workers > 1 and trial_runner is not None and ray is None:
+        raise BadInputError("trial_runner works with in-process trials only (workers=1)")
+    loaded = load_model(model) if not hasattr(model, "graph") else model
+    calib = as_calibration(calibration, loaded)
+    if calib is not None:
+        calib.validate(loaded)
+    tmp = None
+    if study is None:
+        tmp = tempfile.TemporaryDirectory(prefix="onnxcc-search-")
+        study = Path(tmp.name) / "study.db"
+    url = str(study) if "://" in str(study) else f"sqlite:///{Path(study).resolve()}"
+    name = f"onnxcc-{target.kind}"
+    directions = ["minimize", "minimize"]
+    st = optuna.create_study(study_name=name, storage=study_storage(url), directions=directions, load_if_exists=True,
+                             sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
+    t0 = time.perf_counter()
+    bad = [m for m in factorize if m not in FACTORIZE[1:]]
+    if bad:
+        raise BadInputError(f"factorize: unknown method {bad[0]} (methods: {', '.join(FACTORIZE[1:])})")
+    space = build_space(loaded, target, calib, labels=_labels_for_space(labels, data), metric=metric, factorize=factorize)
+    if not st.get_trials(deepcopy=False):
+        st.enqueue_trial(space.seed, skip_if_exists=True)  # the greedy allocation first
+    job = Job(model if isinstance(model, (str, os.PathLike)) else _bytes(loaded), target, calibration if calibration is None or isinstance(calibration, (str, os.PathLike)) else calib,
+              data, labels, metric, budget, space, url, name, trials, time_limit_min * 60 if time_limit_min else None, seed,
+              threads or (2 if workers == 1 else 1))
+    if ray is not None:
+        _run_ray(job, workers, ray, ray_resource)
+    elif workers == 1:
+        work(job, 0, trial_runner)
+    else:
+        _run_pool(job, workers)
+    st = optuna.load_study(study_name=name, storage=study_storage(url))
+    rows = [_row(t) for t in st.get_trials(deepcopy=False)]
+    finished = [r for r in rows if r["state"] == "COMPLETE"]
+    best = choose(finished, target, budget)
+    if best is None:
+        failed = [r for r in rows if r["state"] == "FAIL"]
+        why = failed[-1].get("error") if failed else "no trial finished"
+        raise BudgetError(f"search: no trial fits the budget ({len(rows)} trials; last failure: {why})")
+    res = compile_model(model if isinstance(model, (str, os.PathLike)) else loaded, [(s["name"], s["options"]) for s in best["recipe"]],
+                        calibration=calib, data=data, labels=labels, metric=metric, budget=budget,
+                        measure_latency=True)
+    front = pareto([(r["ratio"], r["drop"]) for r in finished])
+    res.report["search"] = {
+        "target": {"kind": target.kind, "ratio": target.value}, "budget": budget, "study": url, "trials": rows,
+        "pareto": [finished[i]["number"] for i in front], "best": best["number"], "reached": best["ratio"] <= target.value,
+        "seconds": round(time.perf_counter() - t0, 2), "workers": workers, "executor": "ray" if ray else ("process" if workers > 1 else "in-process"),
+        "spaces": len(space.spaces),
+    }
+    if tmp is not None:
+        tmp.cleanup()
+    return SearchResult(res.model, res.report, res.result)
+
+
+def _labels_for_space(labels: Any, data: Any) -> Any:
+    """Sensitivity runs on the calibration samples: labels that belong to --data do not apply."""
+    return None if data is not None else labels
+
+
+def _bytes(model: Any) -> bytes:
+    import onnx_ir as ir
+
+    return ir.to_proto(model).SerializeToString()
+
+
+def _row(t: Any) -> dict[str, Any]:
+    attrs = dict(t.user_attrs)
+    row = {"number": t.number, "state": t.state.name, "params": dict(t.params)}
+    for k in ("ratio", "drop", "recipe", "seconds", "after", "error", "asked"):
+        if k in attrs:
+            row[k] = attrs[k]
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+    if retried is not None:
+        row["retry_of"] = retried
+    return row
+
+
+def map_parallel(fn: Callable, args: Sequence[tuple], *, workers: int = 1, ray: str | None = None,
+                 ray_resource: str | None = None, threads: int = 1) -> list[Any]:
+    """``[fn(*a) for a in args]`` on an executor: in this process (one worker), a spawn-context
+    process pool, or Ray tasks (each asking for ``threads`` CPUs and ``ray_resource``; a task whose
+    worker dies is retried). ``fn`` must be importable (module level) for the last two."""
+    if ray is not None:
+        try:
+            import ray as ray_
+        except ImportError as e:
+            raise BadInputError("--ray needs Ray: pip install 'onnxcc[ray]'") from e
+        started = False
+        if not ray_.is_initialized():
+            ray_.init(address=None if ray == "local" else ray, include_dashboard=False, log_to_driver=False,
+                      num_cpus=max(1, workers) * threads if ray == "local" else None)  # each task asks for its threads
+            started = True
+        try:
+            opts: dict[str, Any] = {"num_cpus": threads, "max_retries": 2}
+            if ray_resource:
+                opts["resources"] = {ray_resource: 1}
+            remote = ray_.remote(**opts)(fn)
+            return ray_.get([remote.remote(*a) for a in args])
+        finally:
+            if started:
+                ray_.shutdown()
+    if workers > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            return [f.result() for f in [pool.submit(fn, *a) for a in args]]
+    return [fn(*a) for a in args]
+
+
+def _no_progress(done: int, total: int) -> None:
+    """Workers draw no bars of their own (a picklable callback)."""
+
+
+def _sensitivity_share(model: bytes, calib: Any, kwargs: dict[str, Any], keys: Sequence[str], threads: int) -> Any:
+    from onnxcc.compiler.ir_utils import load_model
+    from onnxcc.passes.pruning import sensitivity as S
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    return S.analyse(load_model(model), calib, only=keys, **kwargs)
+
+
+def sensitivity(model: Any, calib: Any, *, workers: int = 1, ray: str | None = None, ray_resource: str | None = None,
+                **kwargs: Any) -> Any:
+    """:func:`onnxcc.passes.pruning.sensitivity.analyse` with the channel spaces shared out over
+    ``workers`` (processes or Ray tasks): each (space, ratio) cut is independent. The curves come
+    back in the order one process would give them."""
+    from onnxcc.compiler.ir_utils import clone_model
+    from onnxcc.passes.pruning import sensitivity as S
+    from onnxcc.passes.pruning.cut import prepare
+    from onnxcc.passes.pruning.dependency import ChannelGraph
+
+    if workers <= 1 and ray is None:
+        return S.analyse(model, calib, **kwargs)
+    t0 = time.perf_counter()
+    base = clone_model(model)
+    prepare(base)
+    keys = list(S.space_keys(ChannelGraph(base)).values())
+    n = max(1, min(workers, len(keys)))
+    shares = [keys[i::n] for i in range(n)]
+    kwargs = dict(kwargs, progress=_no_progress)
+    parts = map_parallel(_sensitivity_share, [(_bytes(model), calib, kwargs, share, 1) for share in shares],
+                         workers=n, ray=ray, ray_resource=ray_resource)
+    order = {k: i for i, k in enumerate(keys)}
+    curves = sorted((c for p in parts for c in p.curves), key=lambda c: order[c.key])
+    first = parts[0]
+    return S.Sensitivity(first.base_macs, first.base_params, first.metric, curves, time.perf_counter() - t0)
+
+
+def _run_pool(job: Job, workers: int) -> None:
+    map_parallel(_work_remote, [(job, i) for i in range(workers)], workers=workers)
+
+
+def _run_ray(job: Job, workers: int, address: str, resource: str | None) -> None:
+    map_parallel(_work_remote, [(job, i) for i in range(workers)], workers=workers, ray=address, ray_resource=resource,
+                 threads=job.threads)

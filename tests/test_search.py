@@ -1,0 +1,121 @@
+"""`onnxcc search`: Optuna over prune ratios (and factorization, INT8, storage) under the budget,
+on the bundled trained sample: the budget holds for every trial and for the written model, the
+written model is its trial's recipe compiled again, a study resumes, a failing trial is recorded
+with its message, a trial whose worker died is retried, and a Ray local cluster finds the same
+best trial as the in-process executor for one seed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from onnxcc.compiler import search as S  # noqa: E402
+from onnxcc.compiler.api import compile_model  # noqa: E402
+from onnxcc.compiler.errors import VerificationError  # noqa: E402
+from tests.test_budget import CALIB, EVAL, LABELS, SAMPLE, accuracy  # noqa: E402
+
+FAST = dict(calibration=CALIB, budget=1.0, factorize=())
+
+
+def _weights(model) -> dict[str, bytes]:
+    return {v.name: v.const_value.numpy().tobytes() for v in model.graph.initializers.values()}
+
+
+def test_search_cli_reaches_the_target_inside_the_budget_and_writes_its_best_trial(cli, tmp_path):
+    out, rep, study = tmp_path / "s.onnx", tmp_path / "r.json", tmp_path / "study.db"
+    r = cli("search", SAMPLE, "-o", out, "--target", "macs=0.5", "--calib", CALIB, "--data", EVAL, "--labels", LABELS,
+            "--budget", "1", "--trials", "3", "--no-factorize", "--study", study, "--report", rep)
+    assert r.code == 0, r.err
+    s = json.loads(rep.read_text())["search"]
+    done = [t for t in s["trials"] if t["state"] == "COMPLETE"]
+    assert len(done) == 3 and all(t["drop"] <= 1.0 for t in done)
+    best = next(t for t in done if t["number"] == s["best"])
+    assert s["reached"] and best["ratio"] <= 0.5 and s["best"] in s["pareto"]
+    assert accuracy(out) >= accuracy(SAMPLE) - 0.01  # the budget, recomputed on the written model
+    assert any(step["name"] == "prune" for step in done[0]["recipe"])  # the greedy allocation went first
+    again = compile_model(SAMPLE, [(x["name"], x["options"]) for x in best["recipe"]], calibration=CALIB, measure_latency=False)
+    from onnxcc.compiler.ir_utils import load_model
+
+    assert _weights(again.model) == _weights(load_model(out))  # reproducible from the recorded recipe
+    assert "trial" in r.out and "Pareto front" in r.out
+
+
+def test_a_search_resumes_from_its_study(tmp_path):
+    study = tmp_path / "study.db"
+    first = S.search(SAMPLE, "macs=0.5", trials=2, study=study, **FAST).report["search"]["trials"]
+    second = S.search(SAMPLE, "macs=0.5", trials=3, study=study, **FAST).report["search"]["trials"]
+    assert [t["number"] for t in second] == [0, 1, 2]
+    assert [t["params"] for t in second[:2]] == [t["params"] for t in first]  # not run again
+
+
+def test_a_failing_trial_is_recorded_with_its_message(tmp_path):
+    calls = []
+
+    def runner(job, recipe):
+        calls.append(recipe)
+        if len(calls) == 2:
+            raise VerificationError("pass 'prune' produced a model onnxruntime rejects: injected")
+        return S.run_trial(job, recipe)
+
+    trials = S.search(SAMPLE, "macs=0.5", trials=3, trial_runner=runner, **FAST).report["search"]["trials"]
+    failed = [t for t in trials if t["state"] == "FAIL"]
+    assert len(failed) == 1 and "injected" in failed[0]["error"] and "VerificationError" in failed[0]["error"]
+    assert sum(t["state"] == "COMPLETE" for t in trials) == 2
+
+
+def test_a_trial_whose_worker_died_is_retried_with_its_parameters(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "GRACE_S", 1)
+    monkeypatch.setattr(S, "HEARTBEAT_S", 1)
+    study = tmp_path / "study.db"
+    S.search(SAMPLE, "macs=0.5", trials=1, study=study, **FAST)
+    url = f"sqlite:///{study.resolve()}"
+    st = optuna.load_study(study_name="onnxcc-macs", storage=S.study_storage(url))
+    prev = st.trials[0]
+    st.enqueue_trial(prev.params)
+    dead = st.ask(fixed_distributions=prev.distributions)  # a worker took it, then died: no tell, no heartbeat
+    st._storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)
+    trials = S.search(SAMPLE, "macs=0.5", trials=2, study=study, **FAST).report["search"]["trials"]
+    assert trials[dead.number]["state"] == "FAIL"
+    retry = [t for t in trials if t.get("retry_of") == dead.number]
+    assert len(retry) == 1 and retry[0]["state"] == "COMPLETE" and retry[0]["params"] == prev.params
+
+
+@pytest.mark.slow
+def test_local_processes_and_a_ray_cluster_share_one_study_and_ray_finds_the_in_process_best(tmp_path):
+    pytest.importorskip("ray")
+    local = S.search(SAMPLE, "macs=0.4", trials=3, seed=3, **FAST).report["search"]
+    on_ray = S.search(SAMPLE, "macs=0.4", trials=3, seed=3, ray="local", **FAST).report["search"]
+    by_number = {t["number"]: t for t in local["trials"]}
+    assert on_ray["executor"] == "ray" and on_ray["best"] == local["best"]
+    assert on_ray["trials"][on_ray["best"]]["params"] == by_number[local["best"]]["params"]
+    pool = S.search(SAMPLE, "macs=0.4", trials=2, workers=2, study=tmp_path / "p.db", **FAST).report["search"]
+    assert pool["executor"] == "process" and sum(t["state"] == "COMPLETE" for t in pool["trials"]) >= 2
+    assert all(t["drop"] <= 1.0 for t in pool["trials"] if t["state"] == "COMPLETE")
+
+
+def test_bad_targets_are_bad_input(cli, tmp_path):
+    r = cli("search", SAMPLE, "-o", tmp_path / "s.onnx", "--target", "speed=2", "--calib", CALIB)
+    assert r.code == 2 and "--target speed=2" in r.err and not (tmp_path / "s.onnx").exists()
+    assert np.isclose(S.parse_target("file=0.25").value, 0.25)
+
+
+def test_sensitivity_shared_over_two_processes_gives_the_same_curves(cli):
+    from onnxcc.compiler.calibration import CalibrationSet
+    from onnxcc.compiler.ir_utils import load_model
+    from onnxcc.compiler.pipeline import Pipeline
+
+    model = load_model(SAMPLE)
+    Pipeline(["fold"], verify=False).run(model)
+    cal = CalibrationSet.load(CALIB, model)
+    one = S.sensitivity(model, cal, ratios=(0.5,), samples=16)
+    two = S.sensitivity(model, cal, workers=2, ratios=(0.5,), samples=16)
+    assert len(one.curves) >= 6
+    assert [(c.key, c.loss, c.macs_saved) for c in two.curves] == [(c.key, c.loss, c.macs_saved) for c in one.curves]
+    r = cli("sensitivity", SAMPLE, "--calib", CALIB, "--ratios", "0.5", "--samples", "16", "--workers", "2", "--json")
+    assert r.code == 0 and len(json.loads(r.out)["spaces"]) == len(one.curves)
