@@ -147,9 +147,13 @@ def as_calibration(calibration: Any, model: ir.Model, images: Any = None):
 
 @dataclasses.dataclass
 class CompileResult:
+    """The compiled model, its report (JSON-serialisable as it is: ``json.dumps(result.report)``),
+    the pipeline's steps, and the input as given (``before``, for the HTML report)."""
+
     model: ir.Model
     report: dict[str, Any]
     result: PipelineResult
+    before: ir.Model | None = None
 
     def save(self, path: str | os.PathLike, **kwargs: Any) -> None:
         from onnxcc.compiler.ir_utils import save_model
@@ -312,8 +316,7 @@ def compile_model(
             "after": layer_times(result.model, profile_nodes(result.model, runs=10)),
         }
     report["provenance"] = stamp_provenance(result.model, specs, calib)
-    report["_models"] = {"before": original}  # for the HTML report; dropped by json writers
-    return CompileResult(result.model, report, result)
+    return CompileResult(result.model, report, result, before=original)
 
 
 #: Without a budget, a lossy result this far from the input still succeeds, with a warning.

@@ -333,7 +333,7 @@ def run_pipeline(
     if html_path:
         from onnxcc.compiler.report_html import render
 
-        page = render(res.report, res.report["_models"]["before"], res.model)
+        page = render(res.report, res.before, res.model)
     save_model(res.model, out, external_data=external_data)
     res.report["before"]["file_bytes"] = file_size(src)  # the files as they are on disk, external data included
     res.report["after"]["file_bytes"] = file_size(out)
@@ -703,7 +703,7 @@ def search(ctx, src, out, target, calib, labels, budget, trials, time_limit, wor
     if html_path:
         from onnxcc.compiler.report_html import render
 
-        page = render(res.report, res.report["_models"]["before"], res.model, title="onnxcc search report")
+        page = render(res.report, res.before, res.model, title="onnxcc search report")
     save_model(res.model, out)
     res.report["before"]["file_bytes"], res.report["after"]["file_bytes"] = file_size(src), file_size(out)
     res.report.update(input=str(src), output=str(out))

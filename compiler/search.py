@@ -247,6 +247,7 @@ class SearchResult:
     model: Any
     report: dict[str, Any]
     result: Any = None  # the best model's PipelineResult (its verified steps)
+    before: Any = None  # the input model, for the HTML report
 
     def save(self, path: str | os.PathLike) -> None:
         from onnxcc.compiler.ir_utils import save_model
@@ -362,7 +363,7 @@ def search(
     }
     if tmp is not None:
         tmp.cleanup()
-    return SearchResult(res.model, res.report, res.result)
+    return SearchResult(res.model, res.report, res.result, res.before)
 
 
 def _labels_for_space(labels: Any, data: Any) -> Any:

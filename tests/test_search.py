@@ -29,8 +29,9 @@ def _weights(model) -> dict[str, bytes]:
 def test_search_cli_reaches_the_target_inside_the_budget_and_writes_its_best_trial(cli, tmp_path):
     out, rep, study = tmp_path / "s.onnx", tmp_path / "r.json", tmp_path / "study.db"
     r = cli("search", SAMPLE, "-o", out, "--target", "macs=0.5", "--calib", CALIB, "--data", EVAL, "--labels", LABELS,
-            "--budget", "1", "--trials", "3", "--no-factorize", "--study", study, "--report", rep)
+            "--budget", "1", "--trials", "3", "--no-factorize", "--study", study, "--report", rep, "--html", tmp_path / "r.html")
     assert r.code == 0, r.err
+    assert "Search trials and their Pareto front" in (tmp_path / "r.html").read_text()
     s = json.loads(rep.read_text())["search"]
     done = [t for t in s["trials"] if t["state"] == "COMPLETE"]
     assert len(done) == 3 and all(t["drop"] <= 1.0 for t in done)
