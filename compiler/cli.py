@@ -673,6 +673,7 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
 @click.option("--ray-resource", default=None, metavar="NAME", help="run trials only on Ray nodes with this custom resource (where latency is measured)")
 @click.option("--study", type=click.Path(), default=None, help="the study: a SQLite file (default OUT.study.db) or an Optuna storage URL; a killed search resumes from it")
 @click.option("--factorize/--no-factorize", "use_factorize", default=True, show_default=True, help="let trials factorize layers")
+@click.option("--sampler", type=click.Choice(["tpe", "nsga2"]), default="tpe", show_default=True, help="Optuna's multi-objective sampler")
 @click.option("--seed", type=int, default=0)
 @click.option("--data", type=click.Path(), help="evaluation samples (.npz/.npy) the budget is judged on; default the calibration data")
 @click.option("--report", type=click.Path(), help="write the JSON report (the best model's compile report with the search: trials, Pareto front)")
@@ -680,7 +681,7 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
 @metric_option
 @click.pass_context
 def search(ctx, src, out, target, calib, labels, budget, trials, time_limit, workers, ray_address, ray_resource, study, use_factorize,
-           seed, data, report, html_path, metric):
+           sampler, seed, data, report, html_path, metric):
     """Search prune ratios, factorization, INT8 and storage for the best model at a target under the budget (Optuna)."""
     from onnxcc.compiler.api import json_report
     from onnxcc.compiler.files import atomic_write, external_data_files, file_size
@@ -698,7 +699,8 @@ def search(ctx, src, out, target, calib, labels, budget, trials, time_limit, wor
     check_distinct_outputs(out, report, html_path)
     res = run_search(src, parse_target(target), calibration=calib, data=data, labels=_load_labels(labels), metric=load_metric(metric),
                      budget=budget, trials=trials, time_limit_min=time_limit, workers=workers, ray=ray_address,
-                     ray_resource=ray_resource, study=study, seed=seed, factorize=FACTORIZE[1:] if use_factorize else ())
+                     ray_resource=ray_resource, study=study, seed=seed, factorize=FACTORIZE[1:] if use_factorize else (),
+                     sampler=sampler)
     page = None
     if html_path:
         from onnxcc.compiler.report_html import render

@@ -14,7 +14,7 @@
   budget, which also drives its lossy passes: a trial's recorded recipe is what it really ran
   (after the budget weakened a setting) and gives the same model with ``onnxcc compile --recipe``.
   A trial that fails (no setting fits, a broken graph) is a failed trial with its message.
-* **Algorithm**: Optuna's multi-objective TPE on (target ratio, metric drop), seeded; the Pareto
+* **Algorithm**: Optuna's multi-objective TPE (or NSGA-II) on (target ratio, metric drop), seeded; the Pareto
   front is reported. The study lives in SQLite (``--study``, by default next to OUT), or any
   storage URL Optuna supports when several machines share it, so a killed search resumes: the
   trials already finished count towards ``trials``; a trial whose worker died (no heartbeat for
@@ -159,6 +159,7 @@ class Job:
     time_limit_s: float | None
     seed: int
     threads: int
+    sampler: str = "tpe"
 
 
 def run_trial(job: Job, recipe: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -229,13 +230,24 @@ def work(job: Job, n_trials_hint: int | None = None, trial_runner: Callable | No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", str(job.threads))
     study = optuna.load_study(study_name=job.study_name, storage=study_storage(job.storage),
-                              sampler=optuna.samplers.TPESampler(seed=job.seed + (n_trials_hint or 0), multivariate=True))
+                              sampler=make_sampler(job.sampler, job.seed + (n_trials_hint or 0)))
     before = len(study.get_trials(deepcopy=False))
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     if sum(t.state in done for t in study.get_trials(deepcopy=False)) < job.trials:
         study.optimize(_objective(job, trial_runner or run_trial), timeout=job.time_limit_s, catch=(OnnxccError,),
                        callbacks=[MaxTrialsCallback(job.trials, states=done)], gc_after_trial=True)
     return len(study.get_trials(deepcopy=False)) - before
+
+
+def make_sampler(name: str, seed: int) -> Any:
+    """Optuna's multi-objective TPE (``tpe``) or NSGA-II (``nsga2``, better with hundreds of trials), seeded."""
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    raise BadInputError(f"sampler: expected tpe or nsga2, got {name!r}")
 
 
 def _work_remote(job: Job, index: int) -> int:
@@ -294,6 +306,7 @@ def search(
     seed: int = 0,
     threads: int | None = None,
     factorize: Sequence[str] = FACTORIZE[1:],
+    sampler: str = "tpe",
     trial_runner: Callable | None = None,
 ) -> SearchResult:
     """Search (see the module docstring); ``study`` is a SQLite file path or an Optuna storage
@@ -326,7 +339,7 @@ def search(
     name = f"onnxcc-{target.kind}"
     directions = ["minimize", "minimize"]
     st = optuna.create_study(study_name=name, storage=study_storage(url), directions=directions, load_if_exists=True,
-                             sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
+                             sampler=make_sampler(sampler, seed))
     t0 = time.perf_counter()
     bad = [m for m in factorize if m not in FACTORIZE[1:]]
     if bad:
@@ -336,7 +349,7 @@ def search(
         st.enqueue_trial(space.seed, skip_if_exists=True)  # the greedy allocation first
     job = Job(model if isinstance(model, (str, os.PathLike)) else _bytes(loaded), target, calibration if calibration is None or isinstance(calibration, (str, os.PathLike)) else calib,
               data, labels, metric, budget, space, url, name, trials, time_limit_min * 60 if time_limit_min else None, seed,
-              threads or (2 if workers == 1 else 1))
+              threads or (2 if workers == 1 else 1), sampler)
     if ray is not None:
         _run_ray(job, workers, ray, ray_resource)
     elif workers == 1:

@@ -63,7 +63,7 @@ def test_a_failing_trial_is_recorded_with_its_message(tmp_path):
             raise VerificationError("pass 'prune' produced a model onnxruntime rejects: injected")
         return S.run_trial(job, recipe)
 
-    trials = S.search(SAMPLE, "macs=0.5", trials=3, trial_runner=runner, **FAST).report["search"]["trials"]
+    trials = S.search(SAMPLE, "macs=0.5", trials=3, trial_runner=runner, sampler="nsga2", **FAST).report["search"]["trials"]
     failed = [t for t in trials if t["state"] == "FAIL"]
     assert len(failed) == 1 and "injected" in failed[0]["error"] and "VerificationError" in failed[0]["error"]
     assert sum(t["state"] == "COMPLETE" for t in trials) == 2
@@ -104,6 +104,8 @@ def test_bad_targets_are_bad_input(cli, tmp_path):
     r = cli("search", SAMPLE, "-o", tmp_path / "s.onnx", "--target", "speed=2", "--calib", CALIB)
     assert r.code == 2 and "--target speed=2" in r.err and not (tmp_path / "s.onnx").exists()
     assert np.isclose(S.parse_target("file=0.25").value, 0.25)
+    r = cli("search", SAMPLE, "-o", tmp_path / "s.onnx", "--target", "macs=0.5", "--calib", CALIB, "--trials", "0")
+    assert r.code == 2 and "--trials" in r.err
 
 
 def test_sensitivity_shared_over_two_processes_gives_the_same_curves(cli):
