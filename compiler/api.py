@@ -41,7 +41,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcc.compiler import verify as V
 from onnxcc.compiler.errors import BadInputError
 from onnxcc.compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, concrete_shapes, load_recipe, specs_from_data
 
@@ -270,7 +269,7 @@ def compile_model(
     from onnxcc.compiler.ir_utils import set_shape_hint
 
     set_shape_hint(m, concrete_shapes(input_shapes, calib, feeds))  # before/after totals count at this shape
-    pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, metric=V.as_metric(metric if metric is not None else top_k))
+    pipeline = Pipeline(specs, budget=budget, verify_samples=verify_samples, input_shapes=input_shapes, labels=labels, seed=seed, metric=metric if metric is not None else top_k)
     original = clone_model(m)
     counted = _counted(original, specs)
     before: dict[str, Any] = {} if counted is None else totals(counted)

@@ -215,6 +215,16 @@ def random_inputs(
     return feeds
 
 
+def feed_samples(feeds: Sequence[Mapping[str, np.ndarray]]) -> int:
+    """How many samples a list of feeds holds: each feed's first input's batch (1 for a feed of
+    scalars or no inputs)."""
+    total = 0
+    for f in feeds:
+        first = next(iter(f.values()), None)
+        total += int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
+    return total
+
+
 def verification_data(source: Any, model: ir.Model, *, limit: int | None = None,
                       images: "ImagePreprocessing | None" = None) -> list[dict[str, np.ndarray]]:
     """Real inputs to verify on (``--data``): feed dicts, by input name.

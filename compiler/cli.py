@@ -298,24 +298,13 @@ def run_pipeline(
     Output paths are checked before any work; the model, the JSON report and the HTML page are
     written only when everything succeeded (the page is rendered before anything is written).
     """
-    from onnxcc.compiler.api import compile_model, json_report
+    from onnxcc.compiler.api import compile_model
     from onnxcc.compiler.calibration import CalibrationSet, parse_input_shapes
-    from onnxcc.compiler.files import atomic_write, external_data_files, file_size
-    from onnxcc.compiler.ir_utils import check_distinct_outputs, check_output_path, load_model, save_model
+    from onnxcc.compiler.ir_utils import load_model
     from onnxcc.compiler.verify import load_metric
 
     # the model may be replaced with --in-place; its external data, the data and the recipe never
-    inputs = (src, *external_data_files(src), calib, data, labels, *protect)
-    check_output_path(out, *inputs, in_place=in_place)
-    for extra in (report, html_path):
-        if extra:
-            check_output_path(extra, *inputs)
-    check_distinct_outputs(out, report, html_path)
-    if html_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as e:
-            raise BadInputError("--html needs matplotlib: pip install 'onnxcc[report]'") from e
+    check_outputs(out, report, html_path, (src, calib, data, labels, *protect), in_place=in_place)
     model = load_model(src)
     images = image_preprocessing(ctx)
     calibration = CalibrationSet.load(calib, model, images=images) if calib else None
@@ -329,19 +318,55 @@ def run_pipeline(
         if report:  # CI reads why: the failing pass, the error, and the steps that passed (no model is written)
             write_json_atomic(report, failure_report(e, specs, src))
         raise
+    write_outputs(ctx, res, src, out, report, html_path, external_data=external_data)
+
+
+def check_outputs(out: str, report: str | None, html_path: str | None, inputs: Sequence[str | None], *,
+                  in_place: bool = False) -> None:
+    """Before any work: OUT, the report and the page are writable, distinct and none of the inputs
+    (a model's external data included); --html has matplotlib."""
+    from onnxcc.compiler.files import external_data_files
+    from onnxcc.compiler.ir_utils import check_distinct_outputs, check_output_path
+
+    src = inputs[0]
+    inputs = (src, *external_data_files(src), *inputs[1:])
+    check_output_path(out, *inputs, in_place=in_place)
+    for extra in (report, html_path):
+        if extra:
+            check_output_path(extra, *inputs)
+    check_distinct_outputs(out, report, html_path)
+    if html_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise BadInputError("--html needs matplotlib: pip install 'onnxcc[report]'") from e
+
+
+def write_outputs(ctx: click.Context, res: Any, src: str, out: str, report: str | None, html_path: str | None, *,
+                  external_data: bool | None = None, title: str = "onnxcc compile report",
+                  summary: Any = None) -> None:
+    """Write a successful run: the page is rendered before anything is written, then the model,
+    the file sizes as they are on disk (external data included), the printed summary (``summary``,
+    else the passes and totals), the JSON report and the page."""
+    from onnxcc.compiler.api import json_report
+    from onnxcc.compiler.files import atomic_write, file_size
+    from onnxcc.compiler.ir_utils import save_model
+
     page = None
     if html_path:
         from onnxcc.compiler.report_html import render
 
-        page = render(res.report, res.before, res.model)
+        page = render(res.report, res.before, res.model, title=title)
     save_model(res.model, out, external_data=external_data)
-    res.report["before"]["file_bytes"] = file_size(src)  # the files as they are on disk, external data included
+    res.report["before"]["file_bytes"] = file_size(src)
     res.report["after"]["file_bytes"] = file_size(out)
     res.report.update(input=str(src), output=str(out))
-    quiet = ctx.obj.get("quiet") if ctx.obj else False
-    if not quiet:
-        _print_result(res)
-        click.echo(f"wrote {out}")
+    if not (ctx.obj or {}).get("quiet"):
+        if summary is not None:
+            summary()
+        else:
+            _print_result(res)
+            click.echo(f"wrote {out}")
     if report:
         write_json_atomic(report, json_report(res.report))
     if page is not None:
@@ -683,34 +708,19 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
 def search(ctx, src, out, target, calib, labels, budget, trials, time_limit, workers, ray_address, ray_resource, study, use_factorize,
            sampler, seed, data, report, html_path, metric):
     """Search prune ratios, factorization, INT8 and storage for the best model at a target under the budget (Optuna)."""
-    from onnxcc.compiler.api import json_report
-    from onnxcc.compiler.files import atomic_write, external_data_files, file_size
-    from onnxcc.compiler.ir_utils import check_distinct_outputs, check_output_path, save_model
     from onnxcc.compiler.search import FACTORIZE, parse_target
     from onnxcc.compiler.search import search as run_search
     from onnxcc.compiler.verify import load_metric
 
-    inputs = (src, *external_data_files(src), calib, data, labels)
-    check_output_path(out, *inputs)
+    check_outputs(out, report, html_path, (src, calib, data, labels))
     study = study or f"{out}.study.db"
-    for extra in (report, html_path):
-        if extra:
-            check_output_path(extra, *inputs)
-    check_distinct_outputs(out, report, html_path)
     res = run_search(src, parse_target(target), calibration=calib, data=data, labels=_load_labels(labels), metric=load_metric(metric),
                      budget=budget, trials=trials, time_limit_min=time_limit, workers=workers, ray=ray_address,
                      ray_resource=ray_resource, study=study, seed=seed, factorize=FACTORIZE[1:] if use_factorize else (),
                      sampler=sampler)
-    page = None
-    if html_path:
-        from onnxcc.compiler.report_html import render
-
-        page = render(res.report, res.before, res.model, title="onnxcc search report")
-    save_model(res.model, out)
-    res.report["before"]["file_bytes"], res.report["after"]["file_bytes"] = file_size(src), file_size(out)
-    res.report.update(input=str(src), output=str(out))
     s = res.report["search"]
-    if not (ctx.obj or {}).get("quiet"):
+
+    def summary() -> None:
         from onnxcc.compiler.analysis import format_table
 
         done = [t for t in s["trials"] if t["state"] == "COMPLETE"]
@@ -721,11 +731,8 @@ def search(ctx, src, out, target, calib, labels, budget, trials, time_limit, wor
         _print_result(res)
         click.echo(f"wrote {out} (trial {s['best']}: {s['target']['kind']} ratio {next(t['ratio'] for t in done if t['number'] == s['best']):.3f}"
                    f"{'' if s['reached'] else ', target not reached'}); study {study}")
-    if report:
-        write_json_atomic(report, json_report(res.report))
-    if page is not None:
-        with atomic_write(html_path, what="HTML report") as tmp:
-            tmp.write_text(page, encoding="utf-8")
+
+    write_outputs(ctx, res, src, out, report, html_path, title="onnxcc search report", summary=summary)
 
 
 # --------------------------------------------------------------------------- read-only commands
@@ -779,7 +786,7 @@ def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, see
     """Compare two models in onnxruntime on the same inputs (exit 1 outside tolerance)."""
     from onnxcc.compiler import verify as V
     from onnxcc.compiler.analysis import format_table
-    from onnxcc.compiler.calibration import parse_input_shapes, verification_data
+    from onnxcc.compiler.calibration import feed_samples, parse_input_shapes, verification_data
     from onnxcc.compiler.ir_utils import load_model
 
     ref = load_model(reference)
@@ -790,7 +797,7 @@ def verify(reference, candidate, data, labels, samples, rtol, atol, as_json, see
         feeds = V.verification_feeds(ref, None, samples=samples, seed=seed, overrides=parse_input_shapes(input_shapes))
     lab = _load_labels(labels)
     if lab is not None:
-        lab = lab[: sum(next(iter(f.values())).shape[0] for f in feeds)]
+        lab = lab[: feed_samples(feeds)]
     comp = V.compare_outputs(V.run_model(ref, feeds), V.run_model(cand, feeds), lab, V.load_metric(metric))
     ok = comp.within(rtol, atol)
     if as_json:

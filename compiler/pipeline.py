@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcc.compiler import verify as V
-from onnxcc.compiler.calibration import CalibrationSet
+from onnxcc.compiler.calibration import CalibrationSet, feed_samples
 from onnxcc.compiler.errors import BadInputError, BudgetError, ModelRejectedError, OnnxccError, VerificationError
 from onnxcc.compiler.ir_utils import (
     clone_model,
@@ -75,11 +75,6 @@ class Budget:
         if self.max_drop is None or n <= 1:
             return self
         return dataclasses.replace(self, max_drop=self.max_drop * k / n)
-
-    def describe(self) -> str:
-        parts = ([f"{self.max_drop:g} points"] if self.max_drop is not None else []) + (
-            [f"{self.min_sqnr_db:g} dB SQNR"] if self.min_sqnr_db is not None else [])
-        return " and ".join(parts) or "none"
 
     def check(self, comp: V.Comparison) -> str | None:
         if not comp.ok_structure:
@@ -203,7 +198,7 @@ class Pipeline:
         self.input_shapes = input_shapes
         self.labels = labels
         self.seed = seed
-        self.metric = metric  # top-k accuracy with labels (an int), or a verify.Metric
+        self.metric = V.as_metric(metric)  # top-k accuracy with labels, or a user's score function
 
     @staticmethod
     def _spec(s: Any) -> PassSpec:
@@ -248,7 +243,7 @@ class Pipeline:
                 )
             feeds = [dict(f) for f in feeds]
             if labels is not None:
-                labels = np.asarray(labels)[: sum(next(iter(f.values())).shape[0] for f in feeds)]
+                labels = np.asarray(labels)[: feed_samples(feeds)]
                 context.labels = labels
             context.eval_feeds = feeds
             try:
@@ -288,9 +283,9 @@ class Pipeline:
         verification: dict[str, Any] = {}
         if self.verify and feeds is not None:
             verification = {
-                "samples": int(sum(next(iter(f.values())).shape[0] if f and np.ndim(next(iter(f.values()))) else 1 for f in feeds)),
+                "samples": feed_samples(feeds),
                 "source": "data" if given_feeds else ("calibration" if calibration is not None else "random"),
-                "metric": V.as_metric(self.metric).name if labels is not None or V.as_metric(self.metric).fn is not None else "top1 agreement",
+                "metric": self.metric.name if labels is not None or self.metric.fn is not None else "top1 agreement",
             }
 
         def execute(p: OnnxccPass, m: ir.Model) -> tuple[PassReport, float]:

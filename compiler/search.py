@@ -117,14 +117,10 @@ def build_space(model: Any, target: Target, calib: Any, *, labels: Any = None, m
     from onnxcc.compiler.ir_utils import clone_model
     from onnxcc.compiler.pipeline import Pipeline
     from onnxcc.passes.pruning import sensitivity as S
-    from onnxcc.passes.pruning.cut import prepare
-    from onnxcc.passes.pruning.dependency import ChannelGraph
 
     m = clone_model(model)
     Pipeline(["fold"], verify=False).run(m)
-    base = clone_model(m)
-    prepare(base)
-    keys = list(S.space_keys(ChannelGraph(base)).values())
+    keys = _space_keys(m)
     seed: dict[str, Any] = {f"prune:{k}": 0.0 for k in keys}
     if factorize:
         seed["factorize"] = "none"
@@ -220,9 +216,9 @@ def _objective(job: Job, trial_runner: Callable[[Job, Any], dict[str, Any]]):
     return objective
 
 
-def work(job: Job, n_trials_hint: int | None = None, trial_runner: Callable | None = None) -> int:
-    """One worker: run trials of the shared study until it holds ``job.trials`` finished ones
-    (or the time limit passes). Returns how many this worker ran."""
+def work(job: Job, index: int = 0, trial_runner: Callable | None = None) -> None:
+    """Worker ``index`` (its sampler is seeded ``seed + index``): run trials of the shared study
+    until it holds ``job.trials`` finished ones (or the time limit passes)."""
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
@@ -230,13 +226,11 @@ def work(job: Job, n_trials_hint: int | None = None, trial_runner: Callable | No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", str(job.threads))
     study = optuna.load_study(study_name=job.study_name, storage=study_storage(job.storage),
-                              sampler=make_sampler(job.sampler, job.seed + (n_trials_hint or 0)))
-    before = len(study.get_trials(deepcopy=False))
+                              sampler=make_sampler(job.sampler, job.seed + index))
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     if sum(t.state in done for t in study.get_trials(deepcopy=False)) < job.trials:
         study.optimize(_objective(job, trial_runner or run_trial), timeout=job.time_limit_s, catch=(OnnxccError,),
                        callbacks=[MaxTrialsCallback(job.trials, states=done)], gc_after_trial=True)
-    return len(study.get_trials(deepcopy=False)) - before
 
 
 def make_sampler(name: str, seed: int) -> Any:
@@ -250,8 +244,8 @@ def make_sampler(name: str, seed: int) -> Any:
     raise BadInputError(f"sampler: expected tpe or nsga2, got {name!r}")
 
 
-def _work_remote(job: Job, index: int) -> int:
-    return work(job, index)
+def _work_remote(job: Job, index: int) -> None:
+    work(job, index)
 
 
 @dataclasses.dataclass
@@ -327,6 +321,10 @@ def search(
         raise BadInputError("--trials and --workers must be at least 1")
     if workers > 1 and trial_runner is not None and ray is None:
         raise BadInputError("trial_runner works with in-process trials only (workers=1)")
+    bad = [m for m in factorize if m not in FACTORIZE[1:]]
+    if bad:
+        raise BadInputError(f"factorize: unknown method {bad[0]} (methods: {', '.join(FACTORIZE[1:])})")
+    make_sampler(sampler, seed)  # a bad name fails before any study is created
     loaded = load_model(model) if not hasattr(model, "graph") else model
     calib = as_calibration(calibration, loaded)
     if calib is not None:
@@ -341,21 +339,17 @@ def search(
     st = optuna.create_study(study_name=name, storage=study_storage(url), directions=directions, load_if_exists=True,
                              sampler=make_sampler(sampler, seed))
     t0 = time.perf_counter()
-    bad = [m for m in factorize if m not in FACTORIZE[1:]]
-    if bad:
-        raise BadInputError(f"factorize: unknown method {bad[0]} (methods: {', '.join(FACTORIZE[1:])})")
     space = build_space(loaded, target, calib, labels=_labels_for_space(labels, data), metric=metric, factorize=factorize)
     if not st.get_trials(deepcopy=False):
         st.enqueue_trial(space.seed, skip_if_exists=True)  # the greedy allocation first
     job = Job(model if isinstance(model, (str, os.PathLike)) else _bytes(loaded), target, calibration if calibration is None or isinstance(calibration, (str, os.PathLike)) else calib,
               data, labels, metric, budget, space, url, name, trials, time_limit_min * 60 if time_limit_min else None, seed,
               threads or (2 if workers == 1 else 1), sampler)
-    if ray is not None:
-        _run_ray(job, workers, ray, ray_resource)
-    elif workers == 1:
-        work(job, 0, trial_runner)
+    if workers == 1 and ray is None:
+        work(job, 0, trial_runner)  # in this process: trial_runner may be a closure
     else:
-        _run_pool(job, workers)
+        map_parallel(_work_remote, [(job, i) for i in range(workers)], workers=workers, ray=ray, ray_resource=ray_resource,
+                     threads=job.threads)
     st = optuna.load_study(study_name=name, storage=study_storage(url))
     rows = [_row(t) for t in st.get_trials(deepcopy=False)]
     finished = [r for r in rows if r["state"] == "COMPLETE"]
@@ -402,6 +396,19 @@ def _row(t: Any) -> dict[str, Any]:
     if retried is not None:
         row["retry_of"] = retried
     return row
+
+
+def _space_keys(model: Any) -> list[str]:
+    """The prunable channel spaces of a folded model, by key, in the order sensitivity analysis
+    measures them (the model is not modified)."""
+    from onnxcc.compiler.ir_utils import clone_model
+    from onnxcc.passes.pruning import sensitivity as S
+    from onnxcc.passes.pruning.cut import prepare
+    from onnxcc.passes.pruning.dependency import ChannelGraph
+
+    base = clone_model(model)
+    prepare(base)
+    return list(S.space_keys(ChannelGraph(base)).values())
 
 
 def map_parallel(fn: Callable, args: Sequence[tuple], *, workers: int = 1, ray: str | None = None,
@@ -454,17 +461,12 @@ def sensitivity(model: Any, calib: Any, *, workers: int = 1, ray: str | None = N
     """:func:`onnxcc.passes.pruning.sensitivity.analyse` with the channel spaces shared out over
     ``workers`` (processes or Ray tasks): each (space, ratio) cut is independent. The curves come
     back in the order one process would give them."""
-    from onnxcc.compiler.ir_utils import clone_model
     from onnxcc.passes.pruning import sensitivity as S
-    from onnxcc.passes.pruning.cut import prepare
-    from onnxcc.passes.pruning.dependency import ChannelGraph
 
     if workers <= 1 and ray is None:
         return S.analyse(model, calib, **kwargs)
     t0 = time.perf_counter()
-    base = clone_model(model)
-    prepare(base)
-    keys = list(S.space_keys(ChannelGraph(base)).values())
+    keys = _space_keys(model)
     n = max(1, min(workers, len(keys)))
     shares = [keys[i::n] for i in range(n)]
     kwargs = dict(kwargs, progress=_no_progress)
@@ -476,10 +478,3 @@ def sensitivity(model: Any, calib: Any, *, workers: int = 1, ray: str | None = N
     return S.Sensitivity(first.base_macs, first.base_params, first.metric, curves, time.perf_counter() - t0)
 
 
-def _run_pool(job: Job, workers: int) -> None:
-    map_parallel(_work_remote, [(job, i) for i in range(workers)], workers=workers)
-
-
-def _run_ray(job: Job, workers: int, address: str, resource: str | None) -> None:
-    map_parallel(_work_remote, [(job, i) for i in range(workers)], workers=workers, ray=address, ray_resource=resource,
-                 threads=job.threads)

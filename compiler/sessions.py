@@ -91,10 +91,8 @@ def run_session(session: "ort.InferenceSession", feeds: Sequence[Mapping[str, np
     """Run every feed and concatenate outputs along axis 0 (or stack scalars)."""
     names = [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    batch = None
+    batch = next((np.shape(v)[0] for v in feeds[0].values() if np.ndim(v) > 0), None) if feeds else None
     for feed in feeds:
-        first = next((np.shape(v) for v in feed.values() if np.ndim(v) > 0), None)
-        batch = first[0] if batch is None and first else batch
         try:
             outs = session.run(names, dict(feed))
         except Exception as e:

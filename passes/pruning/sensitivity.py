@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcc.compiler.analysis import analyze
-from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet, ChannelStats
+from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet, ChannelStats, feed_samples
 from onnxcc.compiler.ir_utils import clone_model
 from onnxcc.compiler import verify as V
 from onnxcc.compiler.passbase import PassContext
@@ -116,10 +116,11 @@ def analyse(
     cg = ChannelGraph(base)
     keys = space_keys(cg)
     if only is not None:
-        keys = {k: v for k, v in keys.items() if v in set(only)}
+        wanted = set(only)
+        keys = {k: v for k, v in keys.items() if v in wanted}
     bs = calibration.batch_size_for(base, preferred=16)
     feeds = list(eval_feeds) if eval_feeds else list(calibration.batches(bs, limit=samples))  # what labels are about
-    n_eval = sum(next(iter(f.values())).shape[0] for f in feeds)
+    n_eval = feed_samples(feeds)
     lab = None if labels is None else np.asarray(labels)[:n_eval]
     ref = V.run_model(base, feeds, optimize=True)  # metric runs may use onnxruntime's optimised graph
     # Channel statistics of every consumer input, computed once and shared by all cuts (bias compensation).

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxcc.compiler import speed
 from onnxcc.compiler import verify as V
-from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet
+from onnxcc.compiler.calibration import ActivationCollector, CalibrationSet, feed_samples
 from onnxcc.compiler.ir_utils import replace_contents
 from onnxcc.compiler.metrics import sqnr_db
 from onnxcc.compiler.passbase import PassContext, PassReport, Skipped
@@ -144,7 +144,7 @@ def mixed_precision(model: ir.Model, fp32: ir.Model, report: PassReport, *, max_
     calib = context.calibration
     # the pipeline's evaluation samples, which the labels and the budget are about; else calibration's
     feeds = context.eval_feeds or list(calib.batches(calib.batch_size_for(fp32, 16), limit=eval_samples))
-    n = sum(next(iter(f.values())).shape[0] for f in feeds)
+    n = feed_samples(feeds)
     labels = None if context.labels is None else np.asarray(context.labels)[:n]
     ref = V.run_model(fp32, feeds)
 
