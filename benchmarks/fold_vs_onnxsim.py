@@ -5,7 +5,9 @@
 Models: every builder family (with BatchNorm unfolded, as frameworks export
 them); with the torch extra, every torch zoo network exported raw by both
 exporters; with ``--corpus``, the real trained models of models/corpus.py
-(PaddleOCR, ddddocr, YOLOv8n...). For each: nodes in the input, after onnxsim,
+(PaddleOCR, ddddocr, YOLOv8n...) and Keras models through tf2onnx (the
+committed sample and, once ``python -m onnxcc.models.make_tf2onnx apps`` has
+cached them, Keras MobileNetV2/V3-Small, ResNet-50 and EfficientNet-B0). For each: nodes in the input, after onnxsim,
 after onnxslim, after onnxcc fold; max relative error of each against the input
 in onnxruntime (random inputs); time of each tool; and whether each kept the
 input's dynamic axes. onnxsim and onnxslim get the concrete input shape (that
@@ -64,6 +66,17 @@ def corpus_set():
             continue
         model = load_model(path)
         yield f"corpus/{entry.name}", model, {model.graph.inputs[0].name: entry.shape}
+    yield from tf2onnx_set()
+
+
+def tf2onnx_set():
+    """tf2onnx's output for Keras: the committed sample and the Keras applications exported into
+    the cache by ``python -m onnxcc.models.make_tf2onnx apps`` (needs TensorFlow; none without it)."""
+    from onnxcc.models import make_tf2onnx as tf
+
+    for label, path, hw in [("sample", tf.SAMPLE, 32)] + [(n, p, 224) for n, p in tf.cached_apps().items()]:
+        model = load_model(path)
+        yield f"tf2onnx/{label}", model, {model.graph.inputs[0].name: (1, hw, hw, 3)}
 
 
 def _dynamic_axes(model: ir.Model) -> list[tuple[str, int]]:

@@ -112,7 +112,8 @@ def _run_child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False, corpus_models: bool = False):
+def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False, corpus_models: bool = False,
+           tf2onnx_models: bool = False):
     """(label, path of the folded fp32 model) for every model of the run."""
     from onnxcc.compiler.ir_utils import load_model, save_model
     from onnxcc.compiler.pipeline import Pipeline
@@ -145,6 +146,11 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_m
                 print(f"# {entry.name} skipped: {e}", flush=True)
                 continue
             yield f"corpus/{entry.name}", folded(load_model(path), f"corpus_{entry.name}")
+    if tf2onnx_models:  # Keras through tf2onnx: NHWC Transposes around every conv
+        from onnxcc.models import make_tf2onnx as tf
+
+        for name, path in [("sample", tf.SAMPLE)] + list(tf.cached_apps().items()):
+            yield f"tf2onnx/{name}", folded(load_model(path), f"tf2onnx_{name}")
     if use_torch:
         from tests import torch_zoo as Z
 
@@ -165,7 +171,7 @@ def run(args) -> tuple[str, list[dict]]:
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="onnxcc-qbench-") as tmpd:
         tmp = Path(tmpd)
-        for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained, args.corpus):
+        for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained, args.corpus, args.tf2onnx):
             fp32 = load_model(src)
             spec = input_specs(fp32)[0]
             rng = np.random.default_rng(0)
@@ -285,6 +291,7 @@ def main(argv=None) -> None:
     ap.add_argument("--trained", action="store_true", help="also the digits-trained CNNs (accuracy on 500 held-out images)")
     ap.add_argument("--variants", default="ort,onnxcc,onnxcc+eq+bc,int8-x86", help="which quantizers to run")
     ap.add_argument("--corpus", action="store_true", help="also the real-model corpus (models/corpus.py; accuracy on 64 rendered held-out samples)")
+    ap.add_argument("--tf2onnx", action="store_true", help="also Keras models through tf2onnx (the sample; the Keras applications once models/make_tf2onnx.py cached them)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3)

@@ -57,6 +57,7 @@ from onnxcc.compiler.ir_utils import (
     replace_node_output,
 )
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
+from onnxcc.passes.layout import sink_transposes
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class FoldPass(OnnxccPass):
         bn_rules = set(_fuse_batchnorm.rules.rules)
         rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if r not in bn_rules]  # noqa: SLF001
         rewrite = rewriter.RewritePass(rules)
-        folded_bn = 0
+        folded_bn = transposes_removed = 0
 
         for _ in range(max(1, cfg.max_iterations)):
             changed = False
@@ -137,6 +138,9 @@ class FoldPass(OnnxccPass):
                     break
                 changed = True
                 infer_shapes(model)
+            sunk = sink_transposes(model, default_opset(model) or 13)
+            transposes_removed += sunk
+            changed |= sunk > 0
             changed |= reduce_mean_to_global_pool(model) > 0
             changed |= fold_conv_affine(model) > 0
             changed |= matmul_add_to_gemm(model) > 0
@@ -172,6 +176,7 @@ class FoldPass(OnnxccPass):
             nodes_after=n_after,
             constants_lifted=bool(lifted),
             batchnorms_folded=folded_bn,
+            transposes_cancelled=transposes_removed,
             removed_by_op={op: before[op] - after.get(op, 0) for op in sorted(before) if before[op] > after.get(op, 0)},
             added_by_op={op: after[op] - before.get(op, 0) for op in sorted(after) if after[op] > before.get(op, 0)},
         )

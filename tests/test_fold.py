@@ -27,7 +27,7 @@ def fold_and_check(model: ir.Model, batch: int = 2):
     feeds = random_inputs(input_specs(model), batch=batch, seed=7)
     comp = compare_outputs(run_model(model, feeds), run_model(folded, feeds))
     assert comp.within(EXACT_RTOL), comp.to_json()
-    return folded, res.steps[0].report
+    return folded, res.steps[-1].report  # after the upgrade step, where there is one
 
 
 def ops(model: ir.Model) -> Counter:
@@ -457,3 +457,105 @@ def test_paddle_style_bias_adds_affine_muls_matmul_adds_and_slice_chains_fold():
     conv = next(n for n in folded.graph if n.op_type == "Conv")
     assert len(conv.inputs) == 3 and BN_SCALE_META in conv.meta  # the Mul's scale is recorded like a BN's
     assert {v.name for v in folded.graph.outputs} == {"y", "s"}
+
+
+def _nhwc_block(opset: int = 13, pads_as_attr: bool = False) -> ir.Model:
+    """tf2onnx's layout around convs: BN as NHWC Mul/Add, hard-swish, a Pad, SE pooling, a concat."""
+    rng = np.random.default_rng(3)
+    pad = ('Pad <mode="constant", pads=[0,1,1,0,0,1,1,0]> (h)' if pads_as_attr else 'Pad <mode="constant"> (h, pads)')
+    clip = "Clip <min=0.0, max=6.0> (a3)" if opset < 11 else "Clip (a3, zero, six)"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[N,8,8,3] x) => (float[N,4,4,8] y, float[N,4] z) {{
+        t0 = Transpose <perm=[0,3,1,2]> (x)
+        c0 = Conv (t0, w0)
+        t1 = Transpose <perm=[0,2,3,1]> (c0)
+        m = Mul (t1, s0)
+        a = Add (m, b0)
+        a3 = Add (a, three)
+        r6 = {clip}
+        hs = Mul (r6, sixth)
+        h = Mul (a, hs)
+        p = {pad}
+        t2 = Transpose <perm=[0,3,1,2]> (p)
+        c1 = Conv <group=4> (t2, w1)
+        t3 = Transpose <perm=[0,2,3,1]> (c1)
+        se = ReduceMean <axes=[1,2], keepdims=1> (t3)
+        g2 = Mul (t3, se)
+        y = Concat <axis=3> (g2, t3)
+        z = ReduceMean <axes=[1,2], keepdims=0> (g2)
+    }}"""
+    inits = dict(w0=rng.normal(size=(4, 3, 3, 3)).astype(np.float32), s0=rng.uniform(0.5, 1.5, 4).astype(np.float32),
+                 b0=rng.normal(size=4).astype(np.float32), three=np.float32(3),
+                 sixth=np.float32(1 / 6), w1=rng.normal(size=(4, 1, 5, 5)).astype(np.float32))
+    if opset >= 11:
+        inits.update(zero=np.float32(0), six=np.float32(6))
+    if not pads_as_attr:
+        inits["pads"] = np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64)
+    return named_model_from_text(text, **inits)
+
+
+@pytest.mark.parametrize("opset, pads_as_attr", [(13, False), (10, True)])
+def test_nhwc_transposes_sink_through_affine_activation_pad_reduce_and_concat(opset, pads_as_attr):
+    """Each conv's NHWC↔NCHW pair cancels (BN Mul/Add then folds into the conv, the Pad into its
+    pads); what stays is the input's Transpose and one per NHWC graph output."""
+    model = _nhwc_block(opset, pads_as_attr)
+    folded, report = fold_and_check(model)
+    after = ops(folded)
+    assert ops(model)["Transpose"] == 4 and after["Transpose"] == 2, after
+    assert report.stats["transposes_cancelled"] >= 2
+    assert after["Pad"] == 0 and after["Mul"] == 3 and after["Add"] == 1, after  # BN Mul/Add folded; hard-swish stays
+    conv0 = next(n for n in folded.graph if n.op_type == "Conv")
+    assert len(conv0.inputs) == 3  # the BN shift became its bias
+    assert [o.name for o in folded.graph.outputs] == ["y", "z"]
+    assert not isinstance(folded.graph.outputs[0].shape[0], int)  # the batch stays dynamic
+
+
+def test_a_transpose_that_cannot_cancel_stays_put():
+    """Sinking that would not end with fewer Transposes (a Transpose before a Reshape, one fanned
+    out to two ends) leaves the graph as it was."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,4,6,6] x) => (float[N,144] y, float[N,6,6,4] z) {
+        t = Transpose <perm=[0,2,3,1]> (x)
+        a = Relu (t)
+        y = Reshape (a, shp)
+        z = Sigmoid (t)
+    }"""
+    model = named_model_from_text(text, shp=np.array([-1, 144], np.int64))
+    folded, report = fold_and_check(model)
+    assert ops(folded)["Transpose"] == 1 and report.stats["transposes_cancelled"] == 0
+
+
+def test_tf2onnx_keras_export_loses_its_layout_transposes_and_quantizes_to_integer_convs(tmp_path):
+    """models/tf2onnx_mnv3_tiny.onnx is tf2onnx's own output for a Keras MobileNetV3-style network
+    (hard-swish, squeeze-excite, ZeroPadding2D + strided depthwise, residual add): 30 Transposes
+    around 15 convs. After fold one is left (the NHWC input's), every BatchNorm Mul/Add and Pad is
+    folded into a conv, and INT8 runs every conv as QLinearConv with no float island between them."""
+    from onnxcc.compiler.calibration import CalibrationSet
+    from onnxcc.compiler.ir_utils import load_model
+    from onnxcc.models.make_tf2onnx import SAMPLE
+    from onnxcc.passes.quantization.fusion import fusion_report
+
+    model = load_model(SAMPLE)
+    before = ops(model)
+    assert before["Transpose"] == 30 and before["Conv"] == 15
+    folded, _ = fold_and_check(model)
+    after = ops(folded)
+    assert after["Transpose"] == 1 and after["Pad"] == 0 and after["Conv"] == 15, after
+    assert sum(after.values()) <= 0.55 * sum(before.values())
+    for conv in (n for n in folded.graph if n.op_type == "Conv"):  # no per-channel Mul/Add left behind a conv
+        assert all(u.node.op_type not in ("Mul", "Add") or const_array_or_none(u.node) is None for u in conv.outputs[0].uses())
+    calib = CalibrationSet({"input": np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype(np.float32)})
+    res = Pipeline([("quantize", {})], verify_samples=8).run(folded, calib)
+    fus = fusion_report(folded)
+    assert fus["ops"].get("com.microsoft:QLinearConv", 0) == 15, fus["ops"]
+    assert not fus["float_heavy"]
+    assert fus["quantize_linear"] <= 4, fus  # the input, the SE pools, the head
+    assert res.steps[-1].vs_original.min_sqnr > 25
+
+
+def const_array_or_none(node: ir.Node):
+    from onnxcc.compiler.ir_utils import const_array
+
+    return next((c for c in (const_array(v) for v in node.inputs) if c is not None and c.size > 1), None)
