@@ -13,6 +13,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxcc import compile_model, shipped_recipes
+from onnxcc.compiler.api import compact_precision, layer_precision
 from onnxcc.compiler.calibration import input_specs, random_inputs
 from onnxcc.compiler.errors import BudgetError
 from onnxcc.compiler.ir_utils import clone_model, load_model, save_model
@@ -217,12 +218,14 @@ def test_the_output_model_says_what_onnxcc_did_to_it(cli, tmp_path, resnet_path)
     h.update(f"input|{x.dtype.str}|{x.shape}|".encode())
     h.update(x.tobytes())
     assert cal == {"source": "c.npy", "samples": 8, "sha256": h.hexdigest()}
-    precision = json.loads(props["onnxcc.precision"])
+    stamped = json.loads(props["onnxcc.precision"])
     convs = [n.name for n in q.graph.node if n.op_type == "Conv"]
-    assert convs and all(precision[c] in ("int8", "float32") for c in convs)
-    assert sum(precision[c] == "int8" for c in convs) >= len(convs) // 2  # the report agrees with the graph
+    precision = {c: layer_precision(stamped, c) for c in convs}
+    assert convs and all(p in ("int8", "float32") for p in precision.values())
+    assert sum(p == "int8" for p in precision.values()) >= len(convs) // 2  # the report agrees with the graph
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["provenance"]["precision"] == precision
+    assert {c: rep["provenance"]["precision"][c] for c in convs} == precision
+    assert compact_precision(rep["provenance"]["precision"]) == stamped
 
 
 def test_the_json_report_holds_json_numbers_and_its_versions(cli, tmp_path, resnet_path):

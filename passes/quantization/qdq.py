@@ -80,7 +80,7 @@ class QuantizePass(OnnxccPass):
         )
         percentile: float = dataclasses.field(default=99.999, metadata={"help": "for method=percentile"})
         per_channel: bool = dataclasses.field(default=True, metadata={"help": "per-output-channel weight scales"})
-        reduce_range: bool = dataclasses.field(default=True, metadata={"help": "7-bit weights (codes -63..63) with uint8 activations: the same results on every x86 CPU. With 8 bits, onnxruntime's AVX2 kernels without VNNI saturate their int16 pair sums (255 x 127 x 2 > 32767): ddddocr's CRNN fell from 11.5 to -0.1 dB. Turn off only for VNNI/AMX or ARM targets"})
+        reduce_range: bool = dataclasses.field(default=True, metadata={"help": "7-bit weights (codes -63..63) with uint8 activations: the same results on every x86 CPU and onnxruntime build. With 8 bits, older onnxruntime AVX2 kernels without VNNI saturate their int16 pair sums (255 x 127 x 2 > 32767): ddddocr's CRNN fell from 11.5 to -0.1 dB. onnxruntime 1.32 on AVX2 no longer saturates (a worst-case conv matches float exactly), and 8 bits gain about 1 dB on depthwise nets: turn off when the deployment's onnxruntime is that recent, or for VNNI/AMX/ARM targets"})
         activations: Literal["uint8", "int8"] = dataclasses.field(default="uint8", metadata={"help": "activation type (uint8 suits x86)"})
         exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "node-name patterns kept in float"})
         calib_samples: int = dataclasses.field(default=256, metadata={"help": "calibration samples used at most"})
