@@ -37,7 +37,7 @@ def run(names, ratio, threads, batch, rounds):
     sys.path.insert(0, str(ROOT))
     from onnxcc.compiler.analysis import analyze, format_table
     from onnxcc.compiler.bench import bench_models
-    from onnxcc.compiler.ir_utils import clone_model, load_model, save_model
+    from onnxcc.compiler.ir_utils import clone_model, load_model
     from onnxcc.compiler.pipeline import Pipeline
     from tests import torch_zoo as Z
 
@@ -74,12 +74,7 @@ def run(names, ratio, threads, batch, rounds):
                 g = clone_model(g)
                 Pipeline([("prune", {"ratio": ratio})], verify=False).run(g)
                 variants.append((key, g))
-            paths = []
-            for label, m in variants:
-                p = tmp / f"{name}_{label}.onnx"
-                save_model(m, p)
-                paths.append((label, p))
-            lat = {e.label: e.median_ms for e in bench_models(paths, threads=threads, batch=batch, rounds=rounds, measure_memory=False).entries}
+            lat = {e.label: e.median_ms for e in bench_models(variants, threads=threads, batch=batch, rounds=rounds, measure_memory=False).entries}
             row = [name]
             for label, m in variants[1:]:
                 a = analyze(m, stats=False)

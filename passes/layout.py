@@ -24,7 +24,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxcc.compiler.ir_utils import add_initializer, attr, clone_model, const_array, replace_contents, unique_name
+from onnxcc.compiler.ir_utils import (
+    add_initializer,
+    attr,
+    clone_model,
+    const_array,
+    replace_contents,
+    replace_node_output,
+    unique_name,
+)
 
 _UNARY = {
     "Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Neg", "Abs",
@@ -65,28 +73,29 @@ def _operands(node: ir.Node, perm: list[int], data: list[int], graph: ir.Graph) 
     """New inputs for ``node`` computed in the untransposed layout, or None when some data operand
     is neither a Transpose with ``perm``, a constant of rank ≤ len(perm), nor all-ones in shape."""
     r = len(perm)
-    inv = list(np.argsort(perm))
     new = list(node.inputs)
-    touched = False
+    moved: dict[int, np.ndarray] = {}  # constants to transpose, made only once every operand qualifies
     for i in data:
         v = node.inputs[i]
         if v is None:
             continue
         t = _same_transpose(v, perm)
         if t is not None:
-            new[i], touched = t.inputs[0], True
+            new[i] = t.inputs[0]
             continue
         c = const_array(v)
         if c is not None and c.ndim <= r:
-            if c.size == 1 or all(d == 1 for d in c.shape):
-                continue
-            full = c.reshape((1,) * (r - c.ndim) + c.shape)
-            new[i] = add_initializer(graph, f"{v.name or node.name}_t", np.ascontiguousarray(np.transpose(full, inv)))
+            if c.size > 1 and any(d != 1 for d in c.shape):
+                moved[i] = c.reshape((1,) * (r - c.ndim) + c.shape)
             continue
-        if _ones(v, r):
-            continue
-        return None
-    return new if touched else None
+        if not _ones(v, r):
+            return None
+    if all(new[i] is node.inputs[i] for i in data):
+        return None  # no operand came through a Transpose
+    inv = list(np.argsort(perm))
+    for i, full in moved.items():
+        new[i] = add_initializer(graph, f"{node.inputs[i].name or node.name}_t", np.ascontiguousarray(np.transpose(full, inv)))
+    return new
 
 
 def _rewrite(node: ir.Node, perm: list[int], graph: ir.Graph, opset: int) -> bool:
@@ -191,11 +200,7 @@ def _fuse_pairs(graph: ir.Graph) -> int:
         if composed == list(range(len(composed))):
             if out.is_graph_output() and (x.is_graph_input() or x.is_graph_output() or x.is_initializer()):
                 continue
-            name, was_output = out.name, out.is_graph_output()
-            out.replace_all_uses_with(x, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            if was_output:
-                x.name = name
+            replace_node_output(graph, node, x)
         else:
             node.replace_input_with(0, x)
             node.attributes["perm"] = ir.AttrInt64s("perm", composed)
