@@ -83,6 +83,28 @@ def recipe_json(specs: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"name": s.name, "options": dict(s.options)} for s in resolve_recipe(list(specs))]
 
 
+def prune_distill_specs(prune_options: Mapping[str, Any], distill_options: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Prune-distill cycles as a recipe: the prune options' ``steps`` cuts, each followed by a
+    ``distill`` pass (teacher: the pipeline's input, the unpruned model). Each cut takes the same
+    share of what is left: a ratio r as 1 - (1 - r)^(1/steps) of the current channels, a
+    MACs/params/latency target t as t^(1/steps) of the current model."""
+    opts = dict(prune_options)
+    steps = int(opts.pop("steps", 1) or 1)
+    if steps < 1:
+        raise BadInputError("steps must be >= 1")
+    one = dict(opts, steps=1)
+    for key in ("target_macs", "target_params", "target_latency"):
+        if opts.get(key) is not None:
+            one[key] = float(opts[key]) ** (1.0 / steps)
+    if all(opts.get(k) is None for k in ("target_macs", "target_params", "target_latency")) and "ratio" in opts:
+        one["ratio"] = 1.0 - (1.0 - float(opts["ratio"])) ** (1.0 / steps)
+    distill = {k: v for k, v in distill_options.items() if v is not None}
+    specs: list[tuple[str, dict[str, Any]]] = []
+    for _ in range(steps):
+        specs += [("prune", dict(one)), ("distill", dict(distill))]
+    return specs
+
+
 def onnxcc_version() -> str:
     from importlib.metadata import version
 

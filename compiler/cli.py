@@ -491,12 +491,56 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
 @_apply(data_options)
 @metric_option
 @click.pass_context
-def prune(ctx, src, out, calib, labels, budget, force, report, in_place, data, input_shapes, metric, **options):
+@click.option("--distill", "distill_data", type=click.Path(), help="prune-distill cycles: after each of the --steps cuts, distill from the unpruned model on these training inputs (the train extra)")
+@click.option("--distill-labels", type=click.Path(), help="labels of the --distill inputs (.npy)")
+@click.option("--distill-epochs", type=int, default=1, show_default=True, help="distillation epochs after each cut")
+@click.option("--distill-lr", type=float, default=1e-3, show_default=True, help="distillation learning rate")
+def prune(ctx, src, out, calib, labels, budget, force, report, in_place, data, input_shapes, metric, distill_data, distill_labels,
+          distill_epochs, distill_lr, **options):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""
+    prune_opts = pass_options("prune", options)
+    specs: list = [("fold", {})]
+    if distill_data:
+        from onnxcc.compiler.api import prune_distill_specs
+
+        if calib and os.path.abspath(calib) != os.path.abspath(distill_data):
+            raise BadInputError("--distill DATA is also the calibration data of the cuts: give --calib the same file or leave it out")
+        calib = distill_data
+        specs += prune_distill_specs(prune_opts, {"epochs": distill_epochs, "lr": distill_lr, "labels": distill_labels})
+    else:
+        specs.append(("prune", prune_opts))
     run_pipeline(
-        ctx, src, out, [("fold", {}), ("prune", pass_options("prune", options))], calib=calib, labels=labels,
+        ctx, src, out, specs, calib=calib, labels=labels,
         budget=None if force else _budget(budget), report=report, in_place=in_place, data=data,
-        input_shapes=input_shapes, metric=metric,
+        input_shapes=input_shapes, metric=metric, protect=(distill_labels,),
+    )
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="where to write the trained model")
+@click.option("--teacher", required=True, type=click.Path(), help="the model to learn from (its inputs and outputs must match the student's)")
+@click.option("--data", "train_data", required=True, type=click.Path(), help="training inputs: .npy, .npz by input name, or an image folder (labels are not needed)")
+@click.option("--labels", "train_labels", type=click.Path(), help="labels of the training inputs (.npy): cross-entropy joins the distillation loss")
+@config_options("distill", exclude=("teacher", "labels"))
+@click.option("--eval-data", type=click.Path(), help="held-out inputs to verify and gate the result on (default: the first training samples)")
+@click.option("--eval-labels", type=click.Path(), help="labels of --eval-data: the budget and the report in accuracy")
+@click.option("--budget", type=float, default=None, help="max accuracy drop / top-1 disagreement in points against the student as given")
+@click.option("--report", type=click.Path(), help="write a JSON report")
+@click.option("--html", "html_path", type=click.Path(), help="write an HTML report with the loss curve (needs matplotlib)")
+@click.option("--in-place", is_flag=True, help="allow OUT to be the student file")
+@_apply(data_options)
+@metric_option
+@click.pass_context
+def distill(ctx, src, out, teacher, train_data, train_labels, eval_data, eval_labels, budget, report, html_path, in_place, input_shapes, metric, **options):
+    """Fine-tune SRC on the graph itself to reproduce TEACHER (knowledge distillation; on a QDQ model
+    this is quantization-aware training, on binary/ternary/codebook weights training under the
+    projection). Needs the train extra (torch)."""
+    opts = {**pass_options("distill", options), "teacher": teacher, "labels": train_labels}
+    run_pipeline(
+        ctx, src, out, [("distill", opts)], calib=train_data, data=eval_data, labels=eval_labels, budget=_budget(budget),
+        report=report, html_path=html_path, in_place=in_place, input_shapes=input_shapes, metric=metric,
+        protect=(teacher, train_labels),
     )
 
 

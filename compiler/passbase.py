@@ -75,6 +75,8 @@ class PassContext:
     # How a pass runs an exact pass inside itself (``quantize`` runs ``lower-int8``): the pipeline
     # sets a runner that verifies the nested pass at the exact tolerance like any exact step.
     exact_runner: Callable[["OnnxccPass", ir.Model], "PassReport"] | None = None
+    # The model the pipeline was given (a copy), for passes that set ``needs_original`` (distill's teacher).
+    original: Any = None
 
     def run_exact(self, p: "OnnxccPass", model: ir.Model) -> "PassReport":
         """Run the exact pass ``p`` on ``model``, verified when a pipeline supplied a runner."""
@@ -94,6 +96,8 @@ class OnnxccPass(ir.passes.InPlacePass):
     # so spatial sizes and MACs are known; the declared dynamic shapes are restored afterwards. A
     # pass that folds shapes into constants (fold) must not see them: it sets this False.
     concrete_shapes: ClassVar[bool] = True
+    # The pipeline keeps a copy of its input model in ``context.original`` for this pass (a teacher).
+    needs_original: ClassVar[bool] = False
 
     @dataclasses.dataclass(frozen=True)
     class Config:

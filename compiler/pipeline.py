@@ -232,6 +232,8 @@ class Pipeline:
         if not shape_hint(model):
             set_shape_hint(model, concrete_shapes(self.input_shapes, calibration, feeds))
         name_unnamed_nodes(model.graph)  # passes name what they add after its layer
+        if any(cls.needs_original for cls, _ in self.passes):  # a teacher: the model as given
+            context.original = upgrade_model(model) if needs_upgrade(model) else clone_model(model)
         ref_orig = ref_prev = None
         tolerance: dict[str, float] | None = None
         labels = self.labels

@@ -24,7 +24,9 @@ def enable(on: bool) -> None:
     ENABLED = bool(on)
 
 
-def bar(desc: str) -> Callable[[int, int], None] | None:
+def bar(desc: str) -> Callable[..., None] | None:
+    """A callback ``update(done, total, info="")`` (``info``: a short status shown after the bar,
+    such as a training loss), or None when progress is off."""
     if not ENABLED:
         return None
     from tqdm import tqdm
@@ -33,11 +35,13 @@ def bar(desc: str) -> Callable[[int, int], None] | None:
     if stream.isatty():
         state: dict = {}
 
-        def update_tty(done: int, total: int) -> None:
+        def update_tty(done: int, total: int, info: str = "") -> None:
             t = state.get("bar")
             if t is None:
                 t = state["bar"] = tqdm(total=total, desc=desc, file=stream, leave=True, dynamic_ncols=True)
             t.total = total
+            if info:
+                t.set_postfix_str(info, refresh=False)
             t.update(done - t.n)
             if done >= total:
                 t.close()
@@ -46,7 +50,7 @@ def bar(desc: str) -> Callable[[int, int], None] | None:
     t0 = time.perf_counter()
     last = [t0, False]  # time of the last line, whether any was printed
 
-    def update_plain(done: int, total: int) -> None:
+    def update_plain(done: int, total: int, info: str = "") -> None:
         now = time.perf_counter()
         finished = done >= total
         if not finished and now - last[0] < PLAIN_INTERVAL_S:
@@ -54,7 +58,7 @@ def bar(desc: str) -> Callable[[int, int], None] | None:
         if finished and not last[1]:
             return  # a short step: nothing to say
         last[0], last[1] = now, True
-        line = tqdm.format_meter(done, total, now - t0, prefix=desc, ascii=True, ncols=80)
+        line = tqdm.format_meter(done, total, now - t0, prefix=desc, ascii=True, ncols=80, postfix=info or None)
         stream.write(line.replace("\r", "") + "\n")
         stream.flush()
 

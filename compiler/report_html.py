@@ -137,6 +137,30 @@ def _figures(report: Mapping[str, Any], before: ir.Model | None, after: ir.Model
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         figs.append(("Sensitivity curves (each channel space pruned alone)", _png(fig)))
+    trainings = [(i, p) for i, p in enumerate(report.get("passes", [])) if (p.get("stats") or {}).get("history")]
+    if trainings:  # the distill pass: loss curve and held-out metric per epoch
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax2 = None
+        for i, p in trainings:
+            hist = p["stats"]["history"]
+            ep = [h["epoch"] for h in hist]
+            ax.plot(ep, [h["train_loss"] for h in hist], marker="o", label=f"{i}:{p['pass']} training loss")
+            if all("val_loss" in h for h in hist):
+                ax.plot(ep, [h["val_loss"] for h in hist], marker="o", linestyle="--", label=f"{i}:{p['pass']} held-out loss")
+            key = "val_accuracy" if all("val_accuracy" in h for h in hist) else ("val_agreement" if all("val_agreement" in h for h in hist) else None)
+            if key:
+                ax2 = ax2 or ax.twinx()
+                ax2.plot(ep, [100 * h[key] for h in hist], marker="s", color="tab:green", label=f"{i}: held-out {key[4:]}")
+                ax2.set_ylabel("held-out metric (%)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="upper left")
+        if ax2 is not None:
+            ax2.legend(fontsize=7, loc="upper right")
+        ax.set_title("Distillation: loss and held-out metric per epoch")
+        fig.tight_layout()
+        figs.append(("Training curves of the distill passes", _png(fig)))
     lat = report.get("layer_latency_us")
     if lat:
         lb, la = lat["before"], lat["after"]

@@ -16,4 +16,5 @@ PASSES: tuple[str, ...] = (
     "onnxcc.passes.quantization.qdq:QuantizePass",
     "onnxcc.passes.quantization.dynamic:DynamicQuantizePass",
     "onnxcc.passes.quantization.weights:WeightOnlyPass",
+    "onnxcc.passes.training.distill:DistillPass",
 )

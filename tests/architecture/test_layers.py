@@ -183,9 +183,12 @@ def test_low_level_modules_do_not_import_onnxruntime_or_passes():
 
 
 def test_optional_extras_are_imported_only_where_they_are_used():
-    """optuna and ray only in compiler/search.py (inside its functions), torch nowhere in the package;
-    importing every module and running the CLI's help loads none of them."""
-    allowed = {"optuna": {"onnxcc.compiler.search"}, "ray": {"onnxcc.compiler.search"}, "torch": set()}
+    """optuna and ray only in compiler/search.py (inside its functions), torch only in the training
+    backend (passes/training: the bridge, its op table and the loop import it; the distill pass only
+    when it runs); importing every other module and running the CLI's help loads none of them."""
+    torch_users = {"onnxcc.passes.training.bridge", "onnxcc.passes.training.ops", "onnxcc.passes.training.trainer",
+                   "onnxcc.passes.training.distill"}
+    allowed = {"optuna": {"onnxcc.compiler.search"}, "ray": {"onnxcc.compiler.search"}, "torch": torch_users}
     bad = []
     for m, p in MODULES.items():
         for module, _names, line in _imports(p):
@@ -193,7 +196,9 @@ def test_optional_extras_are_imported_only_where_they_are_used():
             if top in allowed and m not in allowed[top]:
                 bad.append(f"{p.relative_to(ROOT)}:{line} imports {module}")
     assert bad == []
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in sorted(MODULES) if not m.startswith("onnxcc.models.make"))
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in sorted(MODULES)
+                                    if not m.startswith("onnxcc.models.make") and m not in torch_users - {"onnxcc.passes.training.distill"})
+            + "from onnxcc.compiler.registry import get_pass\nget_pass('distill')\n"
             + "from onnxcc.compiler.cli import main\n"
             + "try:\n    main(['search', '--help'])\nexcept SystemExit:\n    pass\n"
             + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'ray', 'torch')))\n")

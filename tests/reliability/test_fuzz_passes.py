@@ -57,6 +57,8 @@ OPTIONS = {
     "factorize": st.fixed_dictionaries({"method": st.sampled_from(["svd", "spatial-svd", "tucker", "depthwise", "cp"]), "rank": st.sampled_from([0.3, 0.6, 2.0]), "refit": st.booleans()}),
     "sparsify": st.fixed_dictionaries({"sparsity": st.floats(0.1, 0.9), "global_threshold": st.booleans(), "min_size": st.just(16), "reconstruct": st.booleans()}),
     "codebook": st.fixed_dictionaries({"bits": st.integers(2, 8), "min_size": st.just(16)}),
+    "distill": st.fixed_dictionaries({"epochs": st.just(1), "batch": st.sampled_from([4, 8]), "lr": st.sampled_from([1e-3, 1e-4]),
+                                      "feature_loss": st.booleans(), "threads": st.just(1)}),
 }
 
 

@@ -121,7 +121,8 @@ GRAPHS = {
 }
 
 OPTS = {"prune": {"ratio": 0.3}, "factorize": {"method": "tucker", "rank": 0.5}, "quantize-dynamic": {"min_size": 16},
-        "weight-only": {"min_size": 16}, "sparsify": {"min_size": 16}, "codebook": {"min_size": 16}, "quantize": {"check_fusion": False}}
+        "weight-only": {"min_size": 16}, "sparsify": {"min_size": 16}, "codebook": {"min_size": 16}, "quantize": {"check_fusion": False},
+        "distill": {"epochs": 1, "threads": 1, "batch": 4}}
 
 
 def _calibration(spec: dict) -> CalibrationSet:
