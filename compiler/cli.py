@@ -494,7 +494,7 @@ def compile(ctx, src, out, recipe, pass_names, prune_ratio, factorize_spec, spar
 @click.option("--distill", "distill_data", type=click.Path(), help="prune-distill cycles: after each of the --steps cuts, distill from the unpruned model on these training inputs (the train extra)")
 @click.option("--distill-labels", type=click.Path(), help="labels of the --distill inputs (.npy)")
 @click.option("--distill-epochs", type=int, default=1, show_default=True, help="distillation epochs after each cut")
-@click.option("--distill-lr", type=float, default=1e-3, show_default=True, help="distillation learning rate")
+@click.option("--distill-lr", type=float, default=None, help="distillation learning rate (default 1e-3)")
 def prune(ctx, src, out, calib, labels, budget, force, report, in_place, data, input_shapes, metric, distill_data, distill_labels,
           distill_epochs, distill_lr, **options):
     """Structured channel pruning (runs fold first). --criterion zero is lossless."""

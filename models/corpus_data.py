@@ -138,14 +138,22 @@ def _orientation(n: int, rng: np.random.Generator) -> CorpusData:
 
 
 def _captchas(n: int, rng: np.random.Generator, width: int, height: int, gray: bool):
-    from captcha.image import ImageCaptcha
     import random
+    import types
 
-    gen = ImageCaptcha(width=width, height=height)
+    import captcha.image as ci
+
+    gen = ci.ImageCaptcha(width=width, height=height)
     alphabet = string.digits + string.ascii_uppercase
     imgs, labels = [], []
-    state = random.getstate()
-    random.seed(int(rng.integers(1 << 31)))  # the captcha package draws from `random`
+    # the captcha package draws its noise, fonts and warps from `secrets` (and older releases from
+    # `random`): both are replaced by one seeded generator while the images are drawn, so a seed
+    # gives the same images in every process
+    r = random.Random(int(rng.integers(1 << 31)))
+    shim = types.SimpleNamespace(randbelow=r.randrange, choice=r.choice, randbits=r.getrandbits)
+    state, old = random.getstate(), getattr(ci, "secrets", None)
+    random.seed(r.getrandbits(32))
+    ci.secrets = shim
     try:
         for _ in range(n):
             text = "".join(rng.choice(list(alphabet), size=int(rng.integers(4, 6))))
@@ -154,6 +162,8 @@ def _captchas(n: int, rng: np.random.Generator, width: int, height: int, gray: b
             labels.append(text)
     finally:
         random.setstate(state)
+        if old is not None:
+            ci.secrets = old
     return imgs, labels
 
 

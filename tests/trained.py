@@ -114,8 +114,8 @@ def _nets():
 
 
 @functools.lru_cache(maxsize=None)
-def trained(name: str, epochs: int | None = None, seed: int = 0) -> tuple[Path, float]:
-    """Train ``name`` on digits, export it; returns (ONNX path, torch test accuracy). Cached per process."""
+def trained_module(name: str, epochs: int | None = None, seed: int = 0):
+    """Train ``name`` on digits; returns (torch module in eval mode, torch test accuracy). Cached per process."""
     import torch
 
     epochs = epochs or (8 if name == "vgg" else 30)  # the VGG is ~10x the MACs of the others
@@ -127,8 +127,22 @@ def trained(name: str, epochs: int | None = None, seed: int = 0) -> tuple[Path, 
     net.eval()
     with torch.no_grad():
         acc = float((net(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
+    return net, acc
+
+
+def nets():
+    """The network classes by name (untrained), for benchmarks that train on other data."""
+    return _nets()
+
+
+@functools.lru_cache(maxsize=None)
+def trained(name: str, epochs: int | None = None, seed: int = 0) -> tuple[Path, float]:
+    """Train ``name`` on digits, export it; returns (ONNX path, torch test accuracy). Cached per process."""
+    import copy
+
+    net, acc = trained_module(name, epochs, seed)
     from tests.torch_zoo import export
 
     path = Path(tempfile.mkdtemp(prefix="onnxcc-trained-")) / f"digits_{name}.onnx"
-    export(net, 8, path, dynamo=False, optimize=False, channels=1)
+    export(copy.deepcopy(net), 8, path, dynamo=False, optimize=False, channels=1)
     return path, acc

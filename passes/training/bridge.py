@@ -132,7 +132,7 @@ class GraphModule(torch.nn.Module):
     """Run ``model`` in torch with its weights as parameters; :meth:`write_back` stores them.
 
     ``init_weights`` maps (layer node name, input slot) to a float array: the latent float weight of
-    a quantized layer starts there (the original model's weight) instead of at its dequantized codes.
+    a binary/ternary layer starts there (the original model's weight) instead of at α·codes.
     """
 
     def __init__(self, model: ir.Model, *, learn_scales: bool = False, ternary_threshold: float = 0.7,
@@ -258,6 +258,13 @@ class GraphModule(torch.nn.Module):
         elif dtype in (ir.DataType.UINT4,):
             qmin, qmax = 0, 15
         axis, block = O.attr(dq, "axis", 1), O.attr(dq, "block_size", 0)
+        zp_arr = _np(zp_v) if zp_v is not None else None
+        if arr.dtype == np.int8 and (zp_arr is None or not zp_arr.any()):
+            # symmetric int8 codes keep their width: 7-bit weights (the quantize pass's default, so
+            # onnxruntime's u8s8 kernels on AVX2 never saturate) stay within ±63
+            m = int(np.abs(arr.astype(np.int32)).max()) if arr.size else 127
+            qmax = 63 if m <= 63 else 127
+            qmin = -qmax
         kind = "int"
         if arr.dtype == np.int32 and layer.op_type in ("Conv", "ConvTranspose", "Gemm") and slot == 2:
             kind = "bias"
@@ -267,8 +274,11 @@ class GraphModule(torch.nn.Module):
         zp = self._static(zp_v) if zp_v is not None else None
         codes_t = torch.from_numpy(arr.astype(np.float32))
         latent = (codes_t - (O.broadcast_param(zp.float(), codes_t, axis, block) if zp is not None else 0.0)) * O.broadcast_param(scale.float(), codes_t, axis, block)
-        start = init.get((layer.name, slot))
-        if start is not None and tuple(start.shape) == tuple(latent.shape) and kind != "bias":
+        # Integer codes start where they are (on the grid: a step must move a weight half a step of
+        # the scale before its code changes, and the PTQ rounding is kept); a binary/ternary weight's
+        # latent float starts at the original model's weight, which the projection alone cannot give.
+        start = init.get((layer.name, slot)) if kind in ("ternary", "binary") else None
+        if start is not None and tuple(start.shape) == tuple(latent.shape):
             latent = torch.from_numpy(np.array(start, np.float32))
         zeros = codes_t == (O.broadcast_param(zp.float(), codes_t, axis, block) if zp is not None else 0.0)
         mask = None

@@ -45,7 +45,7 @@ class DistillPass(OnnxccPass):
         teacher: str | None = dataclasses.field(default=None, metadata={"help": "teacher model (.onnx); default: the model the pipeline was given"})
         labels: str | None = dataclasses.field(default=None, metadata={"help": "labels of the training samples (.npy, one per sample): cross-entropy joins the distillation loss"})
         epochs: int = dataclasses.field(default=1, metadata={"help": "passes over the training split"})
-        lr: float = dataclasses.field(default=1e-3, metadata={"help": "learning rate (cosine decay to 0)"})
+        lr: float | None = dataclasses.field(default=None, metadata={"help": "learning rate, cosine decay to 0 (default: 1e-3; 1e-5 for a student with integer weights, QAT)"})
         batch: int = dataclasses.field(default=32, metadata={"help": "samples per step"})
         temperature: float = dataclasses.field(default=4.0, metadata={"help": "softmax temperature of the KL term"})
         label_weight: float = dataclasses.field(default=0.5, metadata={"help": "with labels: weight of cross-entropy against the distillation term"})
@@ -66,7 +66,7 @@ class DistillPass(OnnxccPass):
                 raise ValueError("epochs must be >= 1")
             if self.batch < 1:
                 raise ValueError("batch must be >= 1")
-            if not (self.lr > 0 and np.isfinite(self.lr)):
+            if self.lr is not None and not (self.lr > 0 and np.isfinite(self.lr)):
                 raise ValueError("lr must be a positive number")
             if not self.temperature > 0:
                 raise ValueError("temperature must be > 0")

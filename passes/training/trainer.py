@@ -2,7 +2,8 @@
 
 The loss, per float output the two models share:
 
-* classification-like outputs (logits ``[N, C]``, or a Softmax's input) — KL divergence between the
+* classification-like outputs (logits ``[N, C]``, sequence logits ``[N, T, C]`` over the last axis,
+  or a Softmax's input) — KL divergence between the
   teacher's and the student's distributions at temperature T, times T² (Hinton et al. 2015); a
   Softmax at the output is looked through to its logits, over the Softmax's own axis, so an OCR
   head ``[N, T, C]`` is matched position by position;
@@ -39,12 +40,16 @@ from onnxcc.passes.training.bridge import WEIGHT_SLOTS, GraphModule
 
 
 SCALE_LR = 0.01  # learning-rate factor of learned quantization scales
+LR_FLOAT = 1e-3  # default learning rate (Adam) of float, binary/ternary and codebook students
+# default for integer (QDQ, int8/int4 weight-only) students: Adam moves every weight by about the
+# learning rate per step, and a code changes once its latent weight has moved half a scale step
+LR_QAT = 1e-5
 
 
 @dataclasses.dataclass
 class TrainOptions:
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float | None = None  # None: LR_FLOAT, or LR_QAT when the student has integer weights
     batch: int = 32
     temperature: float = 4.0
     label_weight: float = 0.5
@@ -71,7 +76,8 @@ class TrainResult:
     best: dict[str, Any]
     seconds_per_epoch: float
     images_per_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # resident memory, peak while training
+    rss_before_mb: float  # resident memory when training started (models, data, teacher loaded)
     summary: dict[str, Any]
     features: list[str]
 
@@ -103,6 +109,8 @@ def _heads(student: ir.Model, teacher: ir.Model, s_out: list[torch.Tensor], t_ou
             heads.append(_Head(sp.inputs[0], tp.inputs[0], "kl", axis))
         elif to.dim() == 2 and to.shape[1] > 1:
             heads.append(_Head(sv, tv, "kl", 1))
+        elif to.dim() == 3 and to.shape[-1] > 1:  # sequence logits ([N, T, C] or [T, N, C]: CTC heads)
+            heads.append(_Head(sv, tv, "kl", -1))
         else:
             heads.append(_Head(sv, tv, "mse"))
     return heads
@@ -171,8 +179,37 @@ def _batches(arrays: Mapping[str, np.ndarray], idx: np.ndarray, batch: int):
         yield sel, {name: torch.from_numpy(np.array(a[sel])) for name, a in arrays.items()}
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+class _PeakRss:
+    """The process's resident memory sampled every 20 ms while training runs (Linux: /proc; elsewhere
+    the lifetime peak from getrusage), so a run reports its own peak, not the process's."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = self.start = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _now() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._now())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._now())
 
 
 # ------------------------------------------------------------------ the loop
@@ -311,16 +348,18 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
 
     baseline = evaluate()
     best, best_state, best_epoch = baseline, copy.deepcopy(s_mod.state_dict()), 0
+    lr = opts.lr if opts.lr is not None else (LR_QAT if any(q.kind == "int" for q in s_mod.quant_weights.values()) else LR_FLOAT)
     steps_per_epoch = -(-len(train_idx) // opts.batch)
     total_steps = max(1, steps_per_epoch * opts.epochs)
     # learned scales move at a hundredth of the weights' rate (LSQ's gradient is large next to a scale's size)
-    groups = [{"params": weights}] + ([{"params": scales, "lr": opts.lr * SCALE_LR, "weight_decay": 0.0}] if scales else [])
+    groups = [{"params": weights}] + ([{"params": scales, "lr": lr * SCALE_LR, "weight_decay": 0.0}] if scales else [])
     if opts.optimizer == "sgd":
-        optim = torch.optim.SGD(groups, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay, nesterov=True)
+        optim = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=opts.weight_decay, nesterov=True)
     else:
-        optim = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay) if opts.weight_decay else torch.optim.Adam(groups, lr=opts.lr)
+        optim = torch.optim.AdamW(groups, lr=lr, weight_decay=opts.weight_decay) if opts.weight_decay else torch.optim.Adam(groups, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: 0.5 * (1 + np.cos(np.pi * min(k, total_steps) / total_steps)))
     history: list[dict[str, Any]] = []
+    rss = _PeakRss().__enter__()
     t_start = time.perf_counter()
     seen, stale, stopped = 0, 0, ""
     step = 0
@@ -369,6 +408,7 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
     if progress is not None:
         progress(total_steps, total_steps, "done")
     elapsed = time.perf_counter() - t_start
+    rss.__exit__(None, None, None)
     kept = bool(n_val) and best_epoch == 0
     if kept:
         reason = "no epoch improved the held-out metric over the student as given: the student is kept unchanged"
@@ -383,5 +423,5 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
     return TrainResult(
         history=history, kept_input=kept, reason=reason, baseline=baseline, best={**best, "epoch": best_epoch},
         seconds_per_epoch=elapsed / epochs_run, images_per_s=seen / elapsed if elapsed > 0 else 0.0,
-        peak_rss_mb=_peak_rss_mb(), summary=s_mod.trainable_summary(), features=[p[0].name for p in pairs],
+        peak_rss_mb=rss.peak, rss_before_mb=rss.start, summary=s_mod.trainable_summary(), features=[p[0].name for p in pairs],
     )
