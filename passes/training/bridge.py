@@ -113,6 +113,19 @@ class FloatWeight:
 
 
 @dataclasses.dataclass
+class CodebookWeight:
+    """A weight stored as ``Gather(levels, indices)``: latent floats assigned to the nearest level."""
+
+    node: ir.Node  # the Gather
+    book: ir.Value
+    indices: ir.Value  # the stored (uint4/uint8) indices
+    param: str  # latent float weight
+    levels: str  # the shared levels
+    mask: torch.Tensor | None  # 0 where the weight stays on the zero level
+    zero_level: int  # index of the exact-zero level, -1 if none
+
+
+@dataclasses.dataclass
 class QuantWeight:
     """Integer codes behind a DequantizeLinear: a latent float weight trained under the projection."""
 
@@ -151,6 +164,7 @@ class GraphModule(torch.nn.Module):
         self.consts: dict[ir.Value, torch.Tensor] = {}
         self.float_weights: dict[ir.Value, FloatWeight] = {}
         self.quant_weights: dict[ir.Node, QuantWeight] = {}
+        self.codebooks: dict[ir.Node, CodebookWeight] = {}
         self.scale_params: dict[ir.Value, str] = {}
         self.skipped: list[tuple[str, str]] = []
         self._names: dict[str, int] = {}
@@ -230,6 +244,8 @@ class GraphModule(torch.nn.Module):
                     self._quant_weight(layer, slot, p, init)
                     break
                 if p.op_type == "Gather":
+                    if _is_const(p.inputs[0]) and self._codebook(layer, slot, p, init):
+                        break
                     if not _is_const(p.inputs[1]):
                         break
                     through_gather = True
@@ -288,6 +304,38 @@ class GraphModule(torch.nn.Module):
             latent = latent * mask
         self.quant_weights[dq] = QuantWeight(dq, codes, self._register(codes.name, latent), kind, qmin, qmax, axis, block, mask)
 
+    def _codebook(self, layer: ir.Node, slot: int, gather: ir.Node, init: dict) -> bool:
+        """``Gather(levels, Cast(indices))`` (the codebook pass): a latent float weight assigned to
+        its nearest level every step (straight-through), the levels trained too; the weights that
+        were exact zeros (sparsity) stay on the zero level. False when this is not that pattern."""
+        if gather in self.codebooks:
+            return True
+        book_v, idx_v = gather.inputs[0], gather.inputs[1]
+        if O.attr(gather, "axis", 0) != 0:
+            return False
+        book = _np(book_v)
+        if book.ndim != 1 or not np.issubdtype(book.dtype, np.floating):
+            return False
+        idx_store = idx_v if _is_const(idx_v) else None
+        cast = idx_v.producer()
+        if idx_store is None and cast is not None and cast.op_type == "Cast" and _is_const(cast.inputs[0]):
+            idx_store = cast.inputs[0]
+        if idx_store is None:
+            return False
+        idx = _np(idx_store).astype(np.int64)
+        weight = book[idx].astype(np.float32)
+        start = init.get((layer.name, slot))
+        latent = np.array(start, np.float32) if start is not None and start.shape == weight.shape else weight
+        zero = np.flatnonzero(book == 0)
+        mask = torch.from_numpy((book[idx] != 0).astype(np.float32)) if zero.size else None
+        if mask is not None:
+            latent = latent * mask.numpy()
+        name = self._register(book_v.name, torch.from_numpy(latent))
+        levels = self._register(book_v.name + "_levels", torch.from_numpy(book.astype(np.float32)))
+        self.codebooks[gather] = CodebookWeight(gather, book_v, idx_store, name, levels, mask,
+                                                int(zero[0]) if zero.size else -1)
+        return True
+
     def _find_scales(self, graph: ir.Graph) -> None:
         """Float scales of Q/DQ nodes (activations and integer weights) become parameters; a
         binary/ternary weight's α is a function of the weight, not a parameter."""
@@ -338,8 +386,11 @@ class GraphModule(torch.nn.Module):
             env[v] = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
         for n in self.nodes:
             qw = self.quant_weights.get(n)
+            cb = self.codebooks.get(n) if qw is None else None
             if qw is not None:
                 outs = [self._project(qw, env)]
+            elif cb is not None:
+                outs = [self._assign(cb)]
             else:
                 try:
                     outs = O.OPS[n.op_type](n, [self._value_of(x, env) if x is not None else None for x in n.inputs])
@@ -365,6 +416,25 @@ class GraphModule(torch.nn.Module):
         zp_v = qw.node.inputs[2] if len(qw.node.inputs) > 2 else None
         zp = env[zp_v] if zp_v is not None else None
         return O.fake_quant(w, scale.float(), zp, qw.qmin, qw.qmax, qw.axis, qw.block)
+
+    def _nearest(self, cb: CodebookWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latent, levels, index of each weight's nearest level; the masked ones on the zero level)."""
+        w, levels = getattr(self, cb.param), getattr(self, cb.levels)
+        if cb.zero_level >= 0:  # the zero level stays exactly zero
+            keep = torch.ones_like(levels)
+            keep[cb.zero_level] = 0
+            levels = levels * keep
+        idx = (w.detach().unsqueeze(-1) - levels.detach()).abs().argmin(-1)
+        if cb.mask is not None:
+            idx = torch.where(cb.mask > 0, idx, torch.full_like(idx, cb.zero_level))
+        return w, levels, idx
+
+    def _assign(self, cb: CodebookWeight) -> torch.Tensor:
+        w, levels, idx = self._nearest(cb)
+        if cb.mask is not None:
+            w = w * cb.mask
+        wq = levels[idx]
+        return wq + (w - w.detach())  # forward: the levels (their gradient too); backward: also to the latent
 
     def _ternary(self, w: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
         codes, alpha = self.binary_ternary(w, qw)
@@ -398,6 +468,10 @@ class GraphModule(torch.nn.Module):
                 p = getattr(self, fw.param)
                 arr = (p * fw.mask if fw.mask is not None else p).numpy()
                 _store(v, arr.astype(fw.dtype))
+            for cb in self.codebooks.values():
+                _, levels, idx = self._nearest(cb)
+                _store(cb.book, levels.numpy().astype(_np(cb.book).dtype))
+                _store(cb.indices, idx.numpy().astype(np.int64).astype(_np_storage(cb.indices)))
             scales = {}
             for qw in self.quant_weights.values():
                 w = getattr(self, qw.param)
@@ -419,7 +493,7 @@ class GraphModule(torch.nn.Module):
                 _store(qw.codes, q.numpy().astype(np.int64).astype(_np_storage(qw.codes)))
                 scales[qw.codes.name] = float(scale.float().mean())
         return {"float_weights": len(self.float_weights), "quantized_weights": len(self.quant_weights),
-                "scales": len(self.scale_params)}
+                "codebooks": len(self.codebooks), "scales": len(self.scale_params)}
 
     def _static_with_params(self, v: ir.Value) -> torch.Tensor:
         if v in self.scale_params:
@@ -431,7 +505,7 @@ class GraphModule(torch.nn.Module):
         return outs[list(p.outputs).index(v)]
 
     def trainable_summary(self) -> dict[str, int]:
-        return {"float": len(self.float_weights), "quantized": len(self.quant_weights), "scales": len(self.scale_params),
+        return {"float": len(self.float_weights), "quantized": len(self.quant_weights) + len(self.codebooks), "scales": len(self.scale_params),
                 "parameters": int(sum(p.numel() for p in self.parameters()))}
 
 

@@ -283,6 +283,11 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
         if tuple(so.shape) != tuple(to.shape) or so.dtype != to.dtype:
             raise BadInputError(f"distill: the student's output {i} ('{student.graph.outputs[i].name}') is {tuple(so.shape)} "
                                 f"{so.dtype}, the teacher's is {tuple(to.shape)} {to.dtype}")
+    if pairs:  # same name, same shape at run time (a cut layer's own output has fewer channels)
+        with torch.no_grad():
+            _, sc = s_mod(probe, capture=[p[0] for p in pairs])
+            _, tc = t_mod(probe, capture=[p[1] for p in pairs])
+        pairs = [p for p in pairs if tuple(sc[p[0]].shape) == tuple(tc[p[1]].shape) and sc[p[0]].is_floating_point()]
     heads = _heads(student, teacher, s_out, t_out)
     s_cap = [h.s_value for h in heads] + [p[0] for p in pairs]
     t_cap = [h.t_value for h in heads] + [p[1] for p in pairs]

@@ -149,3 +149,44 @@ def test_unsupported_ops_are_refused_in_one_line():
     with pytest.raises(UnsupportedGraph) as e:
         GraphModule(model)
     assert "LRN" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", ["int4", "ternary", "fp16"])
+def test_weight_only_graphs_agree_and_write_back_in_their_storage_type(dtype):
+    """Blocked int4 codes, binary/ternary codes (int4 in {-1, 0, 1}) and fp16 weights behind a Cast."""
+    model = load_model(MODELS / "sample_resnet.onnx")
+    Pipeline(["fold", ("weight-only", {"dtype": dtype, "block_size": 16})], verify=False).run(model)
+    gm = _agree(model)
+    s = gm.trainable_summary()
+    assert s["quantized"] + s["float"] >= 10
+    before = _signature(model)
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.mul_(1.01)
+    gm.write_back()
+    assert _signature(model) == before  # int4 stays int4, fp16 stays fp16
+    _agree(model)  # and onnxruntime still runs what torch computes
+
+
+def test_codebook_graph_trains_its_levels_and_assignments_and_keeps_zeros():
+    model = load_model(MODELS / "sample_resnet.onnx")
+    Pipeline(["fold", ("sparsify", {"sparsity": 0.5}), ("codebook", {"bits": 4})], verify=False).run(model)
+    gm = _agree(model)
+    assert gm.codebooks
+    zeros_before = {cb.indices.name: (gm._static(cb.book).numpy()[_idx(cb)] == 0) for cb in gm.codebooks.values()}
+    before = _signature(model)
+    with torch.no_grad():
+        for cb in gm.codebooks.values():
+            getattr(gm, cb.param).mul_(1.3)  # move the latent weights: assignments change
+    gm.write_back()
+    assert _signature(model) == before  # uint4 indices stay uint4, the Gather stays
+    gm2 = _agree(model)
+    for cb in gm2.codebooks.values():
+        w = gm2._static(cb.book).numpy()[_idx(cb)]
+        assert np.all(w[zeros_before[cb.indices.name]] == 0)  # sparsity kept
+
+
+def _idx(cb):
+    from onnxcc.passes.training.bridge import _np
+
+    return _np(cb.indices).astype(np.int64)

@@ -180,3 +180,14 @@ def test_prune_distill_cycles_reach_the_target(cli, files):
     once = analyze(load_model(tmp / "once.onnx"), stats=False).params
     got = analyze(load_model(tmp / "cyc.onnx"), stats=False).params
     assert abs(got - once) / ref < 0.05  # two cuts of 1 - sqrt(0.5) reach the one-cut width
+
+
+def test_feature_loss_matches_the_layers_the_cut_changed():
+    model, x, _ = _sample()
+    res = Pipeline(["fold", ("prune", {"ratio": 0.3}), ("distill", {**FAST, "epochs": 1, "feature_loss": True})], verify=False).run(
+        model, CalibrationSet({"image": x[:128]}))
+    st = res.steps[-1].report.stats
+    # a uniform cut of this ResNet narrows every space (residuals included): no tensor keeps the
+    # teacher's shape, so none is matched, and the run must still train on the outputs
+    assert st["features"] == [] and not st["kept_input"]
+    assert all(h["train_loss"] > 0 for h in st["history"])
