@@ -187,6 +187,6 @@ def test_codebook_graph_trains_its_levels_and_assignments_and_keeps_zeros():
 
 
 def _idx(cb):
-    from onnxcc.passes.training.bridge import _np
+    from onnxcc.compiler.ir_utils import const_array
 
-    return _np(cb.indices).astype(np.int64)
+    return np.asarray(const_array(cb.indices)).astype(np.int64)
