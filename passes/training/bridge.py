@@ -352,14 +352,17 @@ class GraphModule(torch.nn.Module):
             if np.issubdtype(arr.dtype, np.floating):
                 self.scale_params[s] = self._register(s.name + "_scale", torch.from_numpy(arr.astype(np.float32)))
 
-    def _static(self, v: ir.Value) -> torch.Tensor:
-        """The value of a tensor computed from constants only (a bias scale ``Mul(s_x, s_w)``)."""
+    def _static(self, v: ir.Value, learned: bool = False) -> torch.Tensor:
+        """The value of a tensor computed from constants only (a bias scale ``Mul(s_x, s_w)``);
+        with ``learned``, learned scales at their current value."""
+        if learned and v in self.scale_params:
+            return torch.clamp(getattr(self, self.scale_params[v]), min=1e-12)
         if v in self.consts:
             return self.consts[v]
         p = v.producer()
         if p is None:
             raise UnsupportedGraph(f"training: '{v.name}' is not a constant")
-        outs = O.OPS[p.op_type](p, [self._static(x) if x is not None else None for x in p.inputs])
+        outs = O.OPS[p.op_type](p, [self._static(x, learned) if x is not None else None for x in p.inputs])
         return outs[list(p.outputs).index(v)]
 
     # ------------------------------------------------------------------ running
@@ -472,7 +475,6 @@ class GraphModule(torch.nn.Module):
                 _, levels, idx = self._nearest(cb)
                 _store(cb.book, levels.numpy().astype(_np(cb.book).dtype))
                 _store(cb.indices, idx.numpy().astype(np.int64).astype(_np_storage(cb.indices)))
-            scales = {}
             for qw in self.quant_weights.values():
                 w = getattr(self, qw.param)
                 if qw.mask is not None:
@@ -484,25 +486,15 @@ class GraphModule(torch.nn.Module):
                     _store(sv, alpha.numpy().astype(_np(sv).dtype).reshape(_np(sv).shape))
                     continue
                 scale_v = qw.node.inputs[1]
-                scale = self._static_with_params(scale_v)
+                scale = self._static(scale_v, learned=True)
                 zp_v = qw.node.inputs[2] if len(qw.node.inputs) > 2 else None
                 zp = self._static(zp_v).float() if zp_v is not None else None
                 s = O.broadcast_param(scale.float(), w, qw.axis, qw.block)
                 z = O.broadcast_param(zp, w, qw.axis, qw.block) if zp is not None else 0.0
                 q = torch.clamp(torch.round(w / s) + z, qw.qmin, qw.qmax)
                 _store(qw.codes, q.numpy().astype(np.int64).astype(_np_storage(qw.codes)))
-                scales[qw.codes.name] = float(scale.float().mean())
         return {"float_weights": len(self.float_weights), "quantized_weights": len(self.quant_weights),
                 "codebooks": len(self.codebooks), "scales": len(self.scale_params)}
-
-    def _static_with_params(self, v: ir.Value) -> torch.Tensor:
-        if v in self.scale_params:
-            return torch.clamp(getattr(self, self.scale_params[v]), min=1e-12)
-        if v in self.consts:
-            return self.consts[v]
-        p = v.producer()
-        outs = O.OPS[p.op_type](p, [self._static_with_params(x) if x is not None else None for x in p.inputs])
-        return outs[list(p.outputs).index(v)]
 
     def trainable_summary(self) -> dict[str, int]:
         return {"float": len(self.float_weights), "quantized": len(self.quant_weights) + len(self.codebooks), "scales": len(self.scale_params),

@@ -64,7 +64,7 @@ def arg(inputs: list, i: int):
 # ------------------------------------------------------------------ elementwise
 _BINARY = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": torch.pow, "Equal": torch.eq, "Less": torch.lt,
            "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge, "And": torch.logical_and,
-           "Or": torch.logical_or, "Xor": torch.logical_xor, "BitShift": None}
+           "Or": torch.logical_or, "Xor": torch.logical_xor}
 
 
 @op("Add", "Sub", "Mul", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor")
