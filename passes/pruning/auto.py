@@ -70,19 +70,12 @@ def auto_prune(model: ir.Model, cfg: PruneConfig, context: PassContext) -> PassR
                                    criterion=cfg.criterion, samples=cfg.calib_samples, reconstruct=cfg.reconstruct,
                                    metric=context.metric,
                                    eval_feeds=context.eval_feeds if context.labels is not None else None)  # labels are about those
-        frac = goal / now
-        for attempt in range(4):
-            trial = clone_model(model)
-            alloc = sensitivity.allocate(sens, frac, resource=alloc_resource, max_ratio=cfg.max_space_ratio)
-            plain = dataclasses.replace(cfg, target_macs=None, target_params=None, target_latency=None, steps=1)
-            report = prune_once(
-                trial, plain, context, 0.0, tuple(f"{key}={r}" for key, r in alloc.items()) + cfg.space_ratio
-            )
-            got = count(trial)
-            tolerance = 1.02 if resource == "latency" else 1.005  # timings are noisy at the 1-2% level
-            if got <= goal * tolerance or attempt == 3:
-                break
-            frac *= goal / got  # savings overlapped: ask for more
+        tolerance = 1.02 if resource == "latency" else 1.005  # timings are noisy at the 1-2% level
+        alloc, got = _search_allocation(model, cfg, context, sens, goal, now, alloc_resource, count, tolerance)
+        trial = clone_model(model)
+        plain = dataclasses.replace(cfg, target_macs=None, target_params=None, target_latency=None, steps=1)
+        report = prune_once(trial, plain, context, 0.0, tuple(f"{key}={r}" for key, r in alloc.items()) + cfg.space_ratio)
+        got = count(trial)
         replace_contents(model, trial)
         last = report
         step_reports.append({
@@ -103,6 +96,39 @@ def auto_prune(model: ir.Model, cfg: PruneConfig, context: PassContext) -> PassR
                    if resource == "latency" else "the remaining spaces are blocked or at their cap")
             skipped.append(Skipped("target", f"reached {final / base_count:.3f} of the {resource}, not {target}: {why}"))
     return PassReport(model, True, changed=list(last.changed), skipped=skipped, stats=stats)
+
+
+def _search_allocation(model, cfg, context, sens, goal, now, resource, count, tolerance):
+    """Per-space ratios whose real cut lands at ``goal``: the greedy allocation sums each space's
+    savings measured alone, and neighbouring spaces' savings overlap (a conv loses input *and*
+    output channels), so the allocation's own target is bisected between the goal and 0 (every
+    space at its cap), counting cuts made without reconstruction or
+    compensation (they do not change the count). Returns the least aggressive allocation that
+    reaches the goal, else the one that came closest."""
+    counting = dataclasses.replace(cfg, target_macs=None, target_params=None, target_latency=None, steps=1,
+                                   reconstruct=False, compensate=False)
+    tried: dict[float, tuple[dict, float]] = {}
+
+    def attempt(frac: float):
+        alloc = sensitivity.allocate(sens, frac, resource=resource, max_ratio=cfg.max_space_ratio)
+        trial = clone_model(model)
+        prune_once(trial, counting, context, 0.0, tuple(f"{key}={r}" for key, r in alloc.items()) + cfg.space_ratio)
+        tried[frac] = (alloc, count(trial))
+        return tried[frac][1]
+
+    hi = goal / now  # the allocation asked for the goal itself: overlap makes it fall short
+    if attempt(hi) <= goal * tolerance:
+        return tried[hi]
+    if attempt(0.0) > goal * tolerance:  # every space at its cap: the goal cannot be reached
+        return min(tried.values(), key=lambda t: t[1])
+    ok, bad = 0.0, hi
+    for _ in range(7):
+        mid = 0.5 * (ok + bad)
+        if attempt(mid) <= goal * tolerance:
+            ok = mid
+        else:
+            bad = mid
+    return tried[ok]
 
 
 def measured_latency_ms(model: ir.Model) -> float:

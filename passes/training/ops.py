@@ -413,11 +413,10 @@ def _axes(node, x, idx=1):
     return list(a) if a is not None else None
 
 
-_REDUCE = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin,
-           "ReduceProd": None, "ReduceL2": None, "ReduceL1": None, "ReduceSumSquare": None, "ReduceLogSumExp": None}
+_REDUCE = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin}
 
 
-@op(*_REDUCE)
+@op(*_REDUCE, "ReduceProd", "ReduceL2", "ReduceL1", "ReduceSumSquare", "ReduceLogSumExp")
 def _reduce(node, x):
     t = x[0]
     axes = _axes(node, x)
@@ -428,7 +427,7 @@ def _reduce(node, x):
         axes = list(range(t.dim()))
     axes = [a % t.dim() for a in axes]
     kind = node.op_type
-    if kind in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
+    if kind in _REDUCE:
         return [_REDUCE[kind](t, axes, keepdim=keep)]
     if kind == "ReduceL2":
         return [torch.sqrt((t * t).sum(axes, keepdim=keep))]

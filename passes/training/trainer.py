@@ -364,56 +364,55 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
         optim = torch.optim.AdamW(groups, lr=lr, weight_decay=opts.weight_decay) if opts.weight_decay else torch.optim.Adam(groups, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: 0.5 * (1 + np.cos(np.pi * min(k, total_steps) / total_steps)))
     history: list[dict[str, Any]] = []
-    rss = _PeakRss().__enter__()
-    t_start = time.perf_counter()
-    seen, stale, stopped = 0, 0, ""
-    step = 0
-    for epoch in range(1, opts.epochs + 1):
-        s_mod.train()
-        t0, run_loss, nb = time.perf_counter(), 0.0, 0
-        order = train_idx[rng.permutation(len(train_idx))]
-        for sel, feeds in _batches(arrays, order, opts.batch):
-            if opts.augment:
-                feeds = {k: _augment(v, opts.augment, gen) for k, v in feeds.items()}
-            with torch.no_grad():
-                _, tv = t_mod(feeds, capture=t_cap)
-            _, sv = s_mod(feeds, capture=s_cap)
-            y = torch.from_numpy(labels[sel]).long() if labels is not None else None
-            loss = losses([sv[v] for v in s_cap], [tv[v] for v in t_cap], y)
-            if not torch.isfinite(loss):
-                stopped = f"the loss became {float(loss.detach())} at epoch {epoch}: training stopped"
-                break
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
-            step += 1
-            seen += len(sel)
-            run_loss += float(loss.detach())
-            nb += 1
+    with _PeakRss() as rss:
+        t_start = time.perf_counter()
+        seen, stale, stopped = 0, 0, ""
+        step = 0
+        for epoch in range(1, opts.epochs + 1):
+            s_mod.train()
+            t0, run_loss, nb = time.perf_counter(), 0.0, 0
+            order = train_idx[rng.permutation(len(train_idx))]
+            for sel, feeds in _batches(arrays, order, opts.batch):
+                if opts.augment:
+                    feeds = {k: _augment(v, opts.augment, gen) for k, v in feeds.items()}
+                with torch.no_grad():
+                    _, tv = t_mod(feeds, capture=t_cap)
+                _, sv = s_mod(feeds, capture=s_cap)
+                y = torch.from_numpy(labels[sel]).long() if labels is not None else None
+                loss = losses([sv[v] for v in s_cap], [tv[v] for v in t_cap], y)
+                if not torch.isfinite(loss):
+                    stopped = f"the loss became {float(loss.detach())} at epoch {epoch}: training stopped"
+                    break
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+                sched.step()
+                step += 1
+                seen += len(sel)
+                run_loss += float(loss.detach())
+                nb += 1
+                if progress is not None:
+                    progress(step, total_steps, f"epoch {epoch}/{opts.epochs} loss {run_loss / nb:.4f}")
+                if opts.time_limit and time.perf_counter() - t_start > opts.time_limit:
+                    stopped = f"wall-clock limit of {opts.time_limit:g} s reached in epoch {epoch}"
+                    break
+            m = {"epoch": epoch, "train_loss": run_loss / max(nb, 1), "seconds": time.perf_counter() - t0, **evaluate()}
+            history.append(m)
             if progress is not None:
-                progress(step, total_steps, f"epoch {epoch}/{opts.epochs} loss {run_loss / nb:.4f}")
-            if opts.time_limit and time.perf_counter() - t_start > opts.time_limit:
-                stopped = f"wall-clock limit of {opts.time_limit:g} s reached in epoch {epoch}"
+                tail = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_"))
+                progress(step, total_steps, f"epoch {epoch}/{opts.epochs} loss {m['train_loss']:.4f}" + (f", {tail}" if tail else ""))
+            if not n_val or score(m) > score(best):
+                best, best_state, best_epoch, stale = m, copy.deepcopy(s_mod.state_dict()), epoch, 0
+            else:
+                stale += 1
+            if stopped:
                 break
-        m = {"epoch": epoch, "train_loss": run_loss / max(nb, 1), "seconds": time.perf_counter() - t0, **evaluate()}
-        history.append(m)
+            if n_val and opts.patience and stale >= opts.patience:
+                stopped = f"no held-out improvement for {stale} epochs: stopped after epoch {epoch}"
+                break
         if progress is not None:
-            tail = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_"))
-            progress(step, total_steps, f"epoch {epoch}/{opts.epochs} loss {m['train_loss']:.4f}" + (f", {tail}" if tail else ""))
-        if not n_val or score(m) > score(best):
-            best, best_state, best_epoch, stale = m, copy.deepcopy(s_mod.state_dict()), epoch, 0
-        else:
-            stale += 1
-        if stopped:
-            break
-        if n_val and opts.patience and stale >= opts.patience:
-            stopped = f"no held-out improvement for {stale} epochs: stopped after epoch {epoch}"
-            break
-    if progress is not None:
-        progress(total_steps, total_steps, "done")
-    elapsed = time.perf_counter() - t_start
-    rss.__exit__(None, None, None)
+            progress(total_steps, total_steps, "done")
+        elapsed = time.perf_counter() - t_start
     kept = bool(n_val) and best_epoch == 0
     if kept:
         reason = "no epoch improved the held-out metric over the student as given: the student is kept unchanged"
