@@ -83,8 +83,18 @@ def _finetune(net, x, y, epochs, lr=1e-3, batch=32, seed=0):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + np.cos(np.pi * min(k, steps) / steps)))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     g = torch.Generator().manual_seed(seed)
+    from onnxcc.passes.training.trainer import PeakRss
+
     t0 = time.perf_counter()
     net.eval()  # BatchNorm statistics fixed, as on the graph (exported BN is inference BN)
+    with PeakRss() as rss:
+        _loop(net, opt, sched, xt, yt, g, epochs, batch)
+    return (time.perf_counter() - t0) / epochs, rss.peak
+
+
+def _loop(net, opt, sched, xt, yt, g, epochs, batch):
+    import torch
+
     for _ in range(epochs):
         perm = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt), batch):
@@ -94,7 +104,6 @@ def _finetune(net, x, y, epochs, lr=1e-3, batch=32, seed=0):
             loss.backward()
             opt.step()
             sched.step()
-    return (time.perf_counter() - t0) / epochs
 
 
 def run(names, out_rows):
@@ -168,10 +177,10 @@ def run(names, out_rows):
             ignored = [mod for mod in tnet.modules() if isinstance(mod, torch.nn.Linear) and mod.out_features == 10]
             tp.pruner.MagnitudePruner(tnet, ex, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio50,
                                       ignored_layers=ignored).step()
-            secs = _finetune(tnet, x_tr, y_tr, epochs)
+            secs, peak = _finetune(tnet, x_tr, y_tr, epochs)
             tm = onnx_of(tnet, hw, f"{name}_tp{epochs}")
             row(name, f"Torch-Pruning r={ratio50} + fine-tune {epochs} ep", macs_of(tm), acc(tm, x_te, y_te), base,
-                {"seconds_per_epoch": secs, "images_per_s": len(x_tr) / secs, "peak_rss_mb": float("nan")})
+                {"seconds_per_epoch": secs, "images_per_s": len(x_tr) / secs, "peak_rss_mb": peak})
         m, cost = distilled(teacher, x_tr, y_tr, [("prune", {"ratio": 0.5})], 3, labels_path=labels_path, patience=0, val_fraction=0.0)
         row(name, "onnxcc prune r=0.5 + distill 3 ep", macs_of(m), acc(m, x_te, y_te), base, cost)
         m, cost = distilled(teacher, x_tr, y_tr, [("prune", {"ratio": 0.5, **recon})], 3, labels_path=labels_path, patience=0, val_fraction=0.0)

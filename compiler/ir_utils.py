@@ -602,13 +602,19 @@ def name_unnamed_nodes(graph: ir.Graph) -> int:
     return named
 
 
+def c_order(arr) -> np.ndarray:
+    """``arr`` as a C-contiguous numpy array of the same shape (``np.ascontiguousarray`` turns a
+    0-d scale into shape (1,), which changes the graph's declared shapes)."""
+    arr = np.asarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
 def add_initializer(graph: ir.Graph, name: str, value: "np.ndarray | ir.TensorProtocol") -> ir.Value:
     """Register a new initializer (numpy array or onnx_ir tensor) under a unique name based on ``name``."""
     if isinstance(value, ir.TensorProtocol):
         tensor = value
     else:
-        arr = np.asarray(value)  # not ascontiguousarray: it turns a 0-d scale into shape (1,)
-        tensor = ir.tensor(arr if arr.flags.c_contiguous else arr.copy(order="C"))
+        tensor = ir.tensor(c_order(value))
     v = ir.Value(name=unique_name(graph, name), shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(v)
     return v
@@ -618,7 +624,7 @@ def set_input_const(graph: ir.Graph, node: ir.Node, idx: int, arr: np.ndarray) -
     """Give ``node`` input ``idx`` the constant ``arr`` (a private copy when the constant is shared)."""
     v = node.inputs[idx] if idx < len(node.inputs) else None
     dtype = v.const_value.dtype if v is not None and v.const_value is not None else None
-    t = ir.tensor(np.ascontiguousarray(arr)) if dtype is None else ir.tensor(np.ascontiguousarray(arr).astype(dtype.numpy()))
+    t = ir.tensor(c_order(arr)) if dtype is None else ir.tensor(c_order(np.asarray(arr).astype(dtype.numpy())))
     if v is not None and v.const_value is not None and len(v.uses()) == 1 and not v.is_graph_input() and not v.is_graph_output():
         v.const_value = t
         v.shape = ir.Shape(arr.shape)

@@ -38,6 +38,7 @@ import onnx_ir as ir
 import torch
 
 from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.ir_utils import c_order
 from onnxcc.passes.training import ops as O
 
 #: the inputs of a weighted layer that are its weights (trainable when they are float constants)
@@ -516,7 +517,7 @@ def _np_storage(v: ir.Value) -> Any:
 
 def _store(v: ir.Value, arr: np.ndarray) -> None:
     """Replace the contents of a constant (initializer or Constant node), keeping name and shape."""
-    arr = np.ascontiguousarray(arr)
+    arr = c_order(arr)
     if v.const_value is not None:
         v.const_value = ir.tensor(arr, name=v.name)
         return

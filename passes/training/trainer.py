@@ -179,7 +179,7 @@ def _batches(arrays: Mapping[str, np.ndarray], idx: np.ndarray, batch: int):
         yield sel, {name: torch.from_numpy(np.array(a[sel])) for name, a in arrays.items()}
 
 
-class _PeakRss:
+class PeakRss:
     """The process's resident memory sampled every 20 ms while training runs (Linux: /proc; elsewhere
     the lifetime peak from getrusage), so a run reports its own peak, not the process's."""
 
@@ -364,7 +364,7 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
         optim = torch.optim.AdamW(groups, lr=lr, weight_decay=opts.weight_decay) if opts.weight_decay else torch.optim.Adam(groups, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: 0.5 * (1 + np.cos(np.pi * min(k, total_steps) / total_steps)))
     history: list[dict[str, Any]] = []
-    with _PeakRss() as rss:
+    with PeakRss() as rss:
         t_start = time.perf_counter()
         seen, stale, stopped = 0, 0, ""
         step = 0

@@ -74,14 +74,17 @@ def test_qat_keeps_the_fused_integer_graph_and_never_falls_below_ptq():
     ptq = clone_model(model)
     nodes = [(n.op_type, n.name) for n in model.graph]
     dtypes = {k: v.const_value.dtype for k, v in model.graph.initializers.items()}
+    shapes = {k: tuple(v.const_value.shape) for k, v in model.graph.initializers.items()}
     from onnxcc.passes.training.distill import DistillPass
     from onnxcc.compiler.passbase import PassContext
 
-    p = DistillPass(DistillPass.Config(epochs=1, threads=2, batch=16, lr=1e-4, learn_scales=True),
+    p = DistillPass(DistillPass.Config(epochs=1, threads=2, batch=16, lr=1e-4, learn_scales=True, val_fraction=0.0, patience=0),
                     PassContext(calibration=calib, original=teacher))
     rep = p(model)
     assert [(n.op_type, n.name) for n in model.graph] == nodes
     assert {k: v.const_value.dtype for k, v in model.graph.initializers.items()} == dtypes  # int8 weights stay int8
+    # learned scales keep their shapes (a 0-d per-tensor scale once came back as shape (1,))
+    assert {k: tuple(v.const_value.shape) for k, v in model.graph.initializers.items()} == shapes
     from onnxcc.passes.quantization.fusion import fusion_report
 
     after = fusion_report(model)
@@ -89,6 +92,7 @@ def test_qat_keeps_the_fused_integer_graph_and_never_falls_below_ptq():
     acc_ptq, acc_qat = _accuracy(ptq, x[200:], y[200:]), _accuracy(model, x[200:], y[200:])
     assert acc_qat >= acc_ptq - 0.01, (acc_ptq, acc_qat)  # within one image of 200: held-out noise
     assert rep.stats["summary"]["quantized"] >= 10 and rep.stats["summary"]["scales"] > 0
+    assert not rep.stats["kept_input"]  # the trained values were written back (what the shape check is about)
 
 
 def test_distill_is_deterministic():
