@@ -7,8 +7,9 @@
 
 * **Search space**, built from the model: a prune ratio per channel space (the spaces
   sensitivity analysis finds, ratios 0 … 0.75 in eighths), a factorization method and rank (or
-  none), INT8 or float (targets that INT8 changes: latency, file), sparsity and codebook bits
-  (file target). The first trial is today's greedy allocation from the sensitivity curves
+  none) with the :data:`PER_LAYER` layers of most MACs each choosing its own rank or none, INT8
+  or float (targets that INT8 changes: latency, file) with those layers each choosing INT8 or
+  float, sparsity and codebook bits (file target). The first trial is today's greedy allocation from the sensitivity curves
   (``prune --target-macs``), so the search starts where the greedy method ends.
 * **Every trial is an ordinary verified pipeline** (:func:`~compiler.api.compile_model`) under the
   budget, which also drives its lossy passes: a trial's recorded recipe is what it really ran
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 TARGETS = ("macs", "params", "latency", "file")
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 FACTORIZE = ("none", "svd", "spatial-svd", "tucker")
+LAYER_RANKS = (0.0, 0.3, 0.5, 0.7)  # per-layer factorization: 0 leaves the layer alone
+PER_LAYER = 8  # per-layer factorization and INT8 choices for the layers with the most MACs
 HEARTBEAT_S = 10
 GRACE_S = 30
 
@@ -81,6 +84,7 @@ class Space:
     seed: dict[str, Any]  # the greedy allocation's parameters: the first trial
     calibrated: bool = True
     factorize: tuple[str, ...] = FACTORIZE[1:]  # methods a trial may pick (besides none)
+    layers: list[str] = dataclasses.field(default_factory=list)  # node names with per-layer choices
 
     def sample(self, trial: Any) -> list[tuple[str, dict[str, Any]]]:
         """A recipe from an Optuna trial's choices."""
@@ -92,7 +96,14 @@ class Space:
         method = trial.suggest_categorical("factorize", ("none", *self.factorize)) if self.factorize else "none"
         if method != "none":
             rank = trial.suggest_float("factorize_rank", 0.2, 0.8, step=0.1)
-            recipe.append(("factorize", {"method": method, "rank": rank}))
+            # the heaviest layers choose their own rank, or none; the rest take ``rank``
+            own = {name: trial.suggest_categorical(f"factorize:{name}", LAYER_RANKS) for name in self.layers}
+            opts: dict[str, Any] = {"method": method, "rank": rank}
+            if any(r > 0 for r in own.values()):
+                opts["layer_rank"] = tuple(f"{_glob_escape(n)}={r}" for n, r in own.items() if r > 0)
+            if any(r == 0 for r in own.values()):
+                opts["exclude"] = tuple(_glob_escape(n) for n, r in own.items() if r == 0)
+            recipe.append(("factorize", opts))
         if cut or method != "none":
             recipe.append(("fold", {}))
         if self.target.kind == "file":
@@ -103,11 +114,34 @@ class Space:
             if storage.startswith("codebook"):
                 recipe.append(("codebook", {"bits": int(storage[8:])}))
             elif storage == "int8":
-                recipe.append(("quantize", {"bias_correction": True}))
+                recipe.append(self._quantize(trial))
         elif self.target.kind == "latency":
             if trial.suggest_categorical("quantize", ["float", "int8"]) == "int8":
-                recipe.append(("quantize", {"bias_correction": True}))
+                recipe.append(self._quantize(trial))
         return recipe
+
+    def _quantize(self, trial: Any) -> tuple[str, dict[str, Any]]:
+        """INT8, with each of the heaviest layers choosing INT8 or float (a factorized layer's
+        pieces, ``NAME_f1``..., follow their layer)."""
+        opts: dict[str, Any] = {"bias_correction": True}
+        kept = [name for name in self.layers if not trial.suggest_categorical(f"int8:{name}", (True, False))]
+        if kept:
+            opts["exclude"] = tuple(p for name in kept for p in (_glob_escape(name), _glob_escape(name) + "_f[0-9]*"))
+        return ("quantize", opts)
+
+
+def _glob_escape(name: str) -> str:
+    """A node name as an fnmatch pattern that matches only itself (the passes' patterns are globs)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def heavy_layers(model: Any, count: int = PER_LAYER) -> list[str]:
+    """Names of the ``count`` weighted layers with the most MACs (ties: graph order)."""
+    from onnxcc.compiler.analysis import analyze
+
+    layers = [(layer.macs or 0, i, layer.name) for i, layer in enumerate(analyze(model, stats=False).layers)
+              if layer.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and layer.name and layer.params]
+    return [name for _, _, name in sorted(layers, key=lambda t: (-t[0], t[1]))[:count]]
 
 
 def build_space(model: Any, target: Target, calib: Any, *, labels: Any = None, metric: Any = None,
@@ -130,11 +164,14 @@ def build_space(model: Any, target: Target, calib: Any, *, labels: Any = None, m
         goal = target.value if target.kind in ("macs", "params") else max(target.value, 0.3)
         for key, r in S.allocate(sens, goal, resource=resource, max_ratio=RATIOS[-1]).items():
             seed[f"prune:{key}"] = min(RATIOS, key=lambda x: abs(x - r))
+    layers = heavy_layers(m)
     if target.kind == "file":
         seed.update(sparsity=0.0, storage="int8")
     elif target.kind == "latency":
         seed["quantize"] = "int8"
-    return Space(target, keys, seed, calibrated=calib is not None, factorize=tuple(factorize))
+    if target.kind in ("file", "latency"):
+        seed.update({f"int8:{name}": True for name in layers})
+    return Space(target, keys, seed, calibrated=calib is not None, factorize=tuple(factorize), layers=layers)
 
 
 @dataclasses.dataclass

@@ -122,3 +122,28 @@ def test_sensitivity_shared_over_two_processes_gives_the_same_curves(cli):
     assert [(c.key, c.loss, c.macs_saved) for c in two.curves] == [(c.key, c.loss, c.macs_saved) for c in one.curves]
     r = cli("sensitivity", SAMPLE, "--calib", CALIB, "--ratios", "0.5", "--samples", "16", "--workers", "2", "--json")
     assert r.code == 0 and len(json.loads(r.out)["spaces"]) == len(one.curves)
+
+
+def test_heavy_layers_choose_their_own_factorization_and_precision():
+    """Per-layer choices: a layer that chose rank 0 stays one node, one that chose float stays
+    float while its neighbours run integer kernels, and the recipe is what the pipeline ran."""
+    from onnxcc.compiler.analysis import layer_precisions
+    from onnxcc.compiler.ir_utils import load_model
+
+    model = load_model(SAMPLE)
+    space = S.build_space(model, S.parse_target("latency=0.5"), None, factorize=("tucker",))
+    assert len(space.layers) == min(S.PER_LAYER, sum(1 for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul")))
+    assert space.seed["quantize"] == "int8" and all(space.seed[f"int8:{n}"] for n in space.layers)
+    keep, cut, fp = space.layers[0], space.layers[1], space.layers[2]
+    params = {**{k: v for k, v in space.seed.items() if k.startswith("prune:")}, "factorize": "tucker", "factorize_rank": 0.5,
+              **{f"factorize:{n}": 0.0 for n in space.layers}, f"factorize:{cut}": 0.5,
+              "quantize": "int8", **{f"int8:{n}": True for n in space.layers}, f"int8:{fp}": False}
+    recipe = space.sample(optuna.trial.FixedTrial(params))
+    fact = dict(recipe)["factorize"]
+    assert keep in fact["exclude"] and fact["layer_rank"] == (f"{cut}=0.5",)
+    res = compile_model(SAMPLE, recipe, calibration=CALIB, measure_latency=False)
+    names = {n.name for n in res.model.graph}
+    assert keep in names  # rank 0: left alone
+    prec = layer_precisions(res.model)
+    assert prec[fp] == "float32" and prec[keep] == "int8", prec
+    assert f"{cut}_f1" in names and cut not in names, sorted(names)  # its own rank: factorized
