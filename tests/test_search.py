@@ -147,3 +147,42 @@ def test_heavy_layers_choose_their_own_factorization_and_precision():
     prec = layer_precisions(res.model)
     assert prec[fp] == "float32" and prec[keep] == "int8", prec
     assert f"{cut}_f1" in names and cut not in names, sorted(names)  # its own rank: factorized
+
+
+@pytest.mark.slow
+def test_a_search_killed_with_sigkill_mid_trial_resumes_and_retries_that_trial(tmp_path, monkeypatch):
+    """A real worker death: ``onnxcc search`` in its own process, SIGKILLed while a trial runs
+    (no tell, no clean-up); the next search fails that trial once its heartbeat is stale and
+    retries it with the same parameters."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    study = tmp_path / "study.db"
+    cmd = [sys.executable, "-c", "from onnxcc.compiler.cli import main; main()", "search", str(SAMPLE), "-o", str(tmp_path / "s.onnx"),
+           "--target", "macs=0.5", "--calib", str(CALIB), "--budget", "1", "--trials", "6", "--no-factorize", "--study", str(study)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage, running = f"sqlite:///{study.resolve()}", None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and running is None and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                st = optuna.load_study(study_name="onnxcc-macs", storage=S.study_storage(storage))
+            except Exception:  # the study is not created yet
+                continue
+            done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials)
+            running = next((t for t in st.trials if t.state == optuna.trial.TrialState.RUNNING), None) if done >= 1 else None
+        assert running is not None, "the search never had a running trial after a finished one"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    monkeypatch.setattr(S, "GRACE_S", 1)
+    time.sleep(1.5)
+    trials = S.search(SAMPLE, "macs=0.5", study=study, trials=done + 1, **FAST).report["search"]["trials"]
+    assert trials[running.number]["state"] == "FAIL"
+    retry = [t for t in trials if t.get("retry_of") == running.number]
+    assert len(retry) == 1 and retry[0]["state"] == "COMPLETE" and retry[0]["params"] == trials[running.number]["params"]
