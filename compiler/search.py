@@ -381,7 +381,7 @@ def search(
         st.enqueue_trial(space.seed, skip_if_exists=True)  # the greedy allocation first
     job = Job(model if isinstance(model, (str, os.PathLike)) else _bytes(loaded), target, calibration if calibration is None or isinstance(calibration, (str, os.PathLike)) else calib,
               data, labels, metric, budget, space, url, name, trials, time_limit_min * 60 if time_limit_min else None, seed,
-              threads or (2 if workers == 1 else 1), sampler)
+              threads or (2 if workers == 1 and ray is None else 1), sampler)
     if workers == 1 and ray is None:
         work(job, 0, trial_runner)  # in this process: trial_runner may be a closure
     else:
@@ -464,6 +464,7 @@ def map_parallel(fn: Callable, args: Sequence[tuple], *, workers: int = 1, ray: 
                       num_cpus=max(1, workers) * threads if ray == "local" else None)  # each task asks for its threads
             started = True
         try:
+            threads = feasible_threads(ray_, threads, ray_resource)
             opts: dict[str, Any] = {"num_cpus": threads, "max_retries": 2}
             if ray_resource:
                 opts["resources"] = {ray_resource: 1}
@@ -479,6 +480,24 @@ def map_parallel(fn: Callable, args: Sequence[tuple], *, workers: int = 1, ray: 
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             return [f.result() for f in [pool.submit(fn, *a) for a in args]]
     return [fn(*a) for a in args]
+
+
+def feasible_threads(ray_: Any, threads: int, resource: str | None) -> int:
+    """The CPUs a task may ask for on this cluster: a task asking for more than any (serving) node
+    has would wait forever, so the request is capped at the largest node's CPUs (said in the
+    log); a resource no node offers is bad input."""
+    nodes = [n.get("Resources", {}) for n in ray_.nodes() if n.get("Alive")]
+    if resource:
+        nodes = [r for r in nodes if r.get(resource, 0) >= 1]
+        if not nodes:
+            raise BadInputError(f"--ray-resource {resource}: no node of the Ray cluster offers it")
+    most = int(max((r.get("CPU", 0) for r in nodes), default=0))
+    if most < 1:
+        raise BadInputError("the Ray cluster has no node with a CPU to run trials on")
+    if threads > most:
+        logger.warning("Ray: tasks ask for %d CPUs but the largest node has %d: using %d", threads, most, most)
+        return most
+    return threads
 
 
 def _no_progress(done: int, total: int) -> None:

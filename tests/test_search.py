@@ -186,3 +186,20 @@ def test_a_search_killed_with_sigkill_mid_trial_resumes_and_retries_that_trial(t
     assert trials[running.number]["state"] == "FAIL"
     retry = [t for t in trials if t.get("retry_of") == running.number]
     assert len(retry) == 1 and retry[0]["state"] == "COMPLETE" and retry[0]["params"] == trials[running.number]["params"]
+
+
+def test_ray_tasks_never_ask_for_more_cpus_than_a_node_has():
+    """A task asking for 2 CPUs on a cluster of 1-CPU nodes would wait forever (Ray calls it
+    infeasible and keeps it pending): the request is capped; a resource no node offers is bad input."""
+    from onnxcc.compiler.errors import BadInputError
+
+    class FakeRay:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 1.0, "serve": 1.0}},
+                    {"Alive": False, "Resources": {"CPU": 8.0}}]
+
+    assert S.feasible_threads(FakeRay, 2, None) == 1
+    assert S.feasible_threads(FakeRay, 1, "serve") == 1
+    with pytest.raises(BadInputError, match="no node"):
+        S.feasible_threads(FakeRay, 1, "gpu-box")
