@@ -121,10 +121,10 @@ def main(argv=None) -> int:
                                    measure_latency=False, **common)
             rows.append(_row(model, "greedy --target-macs", greedy.report, time.perf_counter() - t0))
             print(f"# {model}: fp32 {100 * greedy.report['metric']['accuracy_before']:.2f}%", flush=True)
-            for name in sorted(shipped_recipes()):
+            for name, recipe in shipped_recipes().items():
                 t0 = time.perf_counter()
                 try:
-                    res = compile_model(path, shipped_recipes()[name], measure_latency=False, **common)
+                    res = compile_model(path, recipe, measure_latency=False, **common)
                     rows.append(_row(model, f"recipe:{name}", res.report, time.perf_counter() - t0))
                 except OnnxccError as e:
                     rows.append({"model": model, "variant": f"recipe:{name}", "error": str(e).splitlines()[0][:90]})

@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob  # glob.escape: node names as the passes' fnmatch patterns, matching only themselves
 import logging
 import math
 import os
@@ -100,9 +101,9 @@ class Space:
             own = {name: trial.suggest_categorical(f"factorize:{name}", LAYER_RANKS) for name in self.layers}
             opts: dict[str, Any] = {"method": method, "rank": rank}
             if any(r > 0 for r in own.values()):
-                opts["layer_rank"] = tuple(f"{_glob_escape(n)}={r}" for n, r in own.items() if r > 0)
+                opts["layer_rank"] = tuple(f"{glob.escape(n)}={r}" for n, r in own.items() if r > 0)
             if any(r == 0 for r in own.values()):
-                opts["exclude"] = tuple(_glob_escape(n) for n, r in own.items() if r == 0)
+                opts["exclude"] = tuple(glob.escape(n) for n, r in own.items() if r == 0)
             recipe.append(("factorize", opts))
         if cut or method != "none":
             recipe.append(("fold", {}))
@@ -126,13 +127,8 @@ class Space:
         opts: dict[str, Any] = {"bias_correction": True}
         kept = [name for name in self.layers if not trial.suggest_categorical(f"int8:{name}", (True, False))]
         if kept:
-            opts["exclude"] = tuple(p for name in kept for p in (_glob_escape(name), _glob_escape(name) + "_f[0-9]*"))
+            opts["exclude"] = tuple(p for name in kept for p in (glob.escape(name), glob.escape(name) + "_f[0-9]*"))
         return ("quantize", opts)
-
-
-def _glob_escape(name: str) -> str:
-    """A node name as an fnmatch pattern that matches only itself (the passes' patterns are globs)."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def heavy_layers(model: Any, count: int = PER_LAYER) -> list[str]:
