@@ -6,11 +6,13 @@
     res.save("net.small.onnx"); res.report["search"]["pareto"]
 
 * **Search space**, built from the model: a prune ratio per channel space (the spaces
-  sensitivity analysis finds, ratios 0 … 0.75 in eighths), a factorization method and rank (or
+  sensitivity analysis finds, any ratio in 0 … :data:`MAX_RATIO`), a factorization method and rank (or
   none) with the :data:`PER_LAYER` layers of most MACs each choosing its own rank or none, INT8
   or float (targets that INT8 changes: latency, file) with those layers each choosing INT8 or
-  float, sparsity and codebook bits (file target). The first trial is today's greedy allocation from the sensitivity curves
-  (``prune --target-macs``), so the search starts where the greedy method ends.
+  float, sparsity and codebook bits (file target). The first trial is exactly today's greedy
+  allocation (``prune --target-macs T --reconstruct`` under the same budget, its per-space ratios
+  read back from the pass), so the search starts where the greedy method ends and its best is
+  never worse than it.
 * **Every trial is an ordinary verified pipeline** (:func:`~compiler.api.compile_model`) under the
   budget, which also drives its lossy passes: a trial's recorded recipe is what it really ran
   (after the budget weakened a setting) and gives the same model with ``onnxcc compile --recipe``.
@@ -44,7 +46,7 @@ from onnxcc.compiler.errors import BadInputError, BudgetError, OnnxccError
 logger = logging.getLogger(__name__)
 
 TARGETS = ("macs", "params", "latency", "file")
-RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+MAX_RATIO = 0.9  # as prune --target-macs's default cap per space
 FACTORIZE = ("none", "svd", "spatial-svd", "tucker")
 LAYER_RANKS = (0.0, 0.3, 0.5, 0.7)  # per-layer factorization: 0 leaves the layer alone
 PER_LAYER = 8  # per-layer factorization and INT8 choices for the layers with the most MACs
@@ -82,7 +84,7 @@ class Space:
 
     target: Target
     spaces: list[str]  # channel-space keys (tensors only that space owns), in the order found
-    seed: dict[str, Any]  # the greedy allocation's parameters: the first trial
+    seed: dict[str, Any]  # the first trial's parameters (search() puts the greedy allocation's ratios in)
     calibrated: bool = True
     factorize: tuple[str, ...] = FACTORIZE[1:]  # methods a trial may pick (besides none)
     layers: list[str] = dataclasses.field(default_factory=list)  # node names with per-layer choices
@@ -90,8 +92,8 @@ class Space:
     def sample(self, trial: Any) -> list[tuple[str, dict[str, Any]]]:
         """A recipe from an Optuna trial's choices."""
         recipe: list[tuple[str, dict[str, Any]]] = [("fold", {})]
-        ratios = {key: trial.suggest_categorical(f"prune:{key}", RATIOS) for key in self.spaces}
-        cut = tuple(f"{k}={r}" for k, r in ratios.items() if r > 0)
+        ratios = {key: trial.suggest_float(f"prune:{key}", 0.0, MAX_RATIO) for key in self.spaces}
+        cut = tuple(f"{k}={r:.6g}" for k, r in ratios.items() if r >= 1e-3)
         if cut:
             recipe.append(("prune", {"ratio": 0.0, "space_ratio": cut, "reconstruct": self.calibrated}))
         method = trial.suggest_categorical("factorize", ("none", *self.factorize)) if self.factorize else "none"
@@ -140,13 +142,11 @@ def heavy_layers(model: Any, count: int = PER_LAYER) -> list[str]:
     return [name for _, _, name in sorted(layers, key=lambda t: (-t[0], t[1]))[:count]]
 
 
-def build_space(model: Any, target: Target, calib: Any, *, labels: Any = None, metric: Any = None,
-                factorize: Sequence[str] = FACTORIZE[1:]) -> Space:
-    """The channel spaces of the folded model and the greedy allocation for ``target`` from one
-    sensitivity sweep (as ``prune --target-macs`` makes it)."""
+def build_space(model: Any, target: Target, calib: Any = None, *, factorize: Sequence[str] = FACTORIZE[1:]) -> Space:
+    """The channel spaces and heaviest layers of the folded model; the seed cuts nothing (see
+    :func:`greedy_trial` for the first trial's ratios)."""
     from onnxcc.compiler.ir_utils import clone_model
     from onnxcc.compiler.pipeline import Pipeline
-    from onnxcc.passes.pruning import sensitivity as S
 
     m = clone_model(model)
     Pipeline(["fold"], verify=False).run(m)
@@ -154,12 +154,6 @@ def build_space(model: Any, target: Target, calib: Any, *, labels: Any = None, m
     seed: dict[str, Any] = {f"prune:{k}": 0.0 for k in keys}
     if factorize:
         seed["factorize"] = "none"
-    if keys and calib is not None:
-        sens = S.analyse(m, calib, labels=labels, ratios=(0.25, 0.5, 0.75), samples=32, metric=metric if metric is not None else 1)
-        resource = "params" if target.kind == "params" else "macs"
-        goal = target.value if target.kind in ("macs", "params") else max(target.value, 0.3)
-        for key, r in S.allocate(sens, goal, resource=resource, max_ratio=RATIOS[-1]).items():
-            seed[f"prune:{key}"] = min(RATIOS, key=lambda x: abs(x - r))
     layers = heavy_layers(m)
     if target.kind == "file":
         seed.update(sparsity=0.0, storage="int8")
@@ -168,6 +162,32 @@ def build_space(model: Any, target: Target, calib: Any, *, labels: Any = None, m
     if target.kind in ("file", "latency"):
         seed.update({f"int8:{name}": True for name in layers})
     return Space(target, keys, seed, calibrated=calib is not None, factorize=tuple(factorize), layers=layers)
+
+
+def greedy_trial(model: Any, space: Space, *, calibration: Any, data: Any, labels: Any, metric: Any,
+                 budget: float | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Today's greedy allocation as the first trial: ``prune --target-macs`` (``--target-params``
+    for a params target; MACs to max(T, 0.3) for latency and file targets, which then quantize)
+    with reconstruction, compiled once under the budget. Returns the trial's parameters (the
+    per-space ratios the pass chose) and, for MACs and params targets, its outcome (the trial
+    needs no second compile); without calibration data, or when the greedy cut fails, the seed
+    cuts nothing."""
+    params = dict(space.seed)
+    if calibration is None or not space.spaces:
+        return params, None
+    target = space.target
+    option = "target_params" if target.kind == "params" else "target_macs"
+    goal = target.value if target.kind in ("macs", "params") else max(target.value, 0.3)
+    recipe = [("fold", {}), ("prune", {option: goal, "reconstruct": True}), ("fold", {})]
+    try:
+        out = _compile_trial(model, recipe, target, calibration=calibration, data=data, labels=labels, metric=metric,
+                             budget=budget, threads=1)
+    except OnnxccError as e:
+        logger.warning("search: the greedy allocation failed (%s): the first trial cuts nothing", str(e).splitlines()[0])
+        return params, None
+    ratios = out.pop("ratios")
+    params.update({f"prune:{k}": min(MAX_RATIO, max(0.0, float(r))) for k, r in ratios.items() if f"prune:{k}" in params})
+    return params, (out if target.kind in ("macs", "params") else None)
 
 
 @dataclasses.dataclass
@@ -189,24 +209,38 @@ class Job:
     seed: int
     threads: int
     sampler: str = "tpe"
+    first: tuple[dict[str, Any], dict[str, Any]] | None = None  # the greedy trial's (parameters, outcome), already compiled
 
 
 def run_trial(job: Job, recipe: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """One verified compile of ``recipe``: its ratio to the input on the target, its metric drop,
     and the recipe as it ran (each pass's config after the budget search)."""
+    out = _compile_trial(job.model, recipe, job.target, calibration=job.calibration, data=job.data, labels=job.labels,
+                         metric=job.metric, budget=job.budget, threads=job.threads)
+    out.pop("ratios")
+    return out
+
+
+def _compile_trial(model: Any, recipe: Sequence[tuple[str, Mapping[str, Any]]], target: Target, *, calibration: Any, data: Any,
+                   labels: Any, metric: Any, budget: float | None, threads: int) -> dict[str, Any]:
     from onnxcc.compiler.api import compile_model
 
     t0 = time.perf_counter()
-    res = compile_model(job.model, list(recipe), calibration=job.calibration, data=job.data, labels=job.labels,
-                        metric=job.metric, budget=job.budget, measure_latency=job.target.kind == "latency",
-                        latency_threads=job.threads)
+    res = compile_model(model, list(recipe), calibration=calibration, data=data, labels=labels,
+                        metric=metric, budget=budget, measure_latency=target.kind == "latency",
+                        latency_threads=threads)
     rep = res.report
-    key = job.target.key
+    key = target.key
     ratio = rep["after"][key] / rep["before"][key] if rep["before"].get(key) else 1.0
     drop = (rep.get("metric") or {}).get("drop_points") or 0.0
     used = [{"name": p["pass"], "options": _options(p)} for p in rep["passes"] if p["pass"] != "upgrade"]
+    ratios: dict[str, float] = {}
+    for p in rep["passes"]:  # the per-space ratios an automatic prune chose (the greedy trial's parameters)
+        for step in (p.get("stats") or {}).get("steps") or ():
+            ratios.update(step.get("ratios") or {})
     return {"ratio": round(float(ratio), 5), "drop": round(float(drop), 4), "recipe": used,
-            "seconds": round(time.perf_counter() - t0, 2), "after": {k: rep["after"][k] for k in ("params", "macs", "file_bytes", "latency_ms")}}
+            "seconds": round(time.perf_counter() - t0, 2), "after": {k: rep["after"][k] for k in ("params", "macs", "file_bytes", "latency_ms")},
+            "ratios": ratios}
 
 
 def _options(step: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,11 +271,14 @@ def _objective(job: Job, trial_runner: Callable[[Job, Any], dict[str, Any]]):
     def objective(trial: Any) -> tuple[float, float]:
         recipe = job.space.sample(trial)
         trial.set_user_attr("asked", [{"name": n, "options": o} for n, o in recipe])
-        try:
-            out = trial_runner(job, recipe)
-        except OnnxccError as e:
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-            raise
+        if job.first is not None and trial.number == 0 and trial.params == job.first[0]:
+            out = job.first[1]  # the greedy trial, compiled before the workers started
+        else:
+            try:
+                out = trial_runner(job, recipe)
+            except OnnxccError as e:
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+                raise
         for k, v in out.items():
             trial.set_user_attr(k, v)
         return out["ratio"], out["drop"]
@@ -259,19 +296,30 @@ def work(job: Job, index: int = 0, trial_runner: Callable | None = None) -> None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", str(job.threads))
     study = optuna.load_study(study_name=job.study_name, storage=study_storage(job.storage),
-                              sampler=make_sampler(job.sampler, job.seed + index))
+                              sampler=make_sampler(job.sampler, job.seed + index, job.trials))
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     if sum(t.state in done for t in study.get_trials(deepcopy=False)) < job.trials:
         study.optimize(_objective(job, trial_runner or run_trial), timeout=job.time_limit_s, catch=(OnnxccError,),
                        callbacks=[MaxTrialsCallback(job.trials, states=done)], gc_after_trial=True)
 
 
-def make_sampler(name: str, seed: int) -> Any:
-    """Optuna's multi-objective TPE (``tpe``) or NSGA-II (``nsga2``, better with hundreds of trials), seeded."""
+def _first_trial(job: Job, trial_runner: Callable[[Job, Any], dict[str, Any]]) -> None:
+    """The enqueued first trial, in this process (its outcome is usually already compiled)."""
+    import optuna
+
+    study = optuna.load_study(study_name=job.study_name, storage=study_storage(job.storage),
+                              sampler=make_sampler(job.sampler, job.seed, job.trials))
+    study.optimize(_objective(job, trial_runner), n_trials=1, catch=(OnnxccError,), gc_after_trial=True)
+
+
+def make_sampler(name: str, seed: int, trials: int = 40) -> Any:
+    """Optuna's multi-objective TPE (``tpe``) or NSGA-II (``nsga2``, better with hundreds of trials), seeded.
+    TPE draws a quarter of the trials at random (Optuna's 10 at most) before it models the
+    good ones: with Optuna's default of 10, a search of 8 trials would be all random draws."""
     import optuna
 
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(2, min(10, trials // 4)))
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     raise BadInputError(f"sampler: expected tpe or nsga2, got {name!r}")
@@ -357,7 +405,7 @@ def search(
     bad = [m for m in factorize if m not in FACTORIZE[1:]]
     if bad:
         raise BadInputError(f"factorize: unknown method {bad[0]} (methods: {', '.join(FACTORIZE[1:])})")
-    make_sampler(sampler, seed)  # a bad name fails before any study is created
+    make_sampler(sampler, seed, trials)  # a bad name fails before any study is created
     loaded = load_model(model) if not hasattr(model, "graph") else model
     calib = as_calibration(calibration, loaded)
     if calib is not None:
@@ -370,14 +418,25 @@ def search(
     name = f"onnxcc-{target.kind}"
     directions = ["minimize", "minimize"]
     st = optuna.create_study(study_name=name, storage=study_storage(url), directions=directions, load_if_exists=True,
-                             sampler=make_sampler(sampler, seed))
+                             sampler=make_sampler(sampler, seed, trials))
     t0 = time.perf_counter()
-    space = build_space(loaded, target, calib, labels=_labels_for_space(labels, data), metric=metric, factorize=factorize)
-    if not st.get_trials(deepcopy=False):
-        st.enqueue_trial(space.seed, skip_if_exists=True)  # the greedy allocation first
+    space = build_space(loaded, target, calib, factorize=factorize)
+    first = None
+    fresh = not st.get_trials(deepcopy=False)
+    if fresh:  # the greedy allocation first (a resumed study has it)
+        params, out = greedy_trial(model if isinstance(model, (str, os.PathLike)) else loaded, space, calibration=calib,
+                                   data=data, labels=labels, metric=metric, budget=budget)
+        st.enqueue_trial(params, skip_if_exists=True)
+        first = (params, out) if out is not None else None
     job = Job(model if isinstance(model, (str, os.PathLike)) else _bytes(loaded), target, calibration if calibration is None or isinstance(calibration, (str, os.PathLike)) else calib,
               data, labels, metric, budget, space, url, name, trials, time_limit_min * 60 if time_limit_min else None, seed,
-              threads or (2 if workers == 1 and ray is None else 1), sampler)
+              threads or (2 if workers == 1 and ray is None else 1), sampler, first)
+    if fresh:
+        # Trial 0 finishes here, before any worker starts: two workers on one SQLite study can
+        # both pop the same enqueued trial (Optuna's pop is not atomic there) and the second
+        # then fails with "Cannot tell a COMPLETE trial".
+        _first_trial(job, trial_runner or run_trial)
+        job = dataclasses.replace(job, first=None)
     if workers == 1 and ray is None:
         work(job, 0, trial_runner)  # in this process: trial_runner may be a closure
     else:
@@ -404,11 +463,6 @@ def search(
     if tmp is not None:
         tmp.cleanup()
     return SearchResult(res.model, res.report, res.result, res.before)
-
-
-def _labels_for_space(labels: Any, data: Any) -> Any:
-    """Sensitivity runs on the calibration samples: labels that belong to --data do not apply."""
-    return None if data is not None else labels
 
 
 def _bytes(model: Any) -> bytes:

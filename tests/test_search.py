@@ -131,7 +131,7 @@ def test_heavy_layers_choose_their_own_factorization_and_precision():
     from onnxcc.compiler.ir_utils import load_model
 
     model = load_model(SAMPLE)
-    space = S.build_space(model, S.parse_target("latency=0.5"), None, factorize=("tucker",))
+    space = S.build_space(model, S.parse_target("latency=0.5"), factorize=("tucker",))
     assert len(space.layers) == min(S.PER_LAYER, sum(1 for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul")))
     assert space.seed["quantize"] == "int8" and all(space.seed[f"int8:{n}"] for n in space.layers)
     keep, cut, fp = space.layers[0], space.layers[1], space.layers[2]
