@@ -92,6 +92,10 @@ def _search_row(model, label, path, target, trials, common, **kw):
                 reached=s["reached"], executor=s.get("executor"))
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="sample,resnet,mobilenet_v2,mobilenet_v3,vgg")
@@ -153,16 +157,16 @@ def main(argv=None) -> int:
 
             ray.shutdown()
             cluster.shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     print(f"target {args.target}, budget {args.budget} points")
     print(f"{'model':<22} {'variant':<26} {'MACs':>7} {'drop':>6} {'acc %':>7} {'s':>7} {'trials/h':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:<22} {r['variant']:<26} {r['error']}")
             continue
-        print(f"{r['model']:<22} {r['variant']:<26} {r['macs_ratio']:>7.3f} {r['drop']:>6.2f} {100 * r['accuracy']:>7.2f} {r['seconds']:>7.1f} "
+        print(f"{r['model']:<22} {r['variant']:<26} {r['macs_ratio']:>7.3f} {r['drop']:>6.2f} {_pct(r['accuracy']):>7} {r['seconds']:>7.1f} "
               f"{r.get('trials_per_hour', ''):>9}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 

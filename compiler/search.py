@@ -7,12 +7,13 @@
 
 * **Search space**, built from the model: a prune ratio per channel space (the spaces
   sensitivity analysis finds, any ratio in 0 … :data:`MAX_RATIO`), a factorization method and rank (or
-  none) with the :data:`PER_LAYER` layers of most MACs each choosing its own rank or none, INT8
-  or float (targets that INT8 changes: latency, file) with those layers each choosing INT8 or
-  float, sparsity and codebook bits (file target). The first trial is exactly today's greedy
-  allocation (``prune --target-macs T --reconstruct`` under the same budget, its per-space ratios
-  read back from the pass), so the search starts where the greedy method ends and its best is
-  never worse than it.
+  none) with the :data:`PER_LAYER` layers of most MACs each choosing its own rank, the global one
+  or none, INT8 or float (targets that INT8 changes: latency, file) with those layers each
+  choosing INT8 or float, sparsity and codebook bits (file target). The first trial is exactly
+  today's greedy allocation (``prune --target-macs T --reconstruct`` under the same budget, its
+  per-space ratios read back from the pass), the next ones the shipped recipes' choices in this
+  space (:func:`recipe_trials`), so the search starts where the greedy method and the recipes end
+  and its best is never worse than any of them.
 * **Every trial is an ordinary verified pipeline** (:func:`~compiler.api.compile_model`) under the
   budget, which also drives its lossy passes: a trial's recorded recipe is what it really ran
   (after the budget weakened a setting) and gives the same model with ``onnxcc compile --recipe``.
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 TARGETS = ("macs", "params", "latency", "file")
 MAX_RATIO = 0.9  # as prune --target-macs's default cap per space
 FACTORIZE = ("none", "svd", "spatial-svd", "tucker")
-LAYER_RANKS = (0.0, 0.3, 0.5, 0.7)  # per-layer factorization: 0 leaves the layer alone
+LAYER_RANKS = (None, 0.0, 0.3, 0.5, 0.7)  # per-layer factorization: None takes the global rank, 0 leaves the layer alone
 PER_LAYER = 8  # per-layer factorization and INT8 choices for the layers with the most MACs
 HEARTBEAT_S = 10
 GRACE_S = 30
@@ -85,6 +86,8 @@ class Space:
     target: Target
     spaces: list[str]  # channel-space keys (tensors only that space owns), in the order found
     seed: dict[str, Any]  # the first trial's parameters (search() puts the greedy allocation's ratios in)
+    # the shipped recipes' choices inside this space, as trials after the first (see recipe_trials)
+    recipes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     calibrated: bool = True
     factorize: tuple[str, ...] = FACTORIZE[1:]  # methods a trial may pick (besides none)
     layers: list[str] = dataclasses.field(default_factory=list)  # node names with per-layer choices
@@ -102,8 +105,8 @@ class Space:
             # the heaviest layers choose their own rank, or none; the rest take ``rank``
             own = {name: trial.suggest_categorical(f"factorize:{name}", LAYER_RANKS) for name in self.layers}
             opts: dict[str, Any] = {"method": method, "rank": rank}
-            if any(r > 0 for r in own.values()):
-                opts["layer_rank"] = tuple(f"{glob.escape(n)}={r}" for n, r in own.items() if r > 0)
+            if any(r for r in own.values()):
+                opts["layer_rank"] = tuple(f"{glob.escape(n)}={r}" for n, r in own.items() if r)
             if any(r == 0 for r in own.values()):
                 opts["exclude"] = tuple(glob.escape(n) for n, r in own.items() if r == 0)
             recipe.append(("factorize", opts))
@@ -161,7 +164,37 @@ def build_space(model: Any, target: Target, calib: Any = None, *, factorize: Seq
         seed["quantize"] = "int8"
     if target.kind in ("file", "latency"):
         seed.update({f"int8:{name}": True for name in layers})
-    return Space(target, keys, seed, calibrated=calib is not None, factorize=tuple(factorize), layers=layers)
+    space = Space(target, keys, seed, calibrated=calib is not None, factorize=tuple(factorize), layers=layers)
+    space.recipes = recipe_trials(space)
+    return space
+
+
+def recipe_trials(space: Space) -> list[dict[str, Any]]:
+    """The shipped recipes (``compiler/recipes``) as trials of ``space``: each one's factorization
+    (method and rank, every layer at that rank) and, for latency and file targets, its INT8, with
+    nothing pruned. Enqueued after the greedy allocation, so the search's best is never worse than
+    a shipped recipe's choices either; recipes that change nothing this space can say (lossless)
+    or that repeat an earlier trial are left out."""
+    from onnxcc.compiler.api import resolve_recipe, shipped_recipes
+
+    out: list[dict[str, Any]] = []
+    for name in shipped_recipes():
+        params = dict(space.seed)
+        changed = False
+        for spec in resolve_recipe(name):
+            o = spec.options
+            if spec.name == "factorize" and o.get("method", "svd") in space.factorize and "rank" in o:
+                rank = round(min(0.8, max(0.2, float(o["rank"]))), 1)
+                params.update({"factorize": o.get("method", "svd"), "factorize_rank": rank})
+                params.update({f"factorize:{n}": None for n in space.layers})
+                changed = True
+            elif spec.name == "quantize" and space.target.kind in ("latency", "file"):
+                params.update({"quantize": "int8"} if space.target.kind == "latency" else {"storage": "int8"})
+                params.update({f"int8:{n}": True for n in space.layers})
+                changed = True
+        if changed and params != space.seed and params not in out:
+            out.append(params)
+    return out
 
 
 def greedy_trial(model: Any, space: Space, *, calibration: Any, data: Any, labels: Any, metric: Any,
@@ -428,15 +461,22 @@ def search(
                                    data=data, labels=labels, metric=metric, budget=budget)
         st.enqueue_trial(params, skip_if_exists=True)
         first = (params, out) if out is not None else None
+        extras = space.recipes[:max(0, trials - 1)]
+        for extra in extras:  # then the shipped recipes' choices
+            st.enqueue_trial(extra, skip_if_exists=True)
     job = Job(model if isinstance(model, (str, os.PathLike)) else _bytes(loaded), target, calibration if calibration is None or isinstance(calibration, (str, os.PathLike)) else calib,
               data, labels, metric, budget, space, url, name, trials, time_limit_min * 60 if time_limit_min else None, seed,
               threads or (2 if workers == 1 and ray is None else 1), sampler, first)
-    if fresh:
-        # Trial 0 finishes here, before any worker starts: two workers on one SQLite study can
-        # both pop the same enqueued trial (Optuna's pop is not atomic there) and the second
-        # then fails with "Cannot tell a COMPLETE trial".
+    if fresh and not (workers == 1 and ray is None):
+        # The enqueued trials finish before the workers start: two workers on one SQLite study
+        # can both pop the same enqueued trial (Optuna's pop is not atomic there) and the second
+        # then fails with "Cannot tell a COMPLETE trial". The greedy trial (already compiled)
+        # is told here; the recipes' trials run one after another (as one Ray task on a cluster).
         _first_trial(job, trial_runner or run_trial)
         job = dataclasses.replace(job, first=None)
+        if extras:
+            map_parallel(_work_remote, [(dataclasses.replace(job, trials=1 + len(extras)), 0)], workers=1, ray=ray,
+                         ray_resource=ray_resource, threads=job.threads)
     if workers == 1 and ray is None:
         work(job, 0, trial_runner)  # in this process: trial_runner may be a closure
     else:

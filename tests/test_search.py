@@ -124,6 +124,30 @@ def test_sensitivity_shared_over_two_processes_gives_the_same_curves(cli):
     assert r.code == 0 and len(json.loads(r.out)["spaces"]) == len(one.curves)
 
 
+def test_first_trials_are_the_greedy_allocation_then_the_shipped_recipes():
+    """Trial 0 is exactly ``prune --target-macs T --reconstruct`` under the budget (same ratios,
+    same MACs), trial 1 the faster-2x recipe's factorization (spatial SVD at rank 0.2 on every
+    layer), so the search's best is never worse than either."""
+    from onnxcc.compiler.ir_utils import load_model
+
+    space = S.build_space(load_model(SAMPLE), S.parse_target("latency=0.5"))
+    assert space.recipes and all(p["quantize"] == "int8" for p in space.recipes)  # int8-x86 alone is the seed
+    assert {(p["factorize"], p["factorize_rank"]) for p in space.recipes} == {("spatial-svd", 0.2)}
+    rep = S.search(SAMPLE, "macs=0.3", trials=2, seed=0, calibration=CALIB, budget=1.0).report["search"]
+    greedy = compile_model(SAMPLE, [("fold", {}), ("prune", {"target_macs": 0.3, "reconstruct": True}), ("fold", {})],
+                           calibration=CALIB, budget=1.0, measure_latency=False).report
+    t0, t1 = rep["trials"][0], rep["trials"][1]
+    assert abs(t0["ratio"] - greedy["after"]["macs"] / greedy["before"]["macs"]) < 1e-4
+    ratios = next(p for p in greedy["passes"] if p["pass"] == "prune")["stats"]["steps"][-1]["ratios"]
+    assert {k[6:]: v for k, v in t0["params"].items() if k.startswith("prune:") and v} == pytest.approx(
+        {k: v for k, v in ratios.items() if v})
+    fact = next(s for s in t1["recipe"] if s["name"] == "factorize")["options"]
+    assert fact["method"] == "spatial-svd" and fact["rank"] == 0.2 and not fact.get("layer_rank") and not fact.get("exclude")
+    assert not any(s["name"] == "prune" for s in t1["recipe"]) and t1["ratio"] < 1.0
+    best = next(t for t in rep["trials"] if t["number"] == rep["best"])
+    assert best["ratio"] <= max(0.3, min(t0["ratio"], t1["ratio"])) + 1e-9
+
+
 def test_heavy_layers_choose_their_own_factorization_and_precision():
     """Per-layer choices: a layer that chose rank 0 stays one node, one that chose float stays
     float while its neighbours run integer kernels, and the recipe is what the pipeline ran."""
