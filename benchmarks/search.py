@@ -14,7 +14,7 @@ network, all at the same MACs target and budget:
 * ``recipe:<name>``: every shipped recipe, under the budget (only ``faster-2x`` cuts MACs: the
   others say what a user who picks a recipe by hand gets);
 * ``search (K workers)``: ``onnxcc search --target macs=T`` with N trials (the greedy allocation
-  is its first trial), K local worker processes (1 onnxruntime thread each when K > 1);
+  is its first trial), K local worker processes, 1 onnxruntime thread each;
 * ``search (ray, 2 nodes)``: the same search on a two-node Ray cluster simulated on this machine
   (``ray.cluster_utils.Cluster``: a head and a second node, each its own raylet and object store
   with 1 CPU, on loopback), with trials per hour.
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
                 except OnnxccError as e:
                     rows.append({"model": model, "variant": f"recipe:{name}", "error": str(e).splitlines()[0][:90]})
             for k in (int(w) for w in args.workers.split(",")):
-                rows.append(_search_row(model, f"search ({k} worker{'s' if k > 1 else ''})", path, target, args.trials, common, workers=k))
+                rows.append(_search_row(model, f"search ({k} worker{'s' if k > 1 else ''})", path, target, args.trials, common, workers=k,
+                                        threads=1))
             if address:
                 rows.append(_search_row(model, f"search (ray, {args.ray_nodes} nodes)", path, target, args.trials, common, ray=address,
                                          workers=args.ray_nodes))

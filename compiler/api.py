@@ -42,6 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcc.compiler.errors import BadInputError
+from onnxcc.compiler.ir_utils import serialized_size
 from onnxcc.compiler.pipeline import Budget, PassSpec, Pipeline, PipelineResult, concrete_shapes, load_recipe, specs_from_data
 
 logger = logging.getLogger(__name__)
@@ -180,16 +181,6 @@ class CompileResult:
         from onnxcc.compiler.ir_utils import save_model
 
         save_model(self.model, path, **kwargs)
-
-
-def serialized_size(model: ir.Model) -> int:
-    """Bytes the model takes as a file: serialized when it fits in one protobuf; a model over 2 GB,
-    or with external tensors, by its tensors' bytes (the graph adds kilobytes; serializing
-    gigabytes only to count them would double the peak memory). The CLI replaces both with the
-    sizes of the files on disk."""
-    from onnxcc.compiler.ir_utils import model_nbytes, needs_file
-
-    return model_nbytes(model) if needs_file(model) else len(ir.to_proto(model).SerializeToString())
 
 
 #: How compile times the model before and after: `onnxcc bench`'s protocol, both in one run.

@@ -350,7 +350,7 @@ def write_outputs(ctx: click.Context, res: Any, src: str, out: str, report: str 
     else the passes and totals), the JSON report and the page."""
     from onnxcc.compiler.api import json_report
     from onnxcc.compiler.files import atomic_write, file_size
-    from onnxcc.compiler.ir_utils import save_model
+    from onnxcc.compiler.ir_utils import has_external_tensors, save_model
 
     page = None
     if html_path:
@@ -359,7 +359,7 @@ def write_outputs(ctx: click.Context, res: Any, src: str, out: str, report: str 
         page = render(res.report, res.before, res.model, title=title)
     save_model(res.model, out, external_data=external_data)
     res.report["before"]["file_bytes"] = file_size(src)
-    res.report["after"]["file_bytes"] = file_size(out)
+    res.report["after"]["file_bytes"] = file_size(out, external=has_external_tensors(res.model))
     res.report.update(input=str(src), output=str(out))
     if not (ctx.obj or {}).get("quiet"):
         if summary is not None:

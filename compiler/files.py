@@ -9,6 +9,7 @@ or interrupted run leaves no half-written file and never touches what was there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -42,14 +43,26 @@ def atomic_write(path: str | os.PathLike, *companions: str, what: str = "file") 
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
-    """The external-data files a model file references (that exist), each once."""
+    """The external-data files a model file references (that exist), each once. Read once per
+    version of the file (a run asks about its input several times; parsing a 460 MB model takes
+    half a second)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return []
+    return list(_external_data_files(str(p.resolve()), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _external_data_files(path: str, mtime_ns: int, size: int) -> tuple[Path, ...]:
     import onnx
 
     p = Path(path)
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception:  # not a model (or unreadable): no data files
-        return []
+        return ()
     seen: list[Path] = []
     for t in _tensors(proto.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -59,13 +72,15 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
             f = (p.parent / location).resolve()
             if f not in seen and f.is_file():
                 seen.append(f)
-    return seen
+    return tuple(seen)
 
 
-def file_size(path: str | os.PathLike) -> int:
+def file_size(path: str | os.PathLike, *, external: bool = True) -> int:
     """Bytes of a model file plus every external-data file it references (the torch dynamo
-    exporter's default layout), each counted once."""
-    return Path(path).stat().st_size + sum(f.stat().st_size for f in external_data_files(path))
+    exporter's default layout), each counted once; ``external=False``: the caller knows the file
+    references none (a model onnxcc just wrote with its weights inside)."""
+    data = external_data_files(path) if external else []
+    return Path(path).stat().st_size + sum(f.stat().st_size for f in data)
 
 
 def _tensors(graph) -> Iterator:

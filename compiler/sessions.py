@@ -26,7 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcc.compiler.errors import ModelRejectedError
-from onnxcc.compiler.ir_utils import needs_file, save_model, saved_copy
+from onnxcc.compiler.ir_utils import model_to_bytes, needs_file, save_model, saved_copy
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -128,8 +128,14 @@ def join_batches(arrs: list[np.ndarray], batch: int | None = None) -> np.ndarray
     return np.concatenate([a.ravel() for a in arrs])
 
 
-def run_model(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, optimize: bool = False) -> dict[str, np.ndarray]:
+def run_model(model: ir.Model | bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, optimize: bool = False) -> dict[str, np.ndarray]:
     return run_session(make_session(model, optimize=optimize), feeds)
+
+
+def session_source(model: ir.Model) -> ir.Model | bytes:
+    """``model`` serialized once for several sessions over it (a large model takes seconds to
+    serialize); the model itself when it must go through a file (:func:`make_session` saves it)."""
+    return model if needs_file(model) else model_to_bytes(model)
 
 
 def optimized_graph(model: ir.Model) -> onnx.ModelProto:
