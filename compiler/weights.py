@@ -60,8 +60,13 @@ def by_output(node: ir.Node, w: np.ndarray | None = None) -> np.ndarray:
 
 
 def by_input(node: ir.Node, w: np.ndarray | None = None) -> np.ndarray:
-    """One row per input channel: the weight slice a consumer applies to it."""
+    """One row per input channel: the weight slice a consumer applies to it (a grouped Conv's
+    input channel ``j·I/g + k`` meets only group ``j``'s filters: row ``W[group j, k]``)."""
     w = weight(node) if w is None else w
+    g = attr(node, "group", 1) if node.op_type == "Conv" else 1
+    if g > 1:
+        m = w.reshape(g, w.shape[0] // g, w.shape[1], -1)  # [g, O/g, I/g, k]
+        return np.moveaxis(m, 2, 1).reshape(g * w.shape[1], -1)
     return np.moveaxis(w, in_axis(node), 0).reshape(w.shape[in_axis(node)], -1)
 
 
@@ -93,6 +98,14 @@ def input_contribution(node: ir.Node, channels: np.ndarray, values: np.ndarray) 
     (kernel positions summed, Gemm's alpha applied): the bias that stands in for them."""
     w = weight(node).astype(np.float64)
     op = node.op_type
+    if op == "Conv" and attr(node, "group", 1) > 1:  # channel j·I/g + k reaches group j's filters
+        g = attr(node, "group", 1)
+        per, cin_g = w.shape[0] // g, w.shape[1]
+        out = np.zeros(w.shape[0])
+        for ch, v in zip(np.asarray(channels), np.asarray(values)):
+            j, k = divmod(int(ch), cin_g)
+            out[j * per:(j + 1) * per] += w[j * per:(j + 1) * per, k].reshape(per, -1).sum(1) * v
+        return out
     if op == "Conv":
         return (w[:, channels].reshape(w.shape[0], len(channels), -1).sum(2) * values[None, :]).sum(1)
     if op == "ConvTranspose":

@@ -21,7 +21,7 @@ from onnxcc.compiler.analysis import analyze
 from onnxcc.compiler.ir_utils import clone_model, replace_contents
 from onnxcc.compiler.passbase import PassContext, PassReport, Skipped
 from onnxcc.passes.pruning import sensitivity
-from onnxcc.passes.pruning.cut import PruneConfig, prepare, prune_once
+from onnxcc.passes.pruning.cut import PruneConfig, grouped_mode, prepare, prune_once
 from onnxcc.passes.pruning.dependency import ChannelGraph
 
 
@@ -44,13 +44,13 @@ def auto_prune(model: ir.Model, cfg: PruneConfig, context: PassContext) -> PassR
     base_count = count(model)
     step_reports, last = [], None
     if target is None:  # progressive uniform pruning: each space's kept count follows its original width
-        cg0 = ChannelGraph(model)
+        cg0 = ChannelGraph(model, grouped=grouped_mode(cfg))
         cg0.exclude(cfg.exclude)
         widths = {key: cg0.spaces[sp].channels for sp, key in sensitivity.space_keys(cg0).items()}
     for k in range(1, cfg.steps + 1):
         if target is None:
             r_k = 1.0 - (1.0 - cfg.ratio) ** (k / cfg.steps)
-            cg = ChannelGraph(model)
+            cg = ChannelGraph(model, grouped=grouped_mode(cfg))
             now = {v.name: sp.channels for sp in cg.spaces if not sp.blocked for v in sp.values if v.name in widths}
             items = []
             for key, n0 in widths.items():

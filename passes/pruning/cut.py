@@ -55,6 +55,9 @@ class PruneConfig:
     global_ranking: bool = dataclasses.field(default=False, metadata={"help": "rank channels across spaces instead of a uniform ratio"})
     max_space_ratio: float = dataclasses.field(default=0.9, metadata={"help": "with global ranking: most any one space may lose"})
     round_to: int = dataclasses.field(default=1, metadata={"help": "keep channel counts a multiple of this"})
+    grouped: Literal["auto", "within", "whole"] = dataclasses.field(
+        default="auto", metadata={"help": "grouped convs: within (the same positions from every group), whole (whole groups); auto: whole for criterion=zero, else within"}
+    )
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "node-name patterns whose spaces are left alone"})
     layer_ratio: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "PATTERN=R: ratio for the spaces of matching nodes"})
     compensate: bool = dataclasses.field(default=True, metadata={"help": "fold removed channels' mean activation into the next bias"})
@@ -84,6 +87,12 @@ class PruneConfig:
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
 
+def grouped_mode(cfg: PruneConfig) -> str:
+    """How grouped convs lose channels (see :class:`ChannelGraph`): a framework's structured masks
+    zero whole groups, which ``criterion=zero`` removes exactly; a ranked cut narrows every group."""
+    return cfg.grouped if cfg.grouped != "auto" else ("whole" if cfg.criterion == "zero" else "within")
+
+
 def is_exact(cfg: PruneConfig) -> bool:
     """Removing only provably dead channels, compensated exactly, is an exact rewrite."""
     return cfg.criterion == "zero" and not cfg.allow_lossy
@@ -93,7 +102,7 @@ def prune_once(model: ir.Model, cfg: PruneConfig, context: PassContext, ratio: f
     """One analysis + cut + compensation/reconstruction at a uniform ``ratio`` with per-space overrides."""
     exact = is_exact(cfg)
     prepare(model)
-    cg = ChannelGraph(model)
+    cg = ChannelGraph(model, grouped=grouped_mode(cfg))
     cg.exclude(cfg.exclude)
     ratios = {}
     for item in space_ratio:

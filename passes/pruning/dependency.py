@@ -17,14 +17,17 @@ Rules, applied in topological order over the main graph:
   axes, Transpose/Squeeze/Unsqueeze (the axis moves), Reduce* over other axes,
   Identity, Dropout, Cast, Split/Slice along other axes);
 * **couplings** union elements: Add/Sub/Mul/Div/Max/Min/Sum/Mean between
-  channel tensors (residual adds, squeeze-excite gates, SiLU), and a grouped
-  or depthwise Conv, which ties input group *j* to output group *j*;
+  channel tensors (residual adds, squeeze-excite gates, SiLU), and a depthwise
+  Conv (or a grouped one with ``grouped="whole"``), which ties input group *j*
+  to output group *j*; a grouped Conv with ``grouped="within"`` (the default)
+  ties channel *k* of every group together, on its input and on its output, so
+  every group loses the same positions and keeps its place;
 * **index maps**: Concat on the channel axis gives input *i* the output
   range ``[o_i, o_i + C_i)``; Split/Slice (step 1) give outputs sub-ranges of
   the input; Flatten/Reshape ``(N, C, H, W) → (N, C·H·W)`` maps channel ``c``
   to features ``[c·H·W, (c+1)·H·W)``;
-* **consumers** end a chain: the input axis of a group-1 Conv / ConvTranspose
-  weight, the rows of a Gemm/MatMul weight;
+* **consumers** end a chain: the input axis of a group-1 (or within-group)
+  Conv / ConvTranspose weight, the rows of a Gemm/MatMul weight;
 * **blockers** mark elements that must stay: graph outputs, unknown or custom
   ops, tensors used inside subgraphs, shared or non-constant weights, dynamic
   shapes where a shape is needed, channel shuffles and other Reshapes that mix
@@ -57,11 +60,21 @@ from onnxcc.passes.pruning.channels import ChannelSets, Group, Space, Tracked  #
 from onnxcc.passes.pruning.rules import RULE_FOR_OP, Cut, dims_of
 
 
+GROUPED_MODES = ("within", "whole")
+
+
 class ChannelGraph(ChannelSets):
     """The channel dependency graph of a model (built on construction)."""
 
-    def __init__(self, model: ir.Model, *, opset: int | None = None):
+    def __init__(self, model: ir.Model, *, opset: int | None = None, grouped: str = "within"):
         super().__init__()
+        if grouped not in GROUPED_MODES:
+            raise ValueError(f"grouped must be one of {', '.join(GROUPED_MODES)}")
+        # grouped convs (not depthwise): "within" removes the same channel positions from every
+        # group (each keeps its group, both in and out narrow: MACs fall quadratically, as
+        # Torch-Pruning does); "whole" removes whole groups (what structured masks that zero a
+        # group leave, so criterion=zero uses it)
+        self.grouped = grouped
         self.model = model
         self.graph = model.graph
         self.opset = opset or model.opset_imports.get("", 17)

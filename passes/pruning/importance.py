@@ -140,10 +140,12 @@ def dead_groups(cg: ChannelGraph) -> dict[int, str]:
     produced = np.zeros(len(cg.groups), dtype=bool)
     nonzero_src = np.zeros(len(cg.groups), dtype=bool)
     for node in cg.sources:
-        # Grouped/depthwise convs only transform channels a group-1 source made;
-        # whether their output is still constant is checked in onnxruntime.
+        # Depthwise convs (and grouped ones losing whole groups) only transform channels a
+        # group-1 source made; whether their output is still constant is checked in onnxruntime.
+        # A grouped conv losing positions within its groups makes its own channels.
         group = node.attributes.get("group")
-        if node.outputs[0] not in cg.tracked or (group is not None and group.value > 1):
+        whole = group is not None and group.value > 1 and cg.records.get(node) is not rules.cut_grouped_within
+        if node.outputs[0] not in cg.tracked or whole:
             continue
         rows = W.by_output(node).astype(np.float64)
         for i, g in enumerate(cg.value_groups(node.outputs[0])):

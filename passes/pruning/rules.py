@@ -21,7 +21,9 @@ is :mod:`onnxcc.passes.pruning.channels`; the walk is
 
 =====================  =====================================================
 Conv                   ``W[keep_out][:, keep_in]`` (group 1), bias; grouped
-                       convs lose whole groups: ``W[keep_out]``, ``group -= k``
+                       convs lose the same positions in every group
+                       (``W[keep_out][:, keep_pos]``) or, depthwise or with
+                       ``grouped="whole"``, whole groups (``group -= k``)
 ConvTranspose          ``W[keep_in][:, keep_out]``, bias
 Gemm / MatMul          weight rows (inputs, incl. the H·W blocks behind a
                        Flatten) and columns (outputs), bias ``C``
@@ -134,10 +136,20 @@ def analyse_conv(cg: ChannelGraph, node: ir.Node, tin) -> None:
         if x is not None:
             cg.consumers.append((node, 0))
         return
+    cin_g, cout_g = w.shape[1], cout // group
+    if cg.grouped == "within" and cin_g > 1 and cout_g > 1:
+        # position k of every group goes together, on each side: the groups stay, each narrower
+        cg.records[node] = cut_grouped_within
+        for k in range(cout_g):
+            cg.union_all([t_out.base + j * cout_g + k for j in range(group)])
+        if x is not None:
+            for k in range(cin_g):
+                cg.union_all([x.base + j * cin_g + k for j in range(group)])
+            cg.consumers.append((node, 0))
+        return
     if x is None:
         cg.block(t_out, f"{node_label(node)}: grouped conv whose input channels cannot be pruned")
         return
-    cin_g, cout_g = w.shape[1], cout // group
     for j in range(group):
         cg.union_all(
             list(range(x.base + j * cin_g, x.base + (j + 1) * cin_g))
@@ -683,6 +695,26 @@ def cut_weighted(c: Cut, node: ir.Node) -> bool:
         b = const_array(node.inputs[2])
         if b.ndim and b.shape[b_axis] > 1:
             set_input_const(c.graph, node, 2, np.take(b, keep(b.shape[b_axis], r_out), axis=b_axis))
+    return True
+
+
+def cut_grouped_within(c: Cut, node: ir.Node) -> bool:
+    """A grouped Conv that lost the same positions in every group (``grouped="within"``): the
+    kept filters, and the kept input positions of each group; ``group`` is unchanged."""
+    r_out, r_in = c.rem(node.outputs[0]), c.rem(node.inputs[0])
+    if not r_out.size and not r_in.size:
+        return False
+    w = const_array(node.inputs[1])
+    gone_in = np.unique(r_in % w.shape[1])  # positions within a group (the same in each)
+    set_input_const(c.graph, node, 1, w[keep(w.shape[0], r_out)][:, keep(w.shape[1], gone_in)])
+    if r_out.size:
+        scale = node.meta.get(BN_SCALE_META)
+        if scale is not None:
+            node.meta[BN_SCALE_META] = np.asarray(scale)[keep(len(scale), r_out)]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = const_array(node.inputs[2])
+            if b.ndim and b.shape[0] > 1:
+                set_input_const(c.graph, node, 2, b[keep(b.shape[0], r_out)])
     return True
 
 

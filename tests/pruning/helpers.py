@@ -10,17 +10,19 @@ from onnxcc.passes.pruning.dependency import ChannelGraph
 from onnxcc.passes.pruning.cut import prepare
 
 
-def zero_groups(model: ir.Model, fraction: float = 0.3, seed: int = 0, zero_bias: bool = False) -> int:
+def zero_groups(model: ir.Model, fraction: float = 0.3, seed: int = 0, zero_bias: bool = False, grouped: str = "whole") -> int:
     """Zero the producing filters of a random ``fraction`` of each prunable space's channel groups.
 
     Every source in a chosen group (the conv writing it, a depthwise conv tied
     to it, every conv adding into a residual stream) gets its filter zeroed, as
     structured masks made permanent in a framework would. With ``zero_bias``
     the biases go too (activation exactly 0); otherwise they stay, and the
-    channel is a nonzero constant. Returns the number of groups zeroed.
+    channel is a nonzero constant. ``grouped``: the groups of grouped convs as
+    ``criterion=zero`` sees them by default (whole groups) or ``"within"``.
+    Returns the number of groups zeroed.
     """
     prepare(model)
-    cg = ChannelGraph(model)
+    cg = ChannelGraph(model, grouped=grouped)
     rng = np.random.default_rng(seed)
     chosen: set[int] = set()
     for sp in cg.spaces:

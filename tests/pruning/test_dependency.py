@@ -35,10 +35,10 @@ def b(n, zero=()):
     return a
 
 
-def analyse(model):
+def analyse(model, **kw):
     m = clone_model(model)
     prepare(m)
-    return ChannelGraph(m)
+    return ChannelGraph(m, **kw)
 
 
 def prune(model, **opts):
@@ -137,12 +137,43 @@ def test_grouped_conv_removes_whole_groups():
         y = Conv <kernel_shape=[1,1]> (gc, w3)
     }"""
     m = model_from_text(text, w1=w(8, 3, 1, 1, zero_out=[2, 3]), wg=w(8, 2, 3, 3), w3=w(5, 8, 1, 1))
-    cg = analyse(m)
+    cg = analyse(m, grouped="whole")  # criterion=zero's mode: structured masks zero whole groups
     prunable = [sp for sp in cg.spaces if not sp.blocked]
     assert [sp.channels for sp in prunable] == [4]  # 4 groups of (2 in, 2 out)
     pruned, rep = prune(m)
     gc = [n for n in pruned.graph if n.op_type == "Conv"][1]
     assert gc.attributes["group"].value == 3 and const_array(gc.inputs[1]).shape == (6, 2, 3, 3)
+
+
+GROUPED = HEAD.format(opset=17) + """
+    g (float[N,3,8,8] x) => (float[N,5,8,8] y) {
+        a = Conv <kernel_shape=[1,1]> (x, w1, b1)
+        r = Relu (a)
+        gc = Conv <kernel_shape=[1,1], group=4> (r, wg)
+        y = Conv <kernel_shape=[1,1]> (gc, w3)
+    }"""
+
+
+def test_grouped_conv_loses_the_same_positions_in_every_group():
+    """A ranked cut (Torch-Pruning's way): position k of every group goes together, on the input
+    and on the output side, so each group keeps its place and narrows; MACs fall quadratically."""
+    m = model_from_text(GROUPED, w1=w(8, 3, 1, 1), b1=b(8), wg=w(8, 2, 1, 1), w3=w(5, 8, 1, 1))
+    cg = analyse(m)
+    assert sorted(sp.channels for sp in cg.spaces if not sp.blocked) == [2, 2]  # in and out positions
+    pruned, _ = prune(m, criterion="l1", ratio=0.5)
+    a, gc, y = [n for n in pruned.graph if n.op_type == "Conv"]
+    assert gc.attributes["group"].value == 4 and const_array(gc.inputs[1]).shape == (4, 1, 1, 1)
+    assert const_array(a.inputs[1]).shape == (4, 3, 1, 1) and const_array(y.inputs[1]).shape == (5, 4, 1, 1)
+
+
+def test_grouped_conv_within_groups_removes_dead_positions_exactly():
+    """Position 1 of every group dead (zero filters, a nonzero bias: a constant after Relu): removed
+    with the constant folded into the grouped conv's bias, exactly."""
+    m = model_from_text(GROUPED, w1=w(8, 3, 1, 1, zero_out=[1, 3, 5, 7]), b1=np.abs(b(8)) + 0.1, wg=w(8, 2, 1, 1), w3=w(5, 8, 1, 1))
+    pruned, rep = prune(m, grouped="within")  # verified exact by the pipeline and by prune()
+    gc = [n for n in pruned.graph if n.op_type == "Conv"][1]
+    assert rep.stats["groups_removed"] == 1
+    assert gc.attributes["group"].value == 4 and const_array(gc.inputs[1]).shape == (8, 1, 1, 1)
 
 
 def test_grouped_conv_with_only_one_dead_input_keeps_its_group():

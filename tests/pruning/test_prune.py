@@ -50,6 +50,22 @@ def test_zero_criterion_is_exact_on_every_family(folded, family, zero_bias):
     assert analyze(model, stats=False).macs < analyze(ref, stats=False).macs
 
 
+@pytest.mark.parametrize("zero_bias", [True, False], ids=["zero-activation", "constant-activation"])
+def test_zero_criterion_within_groups_is_exact_on_resnext(folded, zero_bias):
+    """Masks that zero the same positions in every group of ResNeXt's grouped convs (what a
+    within-group pruner leaves) are removed exactly with grouped=within, groups kept."""
+    model = folded("resnext")
+    n_zeroed = zero_groups(model, 0.3, seed=2, zero_bias=zero_bias, grouped="within")
+    ref = clone_model(model)
+    res = Pipeline([("prune", {"criterion": "zero", "grouped": "within"})]).run(model)  # exactness enforced
+    check_same_outputs(ref, model, exact=True)
+    removed = res.steps[0].report.stats["groups_removed"]
+    assert (removed == n_zeroed) if zero_bias else (0 < removed <= n_zeroed)
+    groups = lambda m: sorted(n.attributes["group"].value for n in m.graph if n.op_type == "Conv" and n.attributes.get("group"))
+    assert groups(model) == groups(ref)
+    assert analyze(model, stats=False).macs < analyze(ref, stats=False).macs
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ratio_half_runs_and_cuts_macs_on_every_family(folded, family):
     model = folded(family)
