@@ -2,6 +2,7 @@
 
     python -m benchmarks.factorize [--rank 0.25] [--size small] [--methods spatial-svd,tucker,...] [--models digits-vgg,...]
                                    [--no-trained] [--keep-if-faster] [--json out.json]
+    python -m benchmarks.factorize --cost [--rank 0.5]   # wall time and memory per method, full-size models
 
 Models: the digits-trained VGG-, ResNet- and MobileNetV2-style networks
 (accuracy on 500 held-out images; needs the torch extra) and the VGG- and
@@ -101,6 +102,41 @@ def run(args):
         Path(args.json).write_text(json.dumps(records, indent=1))
 
 
+def cost(args):
+    """``onnxcc factorize IN --method M --rank R --keep-if-faster`` on the full-size VGG-11- and
+    ResNet-18-style builders (224², random weights), each in its own process as a user runs it:
+    wall time and peak memory per method (issue #17: every method under 2 minutes on 2 cores)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from onnxcc.compiler.analysis import format_table
+    from onnxcc.compiler.ir_utils import save_model
+    from onnxcc.models.builders import build
+
+    rows, records = [], []
+    with tempfile.TemporaryDirectory(prefix="onnxcc-fact-cost-") as tmp:
+        for fam, label in (("vgg", "VGG-11-style (133 M params)"), ("resnet", "ResNet-18-style (11.7 M params)")):
+            src = Path(tmp) / f"{fam}.onnx"
+            save_model(build(fam, "full", seed=0), src)
+            for method in args.methods:
+                cmd = [sys.executable, "-m", "onnxcc.compiler.cli", "factorize", str(src), "-o", str(Path(tmp) / "out.onnx"),
+                       "--method", method, "--rank", str(args.rank), "--keep-if-faster", "-q"]
+                t0 = time.perf_counter()
+                proc = subprocess.Popen(cmd)
+                _, status, usage = os.wait4(proc.pid, 0)
+                wall = time.perf_counter() - t0
+                rec = {"model": label, "method": method, "rank": args.rank, "seconds": round(wall, 1),
+                       "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2), "exit": os.waitstatus_to_exitcode(status)}
+                records.append(rec)
+                rows.append([label, method, f"{wall:.1f}", f"{rec['peak_rss_gb']:.2f}", str(rec["exit"])])
+                print(f"done {label} {method}", file=sys.stderr, flush=True)
+    print(f"onnxcc factorize --rank {args.rank} --keep-if-faster, one process each, {os.cpu_count()} cores")
+    print(format_table(rows, ["model", "method", "wall s", "peak GB", "exit"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", type=float, default=0.25)
@@ -110,10 +146,11 @@ def main(argv=None):
     ap.add_argument("--no-trained", action="store_true")
     ap.add_argument("--models", default="", help="comma-separated substrings of the model labels to run (default: all)")
     ap.add_argument("--keep-if-faster", action="store_true")
+    ap.add_argument("--cost", action="store_true", help="only the wall time and memory of each method on the full-size builders")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    run(args)
+    cost(args) if args.cost else run(args)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,13 @@ def _networks(names, tmp: Path):
 
 
 def _ray_cluster(nodes: int):
-    """A ``nodes``-node Ray cluster on this machine (1 CPU each); returns (cluster, address)."""
+    """A ``nodes``-node Ray cluster on this machine (1 CPU each), every node on loopback; returns
+    (cluster, address)."""
+    import os
+
+    from onnxcc.compiler.search import RAY_LOOPBACK_ENV
+
+    os.environ.setdefault(RAY_LOOPBACK_ENV, "0")  # before Ray is imported: nodes bind and dial 127.0.0.1
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
                     rows.append(_row(model, f"recipe:{name}", res.report, time.perf_counter() - t0))
                 except OnnxccError as e:
                     rows.append({"model": model, "variant": f"recipe:{name}", "error": str(e).splitlines()[0][:90]})
-            for k in (int(w) for w in args.workers.split(",")):
+            for k in (int(w) for w in args.workers.split(",") if w):
                 rows.append(_search_row(model, f"search ({k} worker{'s' if k > 1 else ''})", path, target, args.trials, common, workers=k,
                                         threads=1))
             if address:
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
             np.save(tmp / "big_calib.npy", x[:8])
             np.save(tmp / "big_eval.npy", x[8:])
             common = dict(calibration=str(tmp / "big_calib.npy"), data=str(tmp / "big_eval.npy"), budget=None)
-            k = int(args.workers.split(",")[-1])
+            k = int(([w for w in args.workers.split(",") if w] or ["2"])[-1])
             rows.append(_search_row("resnet18-size builder", f"search {args.full_trials} trials ({k} workers)", str(big), target,
                                     args.full_trials, common, workers=k))
     finally:

@@ -52,6 +52,8 @@ FACTORIZE = ("none", "svd", "spatial-svd", "tucker")
 LAYER_RANKS = (None, 0.0, 0.3, 0.5, 0.7)  # per-layer factorization: None takes the global rank, 0 leaves the layer alone
 PER_LAYER = 8  # per-layer factorization and INT8 choices for the layers with the most MACs
 HEARTBEAT_S = 10
+# Ray's switch for "this is not a multi-machine cluster": every Ray process binds and dials 127.0.0.1
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 GRACE_S = 30
 
 
@@ -544,6 +546,10 @@ def map_parallel(fn: Callable, args: Sequence[tuple], *, workers: int = 1, ray: 
     process pool, or Ray tasks (each asking for ``threads`` CPUs and ``ray_resource``; a task whose
     worker dies is retried). ``fn`` must be importable (module level) for the last two."""
     if ray is not None:
+        if ray == "local":
+            # one machine: every Ray process on loopback (Ray otherwise advertises and dials the
+            # machine's network address); read by Ray at import and by the processes it starts
+            os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
         try:
             import ray as ray_
         except ImportError as e:

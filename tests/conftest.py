@@ -14,6 +14,10 @@ import pytest
 
 from onnxcc.compiler.ir_utils import save_model
 from onnxcc.compiler.passbase import OnnxccPass, PassReport
+from onnxcc.compiler.search import RAY_LOOPBACK_ENV
+
+# Ray clusters the tests start stay on loopback (set before any test imports Ray)
+os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
 
 
 class CliResult:

@@ -1,4 +1,4 @@
-"""Weight decompositions (numpy and tensorly), rank rules and the MAC counts of each factored form.
+"""Weight decompositions (numpy), rank rules and the MAC counts of each factored form.
 
 Every function takes a float weight and returns the factors as float32 arrays
 in the layout of the ONNX op that will hold them:
@@ -7,11 +7,11 @@ in the layout of the ONNX op that will hold them:
 * :func:`spatial_svd`: ``W[o, i, y, x] ≈ Σ_r V[r, i, y] · H[o, r, x]``, a k×1
   conv with ``r`` channels then a 1×k conv (Jaderberg et al. 2014, scheme 2 as
   solved in closed form by Tai et al. 2016);
-* :func:`tucker2`: tensorly ``partial_tucker`` over the output and input
-  channel modes: 1×1 → k×k core → 1×1 (Kim et al. 2016);
-* :func:`cp`: tensorly ``parafac``: 1×1 → depthwise k×1 → depthwise 1×k → 1×1
-  (Lebedev et al. 2015), with the relative reconstruction error so callers can
-  refuse degenerate fits;
+* :func:`tucker2`: Tucker-2 over the output and input channel modes (HOOI from
+  the truncated HOSVD): 1×1 → k×k core → 1×1 (Kim et al. 2016);
+* :func:`cp`: CP by alternating least squares: 1×1 → depthwise k×1 →
+  depthwise 1×k → 1×1 (Lebedev et al. 2015), with the relative reconstruction
+  error so callers can refuse degenerate fits;
 * :func:`depthwise_separable`: per input channel, the best rank-``m`` fit of
   its ``O × (kh·kw)`` slice: a depthwise k×k conv with channel multiplier ``m``
   then a pointwise 1×1 conv.
@@ -24,7 +24,6 @@ Tucker-2 ranks by Kim et al. 2016).
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 
@@ -53,37 +52,111 @@ def spatial_svd(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def spatial_svd_rebuild(vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
-    return np.einsum("riy,orx->oiyx", vertical[..., 0], horizontal[:, :, 0, :])
+    return np.einsum("riy,orx->oiyx", vertical[..., 0], horizontal[:, :, 0, :], optimize=True)
 
 
-def tucker2(w: np.ndarray, r_out: int, r_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first ``[r_in, I, 1, 1]``, core ``[r_out, r_in, kh, kw]``, last ``[O, r_out, 1, 1]``)."""
-    from tensorly.decomposition import partial_tucker
+def _leading(gram: np.ndarray, r: int) -> np.ndarray:
+    """The ``r`` leading eigenvectors of a symmetric Gram matrix, largest first."""
+    _, vecs = np.linalg.eigh(gram)
+    return vecs[:, ::-1][:, :r]
 
+
+def tucker2(w: np.ndarray, r_out: int, r_in: int, seed: int = 0, n_iter: int = 10, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first ``[r_in, I, 1, 1]``, core ``[r_out, r_in, kh, kw]``, last ``[O, r_out, 1, 1]``).
+
+    Higher-order orthogonal iteration over the two channel modes, started from the truncated
+    HOSVD, each factor the leading eigenvectors of a Gram matrix (``O × O`` or ``I × I``): at
+    most ``n_iter`` rounds, fewer once the core's norm changes by less than ``tol`` (relative).
+    Deterministic (``seed`` is not needed). tensorly's ``partial_tucker`` computes the same fit
+    through full SVDs of the unfoldings: 40-140 s per 512-channel 3×3 conv here, against about
+    a second this way."""
     o, i = w.shape[:2]
     r_out, r_in = min(r_out, o), min(r_in, i)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        (core, (u_out, u_in)), _ = partial_tucker(w.astype(np.float64), rank=[r_out, r_in], modes=[0, 1], init="svd", n_iter_max=50, random_state=seed)
+    w64 = w.astype(np.float64)
+    m_out, m_in = w64.reshape(o, -1), w64.transpose(1, 0, 2, 3).reshape(i, -1)
+    u_out, u_in = _leading(m_out @ m_out.T, r_out), _leading(m_in @ m_in.T, r_in)
+    norm = None
+    for _ in range(n_iter if r_out < o or r_in < i else 0):
+        y = np.tensordot(w64, u_in, axes=([1], [0])).reshape(o, -1)  # [O, kh·kw·r_in]
+        u_out = _leading(y @ y.T, r_out)
+        y = np.tensordot(u_out, w64, axes=([0], [0])).transpose(1, 0, 2, 3).reshape(i, -1)  # [I, r_out·kh·kw]
+        u_in = _leading(y @ y.T, r_in)
+        core_norm = float(np.linalg.norm(u_in.T @ y))
+        if norm is not None and abs(core_norm - norm) <= tol * core_norm:
+            break
+        norm = core_norm
+    core = np.einsum("oiyx,os,ir->sryx", w64, u_out, u_in, optimize=True)
     first = u_in.T[:, :, None, None]
     last = u_out[:, :, None, None]
-    return first.astype(np.float32), np.asarray(core, np.float32), last.astype(np.float32)
+    return first.astype(np.float32), core.astype(np.float32), last.astype(np.float32)
 
 
 def tucker2_rebuild(first: np.ndarray, core: np.ndarray, last: np.ndarray) -> np.ndarray:
-    return np.einsum("ab,bcyx,cd->adyx", last[:, :, 0, 0], core, first[:, :, 0, 0])
+    # optimize: contracted pairwise through BLAS (the plain loop over all six indices took minutes
+    # on one 512-channel conv of a ResNet-18)
+    return np.einsum("ab,bcyx,cd->adyx", last[:, :, 0, 0], core, first[:, :, 0, 0], optimize=True)
 
 
-def cp(w: np.ndarray, r: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], float]:
+CP_FLOPS_PER_LAYER = 4e10  # ALS work one layer may take (sets the sweeps of large layers)
+
+
+def cp(w: np.ndarray, r: int, seed: int = 0, n_iter: int | None = None, tol: float = 1e-7) -> tuple[tuple[np.ndarray, ...], float]:
     """((first ``[r, I, 1, 1]``, vertical dw ``[r, 1, kh, 1]``, horizontal dw ``[r, 1, 1, kw]``,
-    last ``[O, r, 1, 1]``), relative reconstruction error)."""
-    from tensorly.decomposition import parafac
+    last ``[O, r, 1, 1]``), relative reconstruction error).
 
+    Alternating least squares, started from the leading eigenvectors of each mode's Gram matrix
+    (seeded noise for the columns past a mode's size). Each sweep contracts the weight with one
+    channel factor at a time (two ``O·I·kh·kw·r`` products, the spatial modes from the second),
+    so no Khatri-Rao product of two channel modes is ever formed; the fit error comes from the
+    Gram matrices. Sweeps: at most 100, fewer for large layers (about ``CP_FLOPS_PER_LAYER`` of
+    work: 10 for a 512-channel 3×3 conv at half its MACs), stopping once the error changes by
+    less than ``tol``. tensorly's ``parafac`` took 75-180 s for two sweeps of that layer here
+    (its SVD initialisation and unfoldings)."""
+    o, i, kh, kw = w.shape
     w64 = w.astype(np.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = parafac(w64, rank=r, init="svd", n_iter_max=100, tol=1e-7, random_state=seed, normalize_factors=True)
-    lam, (a_o, a_i, a_y, a_x) = res.weights, res.factors
+    rng = np.random.default_rng(seed)
+    unfold = [w64.reshape(o, -1), w64.transpose(1, 0, 2, 3).reshape(i, -1),
+              w64.transpose(2, 0, 1, 3).reshape(kh, -1), w64.transpose(3, 0, 1, 2).reshape(kw, -1)]
+
+    def init(m: np.ndarray) -> np.ndarray:
+        lead = _leading(m @ m.T, min(r, m.shape[0]))
+        extra = rng.standard_normal((m.shape[0], r - lead.shape[1])) / np.sqrt(m.shape[0])
+        return np.concatenate([lead, extra], axis=1)
+
+    a, b, c, d = (init(m) for m in unfold)
+    if n_iter is None:
+        n_iter = int(min(100, max(10, CP_FLOPS_PER_LAYER // max(1.0, 4.0 * w.size * r))))
+    norm2 = float(np.sum(w64 * w64))
+    ridge = 1e-12
+
+    def solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
+        gram = gram + ridge * (np.trace(gram) / r + 1e-300) * np.eye(r)
+        return np.linalg.solve(gram, mttkrp.T).T
+
+    err, prev = 1.0, None
+    for _ in range(n_iter):
+        t = np.tensordot(w64, b, axes=([1], [0]))  # [O, kh, kw, r]
+        a = solve((b.T @ b) * (c.T @ c) * (d.T @ d), np.einsum("oyxr,yr,xr->or", t, c, d, optimize=True))
+        t = np.tensordot(w64, a, axes=([0], [0]))  # [I, kh, kw, r]
+        ga = a.T @ a
+        b = solve(ga * (c.T @ c) * (d.T @ d), np.einsum("iyxr,yr,xr->ir", t, c, d, optimize=True))
+        c = solve(ga * (b.T @ b) * (d.T @ d), np.einsum("iyxr,ir,xr->yr", t, b, d, optimize=True))
+        m_d = np.einsum("iyxr,ir,yr->xr", t, b, c, optimize=True)
+        d = solve(ga * (b.T @ b) * (c.T @ c), m_d)
+        inner = float(np.sum(m_d * d))  # <W, X>
+        fit2 = float(np.sum(ga * (b.T @ b) * (c.T @ c) * (d.T @ d)))  # ||X||^2
+        err = float(np.sqrt(max(0.0, norm2 - 2.0 * inner + fit2) / max(norm2, 1e-300)))
+        if not np.isfinite(err):
+            break
+        if prev is not None and abs(prev - err) < tol:
+            break
+        prev = err
+        # unit columns for b, c, d (their scale moves into a, which the next sweep solves first)
+        for f in (b, c, d):
+            f /= np.maximum(np.linalg.norm(f, axis=0, keepdims=True), 1e-300)
+    norms = [np.linalg.norm(f, axis=0) for f in (a, b, c, d)]
+    lam = np.prod(norms, axis=0)
+    a_o, a_i, a_y, a_x = (f / np.maximum(n, 1e-300) for f, n in zip((a, b, c, d), norms))
     first = a_i.T[:, :, None, None]
     vert = a_y.T[:, None, :, None]
     horiz = a_x.T[:, None, None, :]
@@ -94,7 +167,7 @@ def cp(w: np.ndarray, r: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], fl
 
 
 def cp_rebuild(first, vert, horiz, last) -> np.ndarray:
-    return np.einsum("or,ri,ry,rx->oiyx", last[:, :, 0, 0], first[:, :, 0, 0], vert[:, 0, :, 0], horiz[:, 0, 0, :])
+    return np.einsum("or,ri,ry,rx->oiyx", last[:, :, 0, 0], first[:, :, 0, 0], vert[:, 0, :, 0], horiz[:, 0, 0, :], optimize=True)
 
 
 def depthwise_separable(w: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +189,7 @@ def depthwise_rebuild(dw: np.ndarray, pw: np.ndarray, in_channels: int) -> np.nd
     o = pw.shape[0]
     p = pw[:, :, 0, 0].reshape(o, in_channels, m)
     d = dw[:, 0].reshape(in_channels, m, *dw.shape[2:])
-    return np.einsum("oim,imyx->oiyx", p, d)
+    return np.einsum("oim,imyx->oiyx", p, d, optimize=True)
 
 
 def relative_error(w: np.ndarray, rebuilt: np.ndarray) -> float:

@@ -53,7 +53,7 @@ import onnx_ir.passes.common as common
 
 from onnxcc.compiler.analysis import layer_macs
 from onnxcc.compiler.ir_utils import attr, add_initializer, clone_model, const_array, gemm_as_matmul, infer_shapes, node_label, replace_contents
-from onnxcc.compiler import speed
+from onnxcc.compiler import progress, speed
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped, scaled_overrides
 from onnxcc.passes.factorization import decompose as D
 
@@ -356,7 +356,7 @@ def _decompose(layer: _Layer, method: str, r, seed: int) -> tuple[tuple[np.ndarr
     if method == "cp":
         try:
             factors, err = D.cp(w, r, seed=seed)
-        except (np.linalg.LinAlgError, ValueError) as e:  # tensorly's ALS on tiny or rank-deficient tensors
+        except (np.linalg.LinAlgError, ValueError) as e:  # ALS on tiny or rank-deficient tensors
             return (), None, f"CP fit failed ({str(e).splitlines()[0][:80]})"
         norms = np.linalg.norm(factors[0].reshape(factors[0].shape[0], -1), axis=1) * np.linalg.norm(factors[3].reshape(factors[3].shape[0], -1), axis=0)
         if not np.isfinite(err) or err >= 1.0:
@@ -385,18 +385,25 @@ def _replace(graph: ir.Graph, layer: _Layer, nodes: list[ir.Node]) -> None:
     graph.remove(node, safe=True)
 
 
-def factorize_layer(graph: ir.Graph, layer: _Layer | ir.Node, method: str, r, seed: int = 0) -> dict | str:
+def factorize_layer(graph: ir.Graph, layer: _Layer | ir.Node, method: str, r, seed: int = 0, cache: dict | None = None) -> dict | str:
     """Replace one layer by its factors at rank ``r``; returns what was done, or why not (a string).
 
     ``layer`` may be a node (its geometry is read here). No MAC check: callers
-    (and tests at full rank) choose the rank.
+    (and tests at full rank) choose the rank. ``cache``: decompositions already computed, by
+    layer, method and rank (keep-if-faster applies the kept layers a second time).
     """
     if isinstance(layer, ir.Node):
         layer, why = _layer(layer, method)
         if layer is None:
             return why or "not a factorizable layer"
     r = _clip_rank(layer, method, r)
-    factors, rebuilt, why = _decompose(layer, method, r, seed)
+    key = (layer.node.name, method, r, seed)
+    if cache is not None and key in cache:
+        factors, rebuilt, why = cache[key]
+    else:
+        factors, rebuilt, why = _decompose(layer, method, r, seed)
+        if cache is not None:
+            cache[key] = (factors, rebuilt, why)
     if why:
         return why
     nodes = _factor_nodes(graph, layer, method, factors)
@@ -470,14 +477,15 @@ class FactorizePass(OnnxccPass):
         infer_shapes(model)
         original = clone_model(model)
         plan, skipped, stats = self._plan(model)
-        changed = self._apply(model, plan, stats, skipped)
+        cache: dict = {}
+        changed = self._apply(model, plan, stats, skipped, cache)
         if cfg.keep_if_faster and changed:
             slower = self._slower_layers(original, model, plan, stats)
             if slower:
                 replace_contents(model, clone_model(original))
                 infer_shapes(model)
                 plan2 = {k: v for k, v in self._plan(model)[0].items() if k not in slower}
-                changed = self._apply(model, plan2, stats, [])
+                changed = self._apply(model, plan2, stats, [], cache)
                 for k in slower:
                     t = stats["layers"][k]["timing"]
                     skipped.append(Skipped(k, f"factorized form measured {t['factored_us']:.0f} us vs {t['original_us']:.0f} us: kept whole"))
@@ -575,15 +583,20 @@ class FactorizePass(OnnxccPass):
                 lo = mid
         return lo
 
-    def _apply(self, model: ir.Model, plan: dict, stats: dict, skipped: list[Skipped]) -> list[str]:
+    def _apply(self, model: ir.Model, plan: dict, stats: dict, skipped: list[Skipped], cache: dict | None = None) -> list[str]:
         changed = []
-        for name, (layer, r) in plan.items():
-            info = factorize_layer(model.graph, layer, self.config.method, r, self.context.seed)
+        update = progress.bar(f"factorize ({self.config.method})")
+        for k, (name, (layer, r)) in enumerate(plan.items()):
+            if update:
+                update(k, len(plan))
+            info = factorize_layer(model.graph, layer, self.config.method, r, self.context.seed, cache)
             if isinstance(info, str):
                 skipped.append(Skipped(name, info))
                 continue
             changed.append(name)
             stats["layers"].setdefault(name, {}).update(info)
+        if update:
+            update(len(plan), len(plan))
         common.RemoveUnusedNodesPass()(model)
         return changed
 
