@@ -687,6 +687,12 @@ def cut_weighted(c: Cut, node: ir.Node) -> bool:
         else:
             w = w[keep(w.shape[0], r_in)][:, keep(w.shape[1], r_out)]
         b_axis = -1
+    _set_weight(c, node, w, r_out, b_axis)
+    return True
+
+
+def _set_weight(c: Cut, node: ir.Node, w: np.ndarray, r_out: np.ndarray, b_axis: int) -> None:
+    """Store the cut weight; the bias and the folded BN scale follow the removed output channels."""
     set_input_const(c.graph, node, 1, w)
     scale = node.meta.get(BN_SCALE_META)
     if r_out.size and scale is not None:  # the folded BN scale follows its output channels
@@ -695,7 +701,6 @@ def cut_weighted(c: Cut, node: ir.Node) -> bool:
         b = const_array(node.inputs[2])
         if b.ndim and b.shape[b_axis] > 1:
             set_input_const(c.graph, node, 2, np.take(b, keep(b.shape[b_axis], r_out), axis=b_axis))
-    return True
 
 
 def cut_grouped_within(c: Cut, node: ir.Node) -> bool:
@@ -706,15 +711,7 @@ def cut_grouped_within(c: Cut, node: ir.Node) -> bool:
         return False
     w = const_array(node.inputs[1])
     gone_in = np.unique(r_in % w.shape[1])  # positions within a group (the same in each)
-    set_input_const(c.graph, node, 1, w[keep(w.shape[0], r_out)][:, keep(w.shape[1], gone_in)])
-    if r_out.size:
-        scale = node.meta.get(BN_SCALE_META)
-        if scale is not None:
-            node.meta[BN_SCALE_META] = np.asarray(scale)[keep(len(scale), r_out)]
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            b = const_array(node.inputs[2])
-            if b.ndim and b.shape[0] > 1:
-                set_input_const(c.graph, node, 2, b[keep(b.shape[0], r_out)])
+    _set_weight(c, node, w[keep(w.shape[0], r_out)][:, keep(w.shape[1], gone_in)], r_out, 0)
     return True
 
 
