@@ -197,7 +197,9 @@ def test_a_search_killed_with_sigkill_mid_trial_resumes_and_retries_that_trial(t
             except Exception:  # the study is not created yet
                 continue
             done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials)
-            running = next((t for t in st.trials if t.state == optuna.trial.TrialState.RUNNING), None) if done >= 1 else None
+            # mid-trial: running with its parameters drawn (a trial killed before its first
+            # suggestion has none to retry with, and is retried with fresh ones)
+            running = next((t for t in st.trials if t.state == optuna.trial.TrialState.RUNNING and t.params), None) if done >= 1 else None
         assert running is not None, "the search never had a running trial after a finished one"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
