@@ -390,9 +390,10 @@ def serialized_size(model: ir.Model) -> int:
     """Bytes the model takes as one file: serialized when small; a large model (or one with external
     tensors) counts its tensors' bytes plus the graph serialized without them (exact to a few dozen
     bytes a tensor), instead of serializing the weights only to count them."""
-    if model_nbytes(model) < LARGE_MODEL_BYTES and not has_external_tensors(model):
+    weights = model_nbytes(model)
+    if weights < LARGE_MODEL_BYTES and not has_external_tensors(model):
         return len(model_to_bytes(model))
-    return model_nbytes(model) + len(proto_without_data(model).SerializeToString())
+    return weights + len(proto_without_data(model).SerializeToString())
 
 
 def check_model(model: ir.Model) -> None:

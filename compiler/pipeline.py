@@ -474,18 +474,18 @@ def _check_exact(
     ``tolerance``, at least :data:`verify.EXACT_RTOL`; measured the first time the floor is exceeded)."""
     comp = comp if comp is not None else V.compare_outputs(before, after)
 
-    def within() -> bool:
+    def limits() -> dict[str, float]:
         tol = tolerance.values if tolerance is not None else {}
-        return comp.within({o.name: tol.get(o.name, V.EXACT_RTOL) for o in comp.outputs})
+        return {o.name: tol.get(o.name, V.EXACT_RTOL) for o in comp.outputs}
 
-    if not within() and not (tolerance is not None and tolerance.widen() and within()):
-        tol = tolerance.values if tolerance is not None else {}
+    if not comp.within(limits()) and not (tolerance is not None and tolerance.widen() and comp.within(limits())):
+        lim = limits()
 
         def excess(o: V.OutputMetrics) -> float:
-            return math.inf if (o.problem or math.isnan(o.rel)) else o.rel / tol.get(o.name, V.EXACT_RTOL)
+            return math.inf if (o.problem or math.isnan(o.rel)) else o.rel / lim[o.name]
 
         worst = max(comp.outputs, key=excess)
-        limit = tol.get(worst.name, V.EXACT_RTOL)
+        limit = lim[worst.name]
         detail = worst.problem or f"relative error {worst.rel:.3g} on output '{worst.name}'"
         raise VerificationError(f"pass '{name}' is exact but changed the model's outputs: {detail} (tolerance {limit:.3g})")
 

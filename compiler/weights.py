@@ -98,8 +98,8 @@ def input_contribution(node: ir.Node, channels: np.ndarray, values: np.ndarray) 
     (kernel positions summed, Gemm's alpha applied): the bias that stands in for them."""
     w = weight(node).astype(np.float64)
     op = node.op_type
-    if op == "Conv" and attr(node, "group", 1) > 1:  # channel j·I/g + k reaches group j's filters
-        g = attr(node, "group", 1)
+    g = attr(node, "group", 1) if op == "Conv" else 1
+    if g > 1:  # channel j·I/g + k reaches group j's filters
         per, cin_g = w.shape[0] // g, w.shape[1]
         out = np.zeros(w.shape[0])
         for ch, v in zip(np.asarray(channels), np.asarray(values)):

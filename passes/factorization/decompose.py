@@ -24,7 +24,6 @@ Tucker-2 ranks by Kim et al. 2016).
 
 from __future__ import annotations
 
-
 import numpy as np
 
 
