@@ -18,7 +18,8 @@ The loss, per float output the two models share:
 A seeded held-out split of the data measures each epoch (accuracy with labels, else agreement
 with the teacher and the distillation loss); the best epoch is kept, training stops early after
 ``patience`` epochs without improvement or at the wall-clock limit. When no epoch beats the
-student as it came in, the student is left as it was and the result says so.
+student as it came in by more than the held-out split's noise (paired per-chunk scores, one
+standard error: :func:`improves_beyond_noise`), the student is left as it was and the result says so.
 """
 
 from __future__ import annotations
@@ -149,6 +150,26 @@ def _kl(s: torch.Tensor, t: torch.Tensor, axis: int, temp: float) -> torch.Tenso
 
 def _nmse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(s, t) / (t.var() + 1e-8)
+
+
+def improves_beyond_noise(base: np.ndarray, trained: np.ndarray) -> bool:
+    """Whether a trained student's held-out improvement over the student as given is larger than
+    the split's noise. ``base`` and ``trained`` hold, per chunk of the held-out split (the same
+    chunks), the loss and the main metric (accuracy or top-1 agreement; NaN when there is none).
+    The mean paired gain in the metric, or in the loss with the metric not lower, must exceed one
+    standard error of that gain. On a small split, a student already at the teacher's level (a QAT
+    start) otherwise takes a loss change of a few parts in ten thousand for an improvement, and is
+    replaced by weights that score lower on data never seen."""
+
+    def gain(d: np.ndarray) -> tuple[float, float]:
+        return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+    has_metric = not (np.isnan(base[:, 1]).any() or np.isnan(trained[:, 1]).any())
+    metric_gain, metric_se = gain(trained[:, 1] - base[:, 1]) if has_metric else (0.0, 0.0)
+    loss_gain, loss_se = gain(base[:, 0] - trained[:, 0])
+    if metric_gain > 0 and metric_gain > metric_se:
+        return True
+    return metric_gain >= 0 and loss_gain > 0 and loss_gain > loss_se
 
 
 # ------------------------------------------------------------------ data
@@ -318,26 +339,40 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
             total = total + opts.feature_weight * fl
         return total
 
-    def evaluate() -> dict[str, Any]:
+    # the held-out split is scored in about 16 chunks: their paired differences tell an epoch's
+    # improvement over the student as given from the noise of a small split (see beats_input)
+    val_chunk = max(1, min(64, n_val // 16))
+    chunk_scores: dict[int, np.ndarray] = {}  # epoch -> per-chunk (loss, main metric)
+
+    def evaluate(epoch: int) -> dict[str, Any]:
         if not n_val:
             return {}
         s_mod.eval()
         tot, agree, correct, count, has_acc = 0.0, 0, 0, 0, False
+        per_chunk = []
         with torch.no_grad():
-            for sel, feeds in _batches(arrays, val_idx, max(opts.batch, 64)):
+            for sel, feeds in _batches(arrays, val_idx, val_chunk):
                 _, sv = s_mod(feeds, capture=s_cap)
                 _, tv = t_mod(feeds, capture=t_cap)
                 s_vals, t_vals = [sv[v] for v in s_cap], [tv[v] for v in t_cap]
                 y = torch.from_numpy(labels[sel]).long() if labels is not None else None
-                tot += float(losses(s_vals, t_vals, y)) * len(sel)
+                loss = float(losses(s_vals, t_vals, y))
+                tot += loss * len(sel)
+                main = np.nan
                 if cls_head is not None:
                     k = heads.index(cls_head)
                     pred = s_vals[k].argmax(cls_head.axis)
-                    agree += int((pred == t_vals[k].argmax(cls_head.axis)).sum())
+                    hits = int((pred == t_vals[k].argmax(cls_head.axis)).sum())
+                    agree += hits
+                    main = hits / pred.numel()
                     if y is not None and pred.dim() == 1:
-                        correct += int((pred == y).sum())
+                        ok = int((pred == y).sum())
+                        correct += ok
+                        main = ok / len(sel)
                         has_acc = True
                     count += pred.numel()
+                per_chunk.append((loss, main))
+        chunk_scores[epoch] = np.asarray(per_chunk, dtype=np.float64)
         out: dict[str, Any] = {"val_loss": tot / len(val_idx)}
         if count:
             out["val_agreement"] = agree / count
@@ -345,13 +380,18 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
                 out["val_accuracy"] = correct / len(val_idx)
         return out
 
+    def beats_input(epoch: int) -> bool:
+        if len(chunk_scores[0]) < 2:
+            return score(history[epoch - 1]) > score(baseline)
+        return improves_beyond_noise(chunk_scores[0], chunk_scores[epoch])
+
     def score(m: dict[str, Any]) -> tuple:
         if not m:
             return (0.0,)
         main = m.get("val_accuracy", m.get("val_agreement"))
         return ((main if main is not None else 0.0), -m["val_loss"])
 
-    baseline = evaluate()
+    baseline = evaluate(0)
     best, best_state, best_epoch = baseline, copy.deepcopy(s_mod.state_dict()), 0
     lr = opts.lr if opts.lr is not None else (LR_QAT if any(q.kind == "int" for q in s_mod.quant_weights.values()) else LR_FLOAT)
     steps_per_epoch = -(-len(train_idx) // opts.batch)
@@ -396,7 +436,7 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
                 if opts.time_limit and time.perf_counter() - t_start > opts.time_limit:
                     stopped = f"wall-clock limit of {opts.time_limit:g} s reached in epoch {epoch}"
                     break
-            m = {"epoch": epoch, "train_loss": run_loss / max(nb, 1), "seconds": time.perf_counter() - t0, **evaluate()}
+            m = {"epoch": epoch, "train_loss": run_loss / max(nb, 1), "seconds": time.perf_counter() - t0, **evaluate(epoch)}
             history.append(m)
             if progress is not None:
                 tail = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_"))
@@ -413,8 +453,12 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
         if progress is not None:
             progress(total_steps, total_steps, "done")
         elapsed = time.perf_counter() - t_start
-    kept = bool(n_val) and best_epoch == 0
-    if kept:
+    kept = bool(n_val) and (best_epoch == 0 or not beats_input(best_epoch))
+    if kept and best_epoch:
+        reason = (f"the best held-out epoch ({best_epoch}) improved on the student as given by less than the "
+                  "held-out split's noise: the student is kept unchanged")
+        best, best_epoch = baseline, 0
+    elif kept:
         reason = "no epoch improved the held-out metric over the student as given: the student is kept unchanged"
     else:
         s_mod.load_state_dict(best_state)

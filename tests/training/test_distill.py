@@ -188,10 +188,33 @@ def test_prune_distill_cycles_reach_the_target(cli, files):
 
 def test_feature_loss_matches_the_layers_the_cut_changed():
     model, x, _ = _sample()
-    res = Pipeline(["fold", ("prune", {"ratio": 0.3}), ("distill", {**FAST, "epochs": 1, "feature_loss": True})], verify=False).run(
+    res = Pipeline(["fold", ("prune", {"ratio": 0.3}), ("distill", {**FAST, "epochs": 1, "feature_loss": True, "val_fraction": 0.0})], verify=False).run(
         model, CalibrationSet({"image": x[:128]}))
     st = res.steps[-1].report.stats
     # a uniform cut of this ResNet narrows every space (residuals included): no tensor keeps the
     # teacher's shape, so none is matched, and the run must still train on the outputs
     assert st["features"] == [] and not st["kept_input"]
     assert all(h["train_loss"] > 0 for h in st["history"])
+
+
+def test_an_improvement_inside_the_split_noise_keeps_the_student():
+    """The keep-the-input guard compares per-chunk held-out scores, paired: a student already at the
+    teacher's level (a QAT start) is replaced only by an epoch that is better beyond the noise."""
+    from onnxcc.passes.training.trainer import improves_beyond_noise
+
+    rng = np.random.default_rng(0)
+    base = np.stack([rng.uniform(0.5, 1.5, 16) * 1e-3, np.ones(16)], axis=1)  # loss, accuracy per chunk
+    noisy = base.copy()
+    noisy[:, 0] = base[:, 0] + rng.normal(-2e-5, 5e-4, 16)  # mean gain far below its standard error
+    assert not improves_beyond_noise(base, noisy)
+    steady = base.copy()
+    steady[:, 0] *= 0.8  # the same 20% lower loss on every chunk
+    assert improves_beyond_noise(base, steady)
+    worse_metric = steady.copy()
+    worse_metric[3, 1] = 0.5  # lower loss but a lower accuracy: not an improvement
+    assert not improves_beyond_noise(base, worse_metric)
+    pruned = np.stack([np.full(16, 2.0), rng.uniform(0.2, 0.6, 16)], axis=1)
+    tuned = np.stack([np.full(16, 2.5), rng.uniform(0.8, 1.0, 16)], axis=1)
+    assert improves_beyond_noise(pruned, tuned)  # accuracy up on every chunk wins, whatever the loss
+    no_metric = np.stack([base[:, 0], np.full(16, np.nan)], axis=1)
+    assert improves_beyond_noise(no_metric, np.stack([steady[:, 0], np.full(16, np.nan)], axis=1))
