@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -295,6 +296,10 @@ def compile_model(
     result = pipeline.run(m, calib, feeds=feeds, on_step=first_fold)
     elapsed = time.perf_counter() - t0
     before["file_bytes"] = serialized_size(original)
+    # MACs and parameters are counted on a folded copy (shapes known), but the node count is the
+    # input's own: `onnxcc fold` on a raw export would otherwise show its result on both sides
+    ops = Counter(n.op_type for n in original.graph.all_nodes())
+    before["nodes"], before["op_counts"] = sum(ops.values()), dict(sorted(ops.items()))
     after = totals(result.model)
     if measure_latency:  # the input as given against the result, in one run (onnxruntime optimizes both)
         before["latency_ms"], after["latency_ms"] = paired_latency(original, result.model, latency_threads)

@@ -144,6 +144,7 @@ class FoldPass(OnnxccPass):
             changed |= reduce_mean_to_global_pool(model) > 0
             changed |= fold_conv_affine(model) > 0
             changed |= matmul_add_to_gemm(model) > 0
+            changed |= fuse_hard_activations(model) > 0
             changed |= constant_of_shape_to_initializer(model) > 0
             changed |= merge_slice_chains(model) > 0
             if cfg.fold_batchnorm:
@@ -329,6 +330,119 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
         y.replace_all_uses_with(gemm.outputs[0])
         model.graph.remove(mm, safe=True)
         replace_node_output(model.graph, node, gemm.outputs[0])
+        count += 1
+    return count
+
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    c = const_array(value) if value is not None else None
+    return float(c.reshape(-1)[0]) if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating) else None
+
+
+def _clip_bounds(clip: ir.Node) -> tuple[float | None, float | None]:
+    if "min" in clip.attributes or "max" in clip.attributes:  # opset < 11: attributes
+        return clip.attributes.get_float("min", None), clip.attributes.get_float("max", None)
+    lo = _scalar(clip.inputs[1]) if len(clip.inputs) > 1 else None
+    hi = _scalar(clip.inputs[2]) if len(clip.inputs) > 2 else None
+    return lo, hi
+
+
+def _positive_scale_of(node: ir.Node, value: ir.Value) -> float | None:
+    """s when ``node`` is ``value · s`` or ``value / (1/s)`` with a positive scalar constant."""
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    if node.op_type == "Mul":
+        other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+        s = _scalar(other)
+        return s if s is not None and s > 0 and value in node.inputs else None
+    if node.op_type == "Div" and node.inputs[0] is value:
+        d = _scalar(node.inputs[1])
+        return 1.0 / d if d is not None and d > 0 else None
+    return None
+
+
+def _sole_user(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+
+def fuse_hard_activations(model: ir.Model) -> int:
+    """Decomposed hard activations back into their ops (paddle2onnx, tf2onnx and old torch exports
+    write them as four nodes)::
+
+        s · Clip(x + c, 0, h)        with s·h = 1  →  HardSigmoid(x, α=s, β=s·c)
+        x · Clip(x + c, 0, h) · s    with s·h = 1  →  x · HardSigmoid(x, α=s, β=s·c)
+        x · HardSigmoid(x, 1/6, 1/2)                →  HardSwish(x)   (opset ≥ 14)
+
+    where ``· s`` is a Mul by, or a Div by the inverse of, a positive scalar. Exact up to float
+    rounding. The quantizer rebuilds its integer form from these ops (``lower.py``); a Div left
+    after the product had no integer kernel and cost a float island per activation."""
+    opset = default_opset(model) or 13
+    count = 0
+    for clip in list(model.graph):
+        if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx") or clip.graph is None:
+            continue
+        add = clip.inputs[0].producer() if clip.inputs and clip.inputs[0] is not None else None
+        if add is None or add.op_type != "Add" or len(add.inputs) != 2 or _sole_user(add.outputs[0]) is not clip:
+            continue
+        k = next((i for i, v in enumerate(add.inputs) if _scalar(v) is not None), None)
+        if k is None or const_array(add.inputs[1 - k]) is not None:
+            continue
+        x, c = add.inputs[1 - k], _scalar(add.inputs[k])
+        lo, hi = _clip_bounds(clip)
+        if lo != 0.0 or hi is None or hi <= 0:
+            continue
+        user = _sole_user(clip.outputs[0])
+        if user is None:
+            continue
+        product = None
+        s = _positive_scale_of(user, clip.outputs[0])
+        if s is None and user.op_type == "Mul" and set(user.inputs) == {x, clip.outputs[0]}:
+            last = _sole_user(user.outputs[0])
+            s = _positive_scale_of(last, user.outputs[0]) if last is not None else None
+            product, user = user, last
+        if s is None or abs(s * hi - 1.0) > 1e-5:
+            continue
+        alpha, beta = s, s * c
+        end = user.outputs[0]
+        name = user.name or clip.name or "hard"
+        hs = ir.node("HardSigmoid", [x], attributes={"alpha": float(alpha), "beta": float(beta)}, name=f"{name}_hardsigmoid")
+        new = [hs]
+        swish = product is not None and abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6 and opset >= 14
+        if swish:
+            new = [ir.node("HardSwish", [x], name=f"{name}_hardswish")]
+        elif product is not None:
+            new.append(ir.node("Mul", [x, hs.outputs[0]], name=f"{name}_mul"))
+        for n in new:
+            n.outputs[0].dtype, n.outputs[0].shape = end.dtype, end.shape
+        if len(new) > 1:
+            new[0].outputs[0].name = f"{end.name}_hardsigmoid"
+        model.graph.insert_before(add, new)
+        name = end.name
+        replace_node_output(model.graph, user, new[-1].outputs[0])
+        new[-1].outputs[0].name = name  # the exporter's tensor name, now free
+        for gone in (product, clip, add):
+            if gone is not None and gone.graph is not None and not any(o.uses() for o in gone.outputs):
+                model.graph.remove(gone, safe=True)
+        count += 1
+    for mul in list(model.graph):  # x · HardSigmoid(x) as exported (torch at opset < 14, or fused above)
+        if opset < 14 or mul.op_type != "Mul" or mul.graph is None or len(mul.inputs) != 2:
+            continue
+        hs = next((v.producer() for v in mul.inputs if v is not None and v.producer() is not None
+                   and v.producer().op_type == "HardSigmoid"), None)
+        if hs is None or _sole_user(hs.outputs[0]) is not mul or set(mul.inputs) != {hs.inputs[0], hs.outputs[0]}:
+            continue
+        if abs(hs.attributes.get_float("alpha", 0.2) - 1 / 6) > 1e-6 or abs(hs.attributes.get_float("beta", 0.5) - 0.5) > 1e-6:
+            continue
+        end = mul.outputs[0]
+        swish = ir.node("HardSwish", [hs.inputs[0]], name=mul.name or None)
+        swish.outputs[0].dtype, swish.outputs[0].shape = end.dtype, end.shape
+        model.graph.insert_before(hs, swish)
+        name = end.name
+        replace_node_output(model.graph, mul, swish.outputs[0])
+        swish.outputs[0].name = name
+        model.graph.remove(hs, safe=True)
         count += 1
     return count
 

@@ -504,7 +504,8 @@ def test_nhwc_transposes_sink_through_affine_activation_pad_reduce_and_concat(op
     after = ops(folded)
     assert ops(model)["Transpose"] == 4 and after["Transpose"] == 2, after
     assert report.stats["transposes_cancelled"] >= 2
-    assert after["Pad"] == 0 and after["Mul"] == 3 and after["Add"] == 1, after  # BN Mul/Add folded; hard-swish stays
+    # BN Mul/Add folded; the hard-swish's Add/Clip/Mul by 1/6 is x · HardSigmoid(x) (HardSwish needs opset 14)
+    assert after["Pad"] == 0 and after["Mul"] == 2 and after["Add"] == 0 and after["HardSigmoid"] == 1, after
     conv0 = next(n for n in folded.graph if n.op_type == "Conv")
     assert len(conv0.inputs) == 3  # the BN shift became its bias
     assert [o.name for o in folded.graph.outputs] == ["y", "z"]
@@ -559,3 +560,77 @@ def const_array_or_none(node: ir.Node):
     from onnxcc.compiler.ir_utils import const_array
 
     return next((c for c in (const_array(v) for v in node.inputs) if c is not None and c.size > 1), None)
+
+
+def _hard_activations(opset: int, scale_op: str) -> ir.Model:
+    """paddle2onnx's hard-swish (x · clip(x + 3, 0, 6) / 6), tf2onnx's (x · (clip(x + 3, 0, 6) · 1/6))
+    and a squeeze-excite gate (clip(x + 3, 0, 6) / 6) written out in Add/Clip/Mul/Div."""
+    rng = np.random.default_rng(5)
+    clip = "Clip <min=0.0, max=6.0> ({})" if opset < 11 else "Clip ({}, zero, six)"
+    gate = "Div (g1, six)" if scale_op == "Div" else "Mul (g1, sixth)"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y) {{
+        c = Conv <pads=[1,1,1,1]> (x, w)
+        a = Add (c, three)
+        r = {clip.format("a")}
+        p = Mul (c, r)
+        h = Div (p, six)
+        a2 = Add (three, h)
+        r2 = {clip.format("a2")}
+        s2 = Mul (r2, sixth)
+        h2 = Mul (s2, h)
+        pool = GlobalAveragePool (h2)
+        g0 = Add (pool, three)
+        g1 = {clip.format("g0")}
+        gate = {gate}
+        y = Mul (h2, gate)
+    }}"""
+    inits = dict(w=rng.normal(size=(4, 4, 3, 3)).astype(np.float32), three=np.float32(3), six=np.float32(6), sixth=np.float32(1 / 6))
+    if opset >= 11:
+        inits["zero"] = np.float32(0)
+    return named_model_from_text(text, **inits)
+
+
+@pytest.mark.parametrize("opset, scale_op", [(11, "Div"), (13, "Mul"), (14, "Div"), (10, "Mul")])
+def test_decomposed_hard_activations_fold_into_their_ops(opset, scale_op):
+    """Each 4-node hard-swish becomes HardSwish (opset ≥ 14) or x · HardSigmoid(x), the gate a
+    HardSigmoid; exact, and INT8 then runs them with no float island (the Div after the product
+    had no integer kernel)."""
+    from onnxcc.compiler.calibration import CalibrationSet
+    from onnxcc.passes.quantization.fusion import fusion_report
+
+    model = _hard_activations(opset, scale_op)
+    folded, _ = fold_and_check(model)
+    after = ops(folded)
+    assert after["Clip"] == after["Div"] == after["Add"] == 0, after
+    if opset >= 14:
+        assert after["HardSwish"] == 2 and after["HardSigmoid"] == 1 and after["Mul"] == 1, after
+    else:
+        assert after["HardSigmoid"] == 3 and after["Mul"] == 3, after
+    assert sum(after.values()) == (6 if opset >= 14 else 8)  # from 15
+    hs = [n for n in folded.graph if n.op_type == "HardSigmoid"]
+    assert all(abs(n.attributes["alpha"].value - 1 / 6) < 1e-7 and abs(n.attributes["beta"].value - 0.5) < 1e-7 for n in hs)
+    assert folded.graph.outputs[0].name == "y"
+    calib = CalibrationSet({"x": np.random.default_rng(0).normal(0, 2, (16, 4, 6, 6)).astype(np.float32)})
+    q = clone_model(folded)
+    Pipeline([("quantize", {})], verify_samples=8).run(q, calib)
+    fus = fusion_report(q)
+    assert not fus["float_heavy"], fus
+    # every product runs as QLinearMul but the last, whose output is the graph's float output
+    assert fus["ops"].get("Div", 0) == 0 and fus["ops"].get("Mul", 0) == 1, fus
+    assert fus["ops"].get("com.microsoft:QLinearMul", 0) == 2, fus
+
+
+def test_a_clip_that_is_not_a_hard_activation_stays():
+    """clip(x + 3, 0, 6) / 4 is no HardSigmoid (s·h ≠ 1): left as written."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,4] x) => (float[N,4] y) {
+        a = Add (x, three)
+        r = Clip (a, zero, six)
+        y = Div (r, four)
+    }"""
+    model = named_model_from_text(text, three=np.float32(3), zero=np.float32(0), six=np.float32(6), four=np.float32(4))
+    folded, _ = fold_and_check(model)
+    assert ops(folded) == Counter({"Add": 1, "Clip": 1, "Div": 1})
