@@ -1,13 +1,16 @@
 """onnxcc fold vs onnxsim and onnxslim: node counts and agreement, in one run.
 
-    python -m benchmarks.fold_vs_onnxsim [--size small] [--no-torch] [--corpus] [--no-builders]
+    python -m benchmarks.fold_vs_onnxsim [--size small] [--no-torch] [--corpus] [--torchvision] [--no-builders]
 
 Models: every builder family (with BatchNorm unfolded, as frameworks export
 them); with the torch extra, every torch zoo network exported raw by both
 exporters; with ``--corpus``, the real trained models of models/corpus.py
 (PaddleOCR, ddddocr, YOLOv8n...) and Keras models through tf2onnx (the
 committed sample and, once ``python -m onnxcc.models.make_tf2onnx apps`` has
-cached them, Keras MobileNetV2/V3-Small, ResNet-50 and EfficientNet-B0). For each: nodes in the input, after onnxsim,
+cached them, Keras MobileNetV2/V3-Small, ResNet-50 and EfficientNet-B0); with ``--torchvision``,
+torchvision's own ShuffleNetV2, MobileNetV3-Large, ConvNeXt-Tiny, LR-ASPP and DeepLabV3 (MobileNetV3)
+and SSDlite320 (backbone and head), exported raw by both exporters (tests/torchvision_zoo.py; random
+weights, no download). For each: nodes in the input, after onnxsim,
 after onnxslim, after onnxcc fold; max relative error of each against the input
 in onnxruntime (random inputs); time of each tool; and whether each kept the
 input's dynamic axes. onnxsim and onnxslim get the concrete input shape (that
@@ -79,6 +82,18 @@ def tf2onnx_set():
         yield f"tf2onnx/{label}", model, {model.graph.inputs[0].name: (1, hw, hw, 3)}
 
 
+def torchvision_set(tmp: Path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests import torchvision_zoo as TZ
+
+    for name in TZ.NAMES:
+        hw = TZ.make(name)[1]
+        for dyn in (False, True):
+            tag = "dynamo" if dyn else "legacy"
+            model = load_model(TZ.export(name, tmp / f"tv_{name}_{tag}.onnx", dynamo=dyn))
+            yield f"torchvision-{tag}/{name}", model, {model.graph.inputs[0].name: (1, 3, hw, hw)}
+
+
 def _dynamic_axes(model: ir.Model) -> list[tuple[str, int]]:
     return [(v.name, i) for v in model.graph.inputs if v.shape is not None
             for i, d in enumerate(v.shape.dims) if not (isinstance(d, int) and d >= 0)]
@@ -111,7 +126,12 @@ def main() -> int:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-builders", action="store_true", help="skip the builder and torch models")
     ap.add_argument("--corpus", action="store_true", help="also the real-model corpus (models/corpus.py)")
+    ap.add_argument("--torchvision", action="store_true", help="also torchvision's architectures, both exporters (tests/torchvision_zoo.py)")
     args = ap.parse_args()
+    if args.torchvision:
+        import torch
+
+        torch.set_num_threads(2)
     import onnxsim
 
     try:
@@ -126,6 +146,8 @@ def main() -> int:
                 yield label, model, {}
         if args.corpus:
             yield from corpus_set()
+        if args.torchvision:
+            yield from torchvision_set(tmp)
 
     rows, worse = [], 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -113,7 +113,7 @@ def _run_child(*args: str) -> dict:
 
 
 def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False, corpus_models: bool = False,
-           tf2onnx_models: bool = False):
+           tf2onnx_models: bool = False, torchvision_names: list[str] | None = None):
     """(label, path of the folded fp32 model) for every model of the run."""
     from onnxcc.compiler.ir_utils import load_model, save_model
     from onnxcc.compiler.pipeline import Pipeline
@@ -127,7 +127,7 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_m
 
     for fam in families:
         yield f"builder/{fam}", folded(build(fam, size, seed=0), fam)
-    if trained_models or use_torch:
+    if trained_models or use_torch or torchvision_names:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if trained_models:
         from tests.trained import trained
@@ -158,6 +158,15 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_m
             module, hw = Z.make(name)
             raw = Z.export(module, hw, tmp / f"torch_{name}_raw.onnx", dynamo=False, optimize=False)
             yield f"torch/{name}", folded(load_model(raw), f"torch_{name}")
+    if torchvision_names:  # torchvision's own architectures, legacy export, random weights
+        import torch
+
+        from tests import torchvision_zoo as TZ
+
+        torch.set_num_threads(2)
+        for name in torchvision_names:
+            raw = TZ.export(name, tmp / f"tv_{name}_raw.onnx", dynamo=False)
+            yield f"torchvision/{name}", folded(load_model(raw), f"tv_{name}")
 
 
 def run(args) -> tuple[str, list[dict]]:
@@ -171,7 +180,8 @@ def run(args) -> tuple[str, list[dict]]:
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="onnxcc-qbench-") as tmpd:
         tmp = Path(tmpd)
-        for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained, args.corpus, args.tf2onnx):
+        for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained, args.corpus, args.tf2onnx,
+                                 [n for n in args.torchvision.split(",") if n]):
             fp32 = load_model(src)
             spec = input_specs(fp32)[0]
             rng = np.random.default_rng(0)
@@ -292,6 +302,7 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default="ort,onnxcc,onnxcc+eq+bc,int8-x86", help="which quantizers to run")
     ap.add_argument("--corpus", action="store_true", help="also the real-model corpus (models/corpus.py; accuracy on 64 rendered held-out samples)")
     ap.add_argument("--tf2onnx", action="store_true", help="also Keras models through tf2onnx (the sample; the Keras applications once models/make_tf2onnx.py cached them)")
+    ap.add_argument("--torchvision", default="", help="also these torchvision architectures (tests/torchvision_zoo.py: ssdlite320, mobilenet_v3_large, ...; random weights)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3)

@@ -132,12 +132,18 @@ class FoldPass(OnnxccPass):
             ).modified
             changed |= rewrite(model).modified
             infer_shapes(model)  # whole-graph inference with data propagation: symbolic reshape targets
+            unify_reshape_dims(model)
             changed |= fold_static_shape_gathers(model) > 0
-            for _ in range(4):  # each folded target gives the next Reshape a known input shape
-                if not fold_reshape_shape_chains(model):
+            # each folded target gives the next Reshape (and a Slice whose bounds read a shape) a
+            # known input shape: a ShuffleNetV2 resolves one block per round
+            for _ in range(64):
+                n = fold_reshape_shape_chains(model) + fold_int_arithmetic(model)
+                if not n:
                     break
                 changed = True
                 infer_shapes(model)
+                unify_reshape_dims(model)
+                fold_static_shape_gathers(model)
             sunk = sink_transposes(model, default_opset(model) or 13)
             transposes_removed += sunk
             changed |= sunk > 0
@@ -147,6 +153,10 @@ class FoldPass(OnnxccPass):
             changed |= fuse_hard_activations(model) > 0
             changed |= constant_of_shape_to_initializer(model) > 0
             changed |= merge_slice_chains(model) > 0
+            changed |= unit_transposes_to_reshapes(model) > 0
+            changed |= drop_identity_arithmetic(model) > 0
+            changed |= merge_reshape_chains(model) > 0
+            changed |= resize_sizes_to_scales(model) > 0
             if cfg.fold_batchnorm:
                 n = fold_batchnorms(model)
                 folded_bn += n
@@ -512,6 +522,98 @@ def merge_slice_chains(model: ir.Model) -> int:
     return count
 
 
+def unit_transposes_to_reshapes(model: ir.Model) -> int:
+    """A Transpose that only moves dims of size 1 (the non-1 dims keep their order) moves no data:
+    it becomes a Reshape, which then merges with the Reshapes around it. SSD heads reshape each
+    level's [N, A·K, h, w] to [N, A, K, h, w], transpose and flatten; at the 1×1 level the
+    transpose is such a no-op. A dynamic dim keeps its place (0) or is the one -1."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+            continue
+        x, shape = node.inputs[0], node.inputs[0].shape
+        if shape is None or "perm" not in node.attributes:
+            continue
+        perm = list(node.attributes["perm"].as_ints())
+        if len(perm) != len(shape) or perm == sorted(perm):
+            continue
+        moved = [p for p in perm if not (isinstance(shape[p], int) and shape[p] == 1)]
+        if moved != sorted(moved):
+            continue
+        target, free = [], 0
+        for i, p in enumerate(perm):
+            d = shape[p]
+            if isinstance(d, int):
+                target.append(d)
+            elif p == i:
+                target.append(0)
+            else:
+                target.append(-1)
+                free += 1
+        if free > 1 or any(isinstance(d, int) and d == 0 for d in shape):
+            continue
+        const = add_initializer(model.graph, f"{node.name or 'transpose'}_shape", np.array(target, np.int64))
+        reshape = ir.node("Reshape", [x, const], name=node.name or None)
+        out = node.outputs[0]
+        reshape.outputs[0].dtype, reshape.outputs[0].shape = out.dtype, out.shape
+        model.graph.insert_before(node, reshape)
+        name = out.name
+        replace_node_output(model.graph, node, reshape.outputs[0])
+        reshape.outputs[0].name = name
+        count += 1
+    return count
+
+def drop_identity_arithmetic(model: ir.Model) -> int:
+    """``x + 0``, ``x - 0``, ``x · 1``, ``x / 1`` with a constant operand of zeros / ones that does
+    not broadcast ``x`` to a larger shape: the node goes (a Linear's bias that is still at its
+    zero initialisation, a layer scale of ones). The output keeps its name when it is a graph output."""
+    count = 0
+    neutral = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0}
+    for node in list(model.graph):
+        if node.op_type not in neutral or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        ks = [1] if node.op_type in ("Sub", "Div") else [0, 1]
+        for k in ks:
+            c, x = const_array(node.inputs[k]), node.inputs[1 - k]
+            if c is None or x is None or const_array(x) is not None or x.shape is None or x.dtype != node.outputs[0].dtype:
+                continue
+            if c.size == 0 or not np.all(c == neutral[node.op_type]) or c.ndim > len(x.shape):
+                continue
+            dims = list(x.shape)[len(x.shape) - c.ndim:]
+            if any(cd != 1 and not (isinstance(xd, int) and xd == cd) for cd, xd in zip(c.shape, dims)):
+                continue  # the constant would broadcast x to a larger shape
+            replace_node_output(model.graph, node, x)
+            count += 1
+            break
+    return count
+
+def merge_reshape_chains(model: ir.Model) -> int:
+    """``Reshape(Reshape(x, s1), s2)`` → ``Reshape(x, s2)`` when ``s2`` is a constant whose 0 entries
+    (copies of a dim of the intermediate tensor) stand where ``s1`` copied ``x``'s dim too; a -1 is
+    computed from the element count, which both share. The first Reshape, and the shape chain that computed a dynamic ``s1``, go
+    once nothing else reads them (the torch 1.9 CRNN reshapes its LSTM output twice)."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
+            continue
+        inner = node.inputs[0].producer()
+        if inner is None or inner.op_type != "Reshape" or inner.domain not in ("", "ai.onnx") or inner.outputs[0].is_graph_output():
+            continue
+        target = const_array(node.inputs[1])
+        if target is None:
+            continue
+        if node.attributes.get_int("allowzero", 0) == 0 and (target == 0).any():
+            # a 0 copies the intermediate's dim: the same as x's where the first Reshape copied it too
+            first = const_array(inner.inputs[1]) if len(inner.inputs) > 1 else None
+            copied = first is not None and inner.attributes.get_int("allowzero", 0) == 0 and first.ndim == 1
+            if not copied or any(i >= len(first) or first[i] != 0 for i in np.flatnonzero(target == 0)):
+                continue
+        node.replace_input_with(0, inner.inputs[0])
+        if not inner.outputs[0].uses():
+            model.graph.remove(inner, safe=True)
+        count += 1
+    return count
+
 def fold_static_shape_gathers(model: ir.Model) -> int:
     """``Gather(Shape(x), i)`` → constant where dim ``i`` of ``x`` is static.
 
@@ -546,6 +648,104 @@ def fold_static_shape_gathers(model: ir.Model) -> int:
     return count
 
 
+_INT_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}
+
+
+def _int_arithmetic(value: ir.Value | None, depth: int = 0) -> int | None:
+    """A scalar integer that constant folding left as arithmetic on constants (Add/Sub/Mul/Div of
+    int64 scalars, as the legacy exporter writes ``c // groups``), or None."""
+    if value is None or depth > 4:
+        return None
+    c = const_array(value)
+    if c is not None:
+        return int(c.reshape(-1)[0]) if c.size == 1 and np.issubdtype(c.dtype, np.integer) else None
+    node = value.producer()
+    if node is None or node.op_type not in _INT_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    a, b = (_int_arithmetic(v, depth + 1) for v in node.inputs)
+    if a is None or b is None or (node.op_type == "Div" and (b == 0 or a % b)):
+        return None
+    return int(_INT_OPS[node.op_type](a, b))
+
+def fold_int_arithmetic(model: ir.Model) -> int:
+    """Add/Sub/Mul/Div of small integer constants (shape arithmetic whose inputs a shape fold just
+    made constant) → one initializer; Div truncates toward zero, as ONNX's integer Div does."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type not in _INT_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        if node.outputs[0].is_graph_output():
+            continue
+        a, b = (const_array(v) for v in node.inputs)
+        if a is None or b is None or a.size > 64 or b.size > 64 or not (np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer)):
+            continue
+        if node.op_type == "Div":
+            if (b == 0).any():
+                continue
+            r = (np.abs(a) // np.abs(b)) * np.sign(a) * np.sign(b)
+        else:
+            r = _INT_OPS[node.op_type](a, b)
+        value = add_initializer(model.graph, f"{node.outputs[0].name or 'int'}_value", np.asarray(r).astype(a.dtype))
+        node.outputs[0].replace_all_uses_with(value)
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+def resize_sizes_to_scales(model: ir.Model) -> int:
+    """``Resize(x, sizes=Concat(Shape(x)[0:2], [H, W]))`` → ``Resize(x, scales=[1, 1, H/h, W/w])``
+    where ``x``'s spatial dims ``h, w`` are static: the batch stays dynamic and the shape chain
+    goes (segmentation heads upsample to the input's size this way). onnxruntime computes the
+    scale of a ``sizes`` Resize as ``float(H) / float(h)``: the same float32 stored here, so the
+    sampling positions are the same; kept only where ``floor(h · scale)`` gives ``H`` back."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Resize" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 4 or node.inputs[3] is None:
+            continue
+        if const_array(node.inputs[3]) is not None or "axes" in node.attributes or "keep_aspect_ratio_policy" in node.attributes:
+            continue
+        x, out = node.inputs[0], node.outputs[0]
+        elems = _shape_elements(node.inputs[3])
+        if x is None or x.shape is None or not elems or len(elems) != len(x.shape):
+            continue
+        scales = []
+        for pos, e in enumerate(elems):
+            d = x.shape[pos]
+            if not isinstance(e, int) and _same_dim(x, pos, *e):
+                scales.append(1.0)  # a dim copied from x itself: kept, dynamic or not
+            elif isinstance(e, int) and isinstance(d, int) and d > 0 and e > 0:
+                sc = np.float32(e) / np.float32(d)
+                if int(np.floor(np.float32(d) * sc)) != e or int(np.floor(d * float(sc))) != e:
+                    scales = []
+                    break
+                scales.append(float(sc))
+            elif not isinstance(e, int) and isinstance(d, int) and isinstance(e[0].shape[e[1]], int) and e[0].shape[e[1]] == d:
+                scales.append(1.0)
+            else:
+                scales = []
+                break
+        if not scales:
+            continue
+        const = add_initializer(model.graph, f"{node.name or 'resize'}_scales", np.array(scales, np.float32))
+        if node.inputs[2] is not None and (const_array(node.inputs[2]) is None or const_array(node.inputs[2]).size):
+            continue  # scales given as well: not a valid Resize, leave it to onnxruntime to say so
+        node.replace_input_with(2, const)
+        node.resize_inputs(3)
+        count += 1
+    return count
+
+def _shape_slice(node: ir.Node) -> list | None:
+    """``Slice(Shape(src), [a], [b])`` (axis 0, step 1, constant bounds) as ``(src, i)`` pairs."""
+    shape_node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if shape_node is None or shape_node.op_type != "Shape" or shape_node.attributes or len(node.inputs) < 3:
+        return None
+    src = shape_node.inputs[0]
+    params = _slice_params(node)
+    if src is None or src.shape is None or params is None or params[2] != [0] or params[3] != [1]:
+        return None
+    rank = len(src.shape)
+    start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (params[0][0], params[1][0]))
+    return [(src, i) for i in range(start, end)]
+
 def _shape_elements(value: ir.Value) -> list | None:
     """The elements of a 1-D int64 shape tensor built by ``Concat`` of constants and
     ``[Unsqueeze](Gather(Shape(src), i))`` pieces: each element is an int, or a
@@ -561,12 +761,22 @@ def _shape_elements(value: ir.Value) -> list | None:
             out.extend(int(a) for a in arr)
             continue
         node = _skip_identity(piece.producer() if piece is not None else None)
+        if node is not None and node.op_type == "Slice":  # Shape(src)[a:b]: dims a..b-1 of src
+            dims = _shape_slice(node)
+            if dims is None:
+                return None
+            out.extend(dims)
+            continue
         if node is not None and node.op_type == "Unsqueeze":
             axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
             if axes is None and "axes" in node.attributes:
                 axes = np.array(node.attributes["axes"].as_ints())
             if axes is None or list(np.ravel(axes)) not in ([0], [-1]):
                 return None
+            known = _int_arithmetic(node.inputs[0])
+            if known is not None:  # e.g. Div(116, 2): the channels per group of a channel shuffle
+                out.append(known)
+                continue
             node = _skip_identity(node.inputs[0].producer())
             scalar = True
         else:
@@ -593,6 +803,63 @@ def _skip_identity(node: ir.Node | None) -> ir.Node | None:
         node = node.inputs[0].producer()
     return node
 
+
+def unify_reshape_dims(model: ir.Model) -> int:
+    """Name the dim a ``-1`` of a Reshape stands for when it is the input's one dynamic dim.
+
+    ONNX shape inference gives ``Reshape([batch,116,28,28], [-1,116,28,28])`` a fresh ``unk__0``
+    for its first dim, and every tensor after it inherits that name: a later shape chain that
+    reads the batch from such a tensor (ShuffleNetV2's channel shuffle, in every block) can then
+    not be proven to carry the batch through, and stays. Where the input has exactly one symbolic
+    dim, the target's other entries are numbers or copies (0) of numbers, and the known sizes
+    on both sides have the same product, the ``-1`` is that symbolic dim: the generated name is
+    replaced by it everywhere. Only names shape inference made up (``unk__``) are replaced."""
+    alias: dict[str, str] = {}
+
+    def canon(d):
+        if isinstance(d, int) or getattr(d, "value", None) is None:
+            return d
+        name = d.value
+        while name in alias:
+            name = alias[name]
+        return name
+
+    for node in model.graph:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        data, out = node.inputs[0], node.outputs[0]
+        target = const_array(node.inputs[1])
+        if data is None or data.shape is None or out.shape is None or target is None or target.ndim != 1:
+            continue
+        if len(out.shape) != len(target) or (node.attributes.get_int("allowzero", 0) != 0 and (target == 0).any()):
+            continue
+        dims = [canon(d) for d in data.shape]
+        symbolic = [d for d in dims if not isinstance(d, int)]
+        if len(symbolic) != 1 or not isinstance(symbolic[0], str) or list(target).count(-1) != 1:
+            continue
+        known_out, ok = 1, True
+        for i, t in enumerate(target):
+            t = int(t)
+            if t == 0:
+                if i >= len(dims) or not isinstance(dims[i], int):
+                    ok = False  # a copy of the symbolic dim: inference already names it
+                    break
+                known_out *= dims[i]
+            elif t > 0:
+                known_out *= t
+        known_in = int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64))
+        if not ok or known_in != known_out:
+            continue
+        got = canon(out.shape[int(np.flatnonzero(target == -1)[0])])
+        if isinstance(got, str) and got != symbolic[0] and got.startswith("unk__"):
+            alias[got] = symbolic[0]
+    if not alias:
+        return 0
+    values = {v for node in model.graph for v in (*node.inputs, *node.outputs) if v is not None}
+    for v in values:
+        if v.shape is not None and any(not isinstance(d, int) and getattr(d, "value", None) in alias for d in v.shape):
+            v.shape = ir.Shape([canon(d) if not isinstance(d, int) and getattr(d, "value", None) is not None else d for d in v.shape])
+    return len(alias)
 
 def _same_dim(data: ir.Value, pos: int, src: ir.Value, idx: int) -> bool:
     """Dim ``pos`` of ``data`` is dim ``idx`` of ``src``: the same tensor and index, or the same

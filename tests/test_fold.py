@@ -634,3 +634,104 @@ def test_a_clip_that_is_not_a_hard_activation_stays():
     model = named_model_from_text(text, three=np.float32(3), zero=np.float32(0), six=np.float32(6), four=np.float32(4))
     folded, _ = fold_and_check(model)
     assert ops(folded) == Counter({"Add": 1, "Clip": 1, "Div": 1})
+
+
+def test_reshape_chains_merge_where_the_second_shape_allows_it():
+    """The torch 1.9 CRNN (ddddocr) reshapes its LSTM output twice, [T,1,2,512] → [T,1,1024] →
+    [T,1024], with the first shape computed from a dynamic dim. One Reshape does both where the
+    second shape's 0s copy a dim the first copied from x too; elsewhere both stay."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[T,1,2,8] x) => (float[T,16] y, float[T,2,8] z) {
+        d = Shape (x)
+        t = Gather <axis=0> (d, zero)
+        t1 = Unsqueeze (t, zero)
+        s1 = Concat <axis=0> (t1, one, minus)
+        r1 = Reshape (x, s1)
+        y = Reshape (r1, copy_first)
+        r2 = Reshape (x, flat)
+        z = Reshape (r2, copy_second)
+    }"""
+    model = named_model_from_text(text, zero=np.array(0, np.int64), one=np.array([1], np.int64), minus=np.array([-1], np.int64),
+                                  copy_first=np.array([0, 16], np.int64), flat=np.array([-1, 16], np.int64),
+                                  copy_second=np.array([-1, 2, 8], np.int64))
+    folded, _ = fold_and_check(model)
+    reshapes = [n for n in folded.graph if n.op_type == "Reshape"]
+    assert len(reshapes) == 2, ops(folded)  # y: one Reshape straight from x; z's pair became one too (no 0s)
+    assert all(n.inputs[0].name == "x" for n in reshapes)
+    assert ops(folded)["Shape"] == 0  # the first shape's chain went with it
+    assert not isinstance(folded.graph.outputs[0].shape[0], int)  # T stays dynamic
+
+    from onnxcc.passes.fold import merge_reshape_chains
+
+    keep = named_model_from_text("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[T,4] x) => (float[N,2,4] y) {
+        r1 = Reshape (x, to8)
+        y = Reshape (r1, copy0)
+    }""", to8=np.array([-1, 8], np.int64), copy0=np.array([0, 2, -1], np.int64))
+    assert merge_reshape_chains(keep) == 0  # the 0 copies r1's first dim (T/2), not x's (T)
+
+
+def test_channel_shuffle_resize_to_input_size_unit_transposes_and_zero_biases_fold_with_the_batch_dynamic():
+    """The patterns torchvision's exports leave for a dynamic batch (each also a slow test on the
+    real export, tests/test_torchvision_fold.py): a channel shuffle whose shapes are computed from
+    a tensor after a Reshape(-1) (its batch renamed by shape inference) with C // 2 left as a Div;
+    a Resize to Shape(x)[0:2] ++ [H, W]; a Transpose that only moves size-1 dims; an Add of a zero
+    bias and a Mul by ones. All fold to constants or go, and the batch stays dynamic."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,8,4,4] x) => (float[N,8,8,8] y, float[N,2,8] z) {
+        r0 = Reshape (x, to5)
+        t0 = Transpose <perm=[0,2,1,3,4]> (r0)
+        s = Reshape (t0, back)
+        d = Shape (s)
+        n = Gather <axis=0> (d, i0)
+        c = Gather <axis=0> (d, i1)
+        half = Div (c, two)
+        h = Gather <axis=0> (d, i2)
+        w = Gather <axis=0> (d, i3)
+        nu = Unsqueeze (n, ax0)
+        hu = Unsqueeze (half, ax0)
+        hh = Unsqueeze (h, ax0)
+        wu = Unsqueeze (w, ax0)
+        sh = Concat <axis=0> (nu, two1, hu, hh, wu)
+        r1 = Reshape (s, sh)
+        t1 = Transpose <perm=[0,2,1,3,4]> (r1)
+        r2 = Reshape (t1, back)
+        b = Add (r2, zeros)
+        m = Mul (b, ones)
+        ds = Shape (m)
+        nc = Slice (ds, i0_1, i2_1)
+        size = Concat <axis=0> (nc, hw)
+        y = Resize <mode="linear"> (m, , , size)
+        p = GlobalAveragePool (m)
+        q = Reshape (p, flat)
+        q3 = Reshape (q, split)
+        z = Transpose <perm=[0,2,1]> (q3)
+    }"""
+    model = named_model_from_text(
+        text, to5=np.array([0, 2, 4, 4, 4], np.int64), back=np.array([-1, 8, 4, 4], np.int64), i0=np.array(0, np.int64),
+        i1=np.array(1, np.int64), i2=np.array(2, np.int64), i3=np.array(3, np.int64), two=np.array(2, np.int64),
+        ax0=np.array([0], np.int64), two1=np.array([2], np.int64), zeros=np.zeros((8, 1, 1), np.float32),
+        ones=np.ones((1, 8, 1, 1), np.float32), i0_1=np.array([0], np.int64), i2_1=np.array([2], np.int64),
+        hw=np.array([8, 8], np.int64), flat=np.array([0, -1], np.int64), split=np.array([0, 8, 1], np.int64))
+    folded, _ = fold_and_check(model)
+    after = ops(folded)
+    assert after["Shape"] == after["Gather"] == after["Div"] == after["Concat"] == after["Slice"] == 0, after
+    assert after["Add"] == after["Mul"] == 0, after  # x + 0 and x · 1 are gone
+    assert after["Transpose"] == 2, after  # the shuffles' (they move data); z's moved a size-1 dim only
+    resize = next(n for n in folded.graph if n.op_type == "Resize")
+    assert resize.inputs[2] is not None and list(resize.inputs[2].const_value.numpy()) == [1, 1, 2, 2]
+    assert all(not isinstance(v.shape[0], int) for v in [*folded.graph.inputs, *folded.graph.outputs])
+
+
+def test_a_zero_constant_that_broadcasts_its_operand_stays():
+    """x + zeros of a larger shape is a broadcast, not an identity."""
+    model = named_model_from_text("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,1,4] x) => (float[N,3,4] y) {
+        y = Add (x, zeros)
+    }""", zeros=np.zeros((3, 4), np.float32))
+    folded, _ = fold_and_check(model)
+    assert ops(folded)["Add"] == 1
