@@ -422,14 +422,15 @@ def is_dynamic_dim(d) -> bool:
     return not (isinstance(d, int) and d >= 0)
 
 
-def replace_node_output(graph: ir.Graph, gone: ir.Node, keep: ir.Value) -> None:
+def replace_node_output(graph: ir.Graph, gone: ir.Node, keep: ir.Value, *, take_name: bool = False) -> None:
     """Every use of ``gone``'s output reads ``keep`` instead, ``gone`` is removed, and ``keep`` takes
-    the old name when that output was a graph output (users read outputs by name)."""
+    the old name when that output was a graph output (users read outputs by name), or always with
+    ``take_name`` (a rewrite's new node computing the same tensor keeps the exporter's name)."""
     out = gone.outputs[0]
     name, was_output = out.name, out.is_graph_output()
     out.replace_all_uses_with(keep, replace_graph_outputs=True)
     graph.remove(gone, safe=True)
-    if was_output:
+    if was_output or take_name:
         keep.name = name
 
 
@@ -576,6 +577,25 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
             if key in producer.attributes:
                 return np.array(producer.attributes[key].value)
     return None
+
+
+def scalar_float(value: ir.Value | None) -> float | None:
+    """The value of a one-element floating-point constant, else None."""
+    c = const_array(value)
+    return float(c.reshape(-1)[0]) if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating) else None
+
+
+def positive_scale(node: ir.Node, value: ir.Value) -> float | None:
+    """``s`` when ``node`` computes ``value · s`` or ``value / (1/s)`` with a positive scalar
+    constant ``s`` (``value`` the numerator of a Div), else None."""
+    if node.op_type not in ("Mul", "Div") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    if value is not node.inputs[0] and (node.op_type == "Div" or value is not node.inputs[1]):
+        return None
+    c = scalar_float(node.inputs[1] if value is node.inputs[0] else node.inputs[0])
+    if c is None or c <= 0:
+        return None
+    return c if node.op_type == "Mul" else 1.0 / c
 
 
 def concrete_shape(value: ir.Value | None, batch: int = 1) -> tuple[int, ...] | None:

@@ -53,8 +53,10 @@ from onnxcc.compiler.ir_utils import (
     default_opset,
     infer_shapes,
     node_label,
+    positive_scale,
     replace_contents,
     replace_node_output,
+    scalar_float,
 )
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
 from onnxcc.passes.layout import sink_transposes
@@ -344,32 +346,12 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
     return count
 
 
-
-def _scalar(value: ir.Value | None) -> float | None:
-    c = const_array(value) if value is not None else None
-    return float(c.reshape(-1)[0]) if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating) else None
-
-
 def _clip_bounds(clip: ir.Node) -> tuple[float | None, float | None]:
     if "min" in clip.attributes or "max" in clip.attributes:  # opset < 11: attributes
         return clip.attributes.get_float("min", None), clip.attributes.get_float("max", None)
-    lo = _scalar(clip.inputs[1]) if len(clip.inputs) > 1 else None
-    hi = _scalar(clip.inputs[2]) if len(clip.inputs) > 2 else None
+    lo = scalar_float(clip.inputs[1]) if len(clip.inputs) > 1 else None
+    hi = scalar_float(clip.inputs[2]) if len(clip.inputs) > 2 else None
     return lo, hi
-
-
-def _positive_scale_of(node: ir.Node, value: ir.Value) -> float | None:
-    """s when ``node`` is ``value · s`` or ``value / (1/s)`` with a positive scalar constant."""
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-        return None
-    if node.op_type == "Mul":
-        other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
-        s = _scalar(other)
-        return s if s is not None and s > 0 and value in node.inputs else None
-    if node.op_type == "Div" and node.inputs[0] is value:
-        d = _scalar(node.inputs[1])
-        return 1.0 / d if d is not None and d > 0 else None
-    return None
 
 
 def _sole_user(value: ir.Value) -> ir.Node | None:
@@ -396,10 +378,10 @@ def fuse_hard_activations(model: ir.Model) -> int:
         add = clip.inputs[0].producer() if clip.inputs and clip.inputs[0] is not None else None
         if add is None or add.op_type != "Add" or len(add.inputs) != 2 or _sole_user(add.outputs[0]) is not clip:
             continue
-        k = next((i for i, v in enumerate(add.inputs) if _scalar(v) is not None), None)
+        k = next((i for i, v in enumerate(add.inputs) if scalar_float(v) is not None), None)
         if k is None or const_array(add.inputs[1 - k]) is not None:
             continue
-        x, c = add.inputs[1 - k], _scalar(add.inputs[k])
+        x, c = add.inputs[1 - k], scalar_float(add.inputs[k])
         lo, hi = _clip_bounds(clip)
         if lo != 0.0 or hi is None or hi <= 0:
             continue
@@ -407,31 +389,29 @@ def fuse_hard_activations(model: ir.Model) -> int:
         if user is None:
             continue
         product = None
-        s = _positive_scale_of(user, clip.outputs[0])
+        s = positive_scale(user, clip.outputs[0])
         if s is None and user.op_type == "Mul" and set(user.inputs) == {x, clip.outputs[0]}:
             last = _sole_user(user.outputs[0])
-            s = _positive_scale_of(last, user.outputs[0]) if last is not None else None
+            s = positive_scale(last, user.outputs[0]) if last is not None else None
             product, user = user, last
         if s is None or abs(s * hi - 1.0) > 1e-5:
             continue
         alpha, beta = s, s * c
         end = user.outputs[0]
-        name = user.name or clip.name or "hard"
-        hs = ir.node("HardSigmoid", [x], attributes={"alpha": float(alpha), "beta": float(beta)}, name=f"{name}_hardsigmoid")
+        base = user.name or clip.name or "hard"
+        hs = ir.node("HardSigmoid", [x], attributes={"alpha": float(alpha), "beta": float(beta)}, name=f"{base}_hardsigmoid")
         new = [hs]
         swish = product is not None and abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6 and opset >= 14
         if swish:
-            new = [ir.node("HardSwish", [x], name=f"{name}_hardswish")]
+            new = [ir.node("HardSwish", [x], name=f"{base}_hardswish")]
         elif product is not None:
-            new.append(ir.node("Mul", [x, hs.outputs[0]], name=f"{name}_mul"))
+            new.append(ir.node("Mul", [x, hs.outputs[0]], name=f"{base}_mul"))
         for n in new:
             n.outputs[0].dtype, n.outputs[0].shape = end.dtype, end.shape
         if len(new) > 1:
             new[0].outputs[0].name = f"{end.name}_hardsigmoid"
         model.graph.insert_before(add, new)
-        name = end.name
-        replace_node_output(model.graph, user, new[-1].outputs[0])
-        new[-1].outputs[0].name = name  # the exporter's tensor name, now free
+        replace_node_output(model.graph, user, new[-1].outputs[0], take_name=True)
         for gone in (product, clip, add):
             if gone is not None and gone.graph is not None and not any(o.uses() for o in gone.outputs):
                 model.graph.remove(gone, safe=True)
@@ -449,9 +429,7 @@ def fuse_hard_activations(model: ir.Model) -> int:
         swish = ir.node("HardSwish", [hs.inputs[0]], name=mul.name or None)
         swish.outputs[0].dtype, swish.outputs[0].shape = end.dtype, end.shape
         model.graph.insert_before(hs, swish)
-        name = end.name
-        replace_node_output(model.graph, mul, swish.outputs[0])
-        swish.outputs[0].name = name
+        replace_node_output(model.graph, mul, swish.outputs[0], take_name=True)
         model.graph.remove(hs, safe=True)
         count += 1
     return count
@@ -557,11 +535,10 @@ def unit_transposes_to_reshapes(model: ir.Model) -> int:
         out = node.outputs[0]
         reshape.outputs[0].dtype, reshape.outputs[0].shape = out.dtype, out.shape
         model.graph.insert_before(node, reshape)
-        name = out.name
-        replace_node_output(model.graph, node, reshape.outputs[0])
-        reshape.outputs[0].name = name
+        replace_node_output(model.graph, node, reshape.outputs[0], take_name=True)
         count += 1
     return count
+
 
 def drop_identity_arithmetic(model: ir.Model) -> int:
     """``x + 0``, ``x - 0``, ``x · 1``, ``x / 1`` with a constant operand of zeros / ones that does
@@ -586,6 +563,7 @@ def drop_identity_arithmetic(model: ir.Model) -> int:
             count += 1
             break
     return count
+
 
 def merge_reshape_chains(model: ir.Model) -> int:
     """``Reshape(Reshape(x, s1), s2)`` → ``Reshape(x, s2)`` when ``s2`` is a constant whose 0 entries
@@ -613,6 +591,7 @@ def merge_reshape_chains(model: ir.Model) -> int:
             model.graph.remove(inner, safe=True)
         count += 1
     return count
+
 
 def fold_static_shape_gathers(model: ir.Model) -> int:
     """``Gather(Shape(x), i)`` → constant where dim ``i`` of ``x`` is static.
@@ -703,7 +682,7 @@ def resize_sizes_to_scales(model: ir.Model) -> int:
             continue
         if const_array(node.inputs[3]) is not None or "axes" in node.attributes or "keep_aspect_ratio_policy" in node.attributes:
             continue
-        x, out = node.inputs[0], node.outputs[0]
+        x = node.inputs[0]
         elems = _shape_elements(node.inputs[3])
         if x is None or x.shape is None or not elems or len(elems) != len(x.shape):
             continue
@@ -725,13 +704,13 @@ def resize_sizes_to_scales(model: ir.Model) -> int:
                 break
         if not scales:
             continue
-        const = add_initializer(model.graph, f"{node.name or 'resize'}_scales", np.array(scales, np.float32))
         if node.inputs[2] is not None and (const_array(node.inputs[2]) is None or const_array(node.inputs[2]).size):
             continue  # scales given as well: not a valid Resize, leave it to onnxruntime to say so
-        node.replace_input_with(2, const)
+        node.replace_input_with(2, add_initializer(model.graph, f"{node.name or 'resize'}_scales", np.array(scales, np.float32)))
         node.resize_inputs(3)
         count += 1
     return count
+
 
 def _shape_slice(node: ir.Node) -> list | None:
     """``Slice(Shape(src), [a], [b])`` (axis 0, step 1, constant bounds) as ``(src, i)`` pairs."""
@@ -745,6 +724,7 @@ def _shape_slice(node: ir.Node) -> list | None:
     rank = len(src.shape)
     start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (params[0][0], params[1][0]))
     return [(src, i) for i in range(start, end)]
+
 
 def _shape_elements(value: ir.Value) -> list | None:
     """The elements of a 1-D int64 shape tensor built by ``Concat`` of constants and
@@ -860,6 +840,7 @@ def unify_reshape_dims(model: ir.Model) -> int:
         if v.shape is not None and any(not isinstance(d, int) and getattr(d, "value", None) in alias for d in v.shape):
             v.shape = ir.Shape([canon(d) if not isinstance(d, int) and getattr(d, "value", None) is not None else d for d in v.shape])
     return len(alias)
+
 
 def _same_dim(data: ir.Value, pos: int, src: ir.Value, idx: int) -> bool:
     """Dim ``pos`` of ``data`` is dim ``idx`` of ``src``: the same tensor and index, or the same

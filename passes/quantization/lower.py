@@ -24,7 +24,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxcc.compiler.ir_utils import add_initializer, const_array, convert_opset, infer_shapes, replace_contents, replace_node_output
+from onnxcc.compiler.ir_utils import (
+    add_initializer,
+    const_array,
+    convert_opset,
+    infer_shapes,
+    positive_scale,
+    replace_contents,
+    replace_node_output,
+)
 from onnxcc.compiler.passbase import OnnxccPass, PassReport
 from onnxcc.passes.fold import reduce_mean_to_global_pool
 
@@ -163,7 +171,7 @@ def flat_limits(graph: ir.Graph) -> dict[ir.Value, tuple[float, float]]:
         if lo_c is None or hi_c is None or lo_c.size != 1 or hi_c.size != 1 or float(lo_c.reshape(-1)[0]) != 0.0:
             continue
         end = clip.outputs[0]
-        while len(end.uses()) == 1 and _positive_scale(end.uses()[0]):
+        while len(end.uses()) == 1 and positive_scale(end.uses()[0].node, end) is not None:
             end = end.uses()[0].node.outputs[0]
         x_users = {u.node for u in x.uses()}
         if x_users == {add}:
@@ -173,12 +181,3 @@ def flat_limits(graph: ir.Graph) -> dict[ir.Value, tuple[float, float]]:
             if mul.op_type == "Mul" and mul in x_users and set(mul.inputs) == {x, end}:
                 found[x] = (-shift, np.inf)
     return found
-
-
-def _positive_scale(use) -> bool:
-    """``use`` is the first operand of a Mul or Div by a positive scalar constant."""
-    node = use.node
-    if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2 or (node.op_type == "Div" and use.idx != 0):
-        return False
-    c = const_array(node.inputs[1 - use.idx])
-    return c is not None and c.size == 1 and float(c.reshape(-1)[0]) > 0

@@ -381,9 +381,8 @@ def _distill(student, teacher, arrays, labels, opts: TrainOptions, progress) -> 
         return out
 
     def beats_input(epoch: int) -> bool:
-        if len(chunk_scores[0]) < 2:
-            return score(history[epoch - 1]) > score(baseline)
-        return improves_beyond_noise(chunk_scores[0], chunk_scores[epoch])
+        # a best epoch already scores above the student as given; with one chunk there is no noise estimate
+        return len(chunk_scores[0]) < 2 or improves_beyond_noise(chunk_scores[0], chunk_scores[epoch])
 
     def score(m: dict[str, Any]) -> tuple:
         if not m:
