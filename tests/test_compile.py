@@ -62,6 +62,18 @@ def test_compile_model_accepts_paths_protos_ir_models_and_ort_readers(tmp_path, 
         assert rep["after"]["macs"] == rep["before"]["macs"]
 
 
+def test_before_counts_the_input_nodes_and_the_folded_macs(tiny_models):
+    """The before side's MACs come from a folded copy (shapes known), its nodes from the input as
+    given: `onnxcc fold` on a raw export showed its own result on both sides."""
+    from collections import Counter
+
+    model = tiny_models["resnet"]  # BatchNorm unfolded, as frameworks export
+    ops = Counter(n.op_type for n in model.graph.all_nodes())
+    rep = compile_model(model, [("fold", {})], measure_latency=False).report
+    assert rep["before"]["nodes"] == sum(ops.values()) and rep["before"]["op_counts"] == dict(ops)
+    assert ops["BatchNormalization"] > 0 and rep["after"]["nodes"] == sum(ops.values()) - ops["BatchNormalization"]
+    assert rep["before"]["macs"] == rep["after"]["macs"] > 0
+
 def _save_npz(tmp_path, data):
     p = tmp_path / "c.npz"
     np.savez(p, **data)

@@ -612,6 +612,8 @@ def test_decomposed_hard_activations_fold_into_their_ops(opset, scale_op):
     hs = [n for n in folded.graph if n.op_type == "HardSigmoid"]
     assert all(abs(n.attributes["alpha"].value - 1 / 6) < 1e-7 and abs(n.attributes["beta"].value - 0.5) < 1e-7 for n in hs)
     assert folded.graph.outputs[0].name == "y"
+    produced = {o.name for n in folded.graph for o in n.outputs}
+    assert {"h", "h2", "gate"} <= produced  # each fused activation's output keeps the exporter's tensor name
     calib = CalibrationSet({"x": np.random.default_rng(0).normal(0, 2, (16, 4, 6, 6)).astype(np.float32)})
     q = clone_model(folded)
     Pipeline([("quantize", {})], verify_samples=8).run(q, calib)

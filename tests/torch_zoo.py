@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _bn_init(m: nn.Module, seed: int) -> nn.Module:
+def trained_bn_stats(m: nn.Module, seed: int) -> nn.Module:
     """Give BatchNorms non-trivial running stats and scales, as after training."""
     g = torch.Generator().manual_seed(seed)
     for mod in m.modules():
@@ -275,7 +275,7 @@ ZOO = {
 def make(name: str, seed: int = 0) -> tuple[nn.Module, int]:
     torch.manual_seed(seed)
     ctor, hw = ZOO[name]
-    return _bn_init(ctor(), seed), hw
+    return trained_bn_stats(ctor(), seed), hw
 
 
 def export(module: nn.Module, hw: int, path: str | Path, *, dynamo: bool, opset: int | None = None, batch: int = 2, optimize: bool = True, channels: int = 3) -> Path:

@@ -7,7 +7,7 @@ schemas torchvision's import registers fake kernels for (``nms``, ``qnms``) when
 not load, so the package imports; calling them still fails, and no model here does (SSDlite is
 exported without its NMS post-processing: box regression and class logits, as a deployed detector's
 graph ends). No weights are downloaded (``weights=None``): BatchNorm statistics and scales are
-randomised as after training (``torch_zoo._bn_init``), so shapes, graphs and node counts are
+randomised as after training (``torch_zoo.trained_bn_stats``), so shapes, graphs and node counts are
 torchvision's, but accuracies are not.
 """
 
@@ -86,11 +86,11 @@ NAMES = ["shufflenet_v2", "mobilenet_v3_large", "convnext_tiny", "lraspp_mobilen
 
 
 def make(name: str, seed: int = 0) -> tuple[nn.Module, int, list[str]]:
-    from tests.torch_zoo import _bn_init
+    from tests.torch_zoo import trained_bn_stats
 
     torch.manual_seed(seed)
     ctor, hw, outputs = _models()[name]
-    return _bn_init(ctor(), seed), hw, outputs
+    return trained_bn_stats(ctor(), seed), hw, outputs
 
 
 def export(name: str, path: str | Path, *, dynamo: bool, batch: int = 2, seed: int = 0) -> Path:
