@@ -55,6 +55,31 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def file_bytes(path) -> dict[str, int]:
+    """Where an INT8 file's bytes are: int8/int4 weights, per-channel (1-D) float scales, int32
+    biases, float weights left (2-D and up), scalars (activation scales, zero points), the graph
+    (nodes and names), the rest (header, inputs, metadata). Serialized sizes, summing to the file."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    T = onnx.TensorProto
+    parts = dict.fromkeys(("int_weights", "channel_scales", "int32_biases", "float_weights", "scalars", "graph", "rest"), 0)
+    for t in m.graph.initializer:
+        n = len(t.SerializeToString())
+        if not t.dims:
+            parts["scalars"] += n
+        elif t.data_type in (T.INT8, T.UINT8, T.INT4, T.UINT4) and len(t.dims) > 1:
+            parts["int_weights"] += n
+        elif t.data_type == T.INT32:
+            parts["int32_biases"] += n
+        elif len(t.dims) == 1:
+            parts["channel_scales"] += n
+        else:
+            parts["float_weights"] += n
+    parts["graph"] = sum(len(n.SerializeToString()) for n in m.graph.node)
+    parts["rest"] = os.path.getsize(path) - sum(parts.values())
+    return parts
+
 def ort_quantize_static(src, dst, data: np.ndarray, input_name: str, method: str = "minmax") -> None:
     """The baseline: onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations), batches of 8."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -265,6 +290,9 @@ def run(args) -> tuple[str, list[dict]]:
                     "calib_seconds": cost[key]["seconds"], "calib_peak_mb": cost[key]["peak_mb"],
                     "float_heavy": len(fus["float_heavy"]), "leftover_qdq": fus["quantize_linear"] + fus["dequantize_linear"],
                 }
+                if args.bytes:  # each part as a fraction of the fp32 file
+                    rec["bytes"] = {k: v / size32 for k, v in file_bytes(p).items()}
+                    print(f"# {label} {key} file / fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in rec["bytes"].items()), flush=True)
                 top1 = f"{comp.top1:.3f}" if comp.top1 is not None else "-"
                 if acc is not None:
                     top1 = f"acc {100 * acc:.1f} ({100 * (acc - acc32):+.1f})"
@@ -307,6 +335,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--block", type=int, default=8)
+    ap.add_argument("--bytes", action="store_true", help="also where each INT8 file's bytes are (weights, scales, biases, graph...)")
     ap.add_argument("--json", dest="json_path")
     a = ap.parse_args(argv)
     table, records = run(a)
