@@ -101,6 +101,16 @@ def layer_macs(node: ir.Node, batch: int = 1) -> int | None:
         trans_a = op == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].as_int() == 1
         k = a[0] if trans_a else a[-1]
         return int(np.prod(out)) * int(k)
+    if op in ("LSTM", "DynamicQuantizeLSTM", "GRU", "RNN"):  # per step and direction: the gate rows times (input + hidden)
+        x = concrete_shape(node.inputs[0], batch)
+        hidden = node.attributes.get_int("hidden_size", 0)
+        if x is None or len(x) != 3 or not hidden:
+            return None
+        if node.attributes.get_int("layout", 0) == 1:
+            x = (x[1], x[0], x[2])
+        gates = {"LSTM": 4, "DynamicQuantizeLSTM": 4, "GRU": 3, "RNN": 1}[op]
+        directions = 2 if node.attributes.get_string("direction", "forward") == "bidirectional" else 1
+        return x[0] * x[1] * directions * gates * hidden * (x[2] + hidden)
     return 0
 
 

@@ -618,12 +618,28 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     from onnx_ir.passes.common import ShapeInferencePass
 
     graph_outputs = set(id(v) for v in model.graph.outputs)
+    standins = []
     for node in model.graph.all_nodes():
         for out in node.outputs:
             if id(out) not in graph_outputs and not out.is_initializer():
                 out.shape = None
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        if (node.domain, node.op_type) in _SHAPE_STANDINS:  # ONNX cannot infer contrib ops: borrow the ONNX op's rule
+            standins.append((node, node.domain, node.op_type, list(node.inputs)))
+            node.op_type, node.domain = _SHAPE_STANDINS[node.domain, node.op_type]
+            node.resize_inputs(1)
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    finally:
+        for node, domain, op_type, inputs in standins:
+            node.op_type, node.domain = op_type, domain
+            node.resize_inputs(len(inputs))
+            for i, v in enumerate(inputs):
+                node.replace_input_with(i, v)
     return model
+
+
+#: contrib ops whose outputs have the shapes of an ONNX op's given only input 0 and the attributes
+_SHAPE_STANDINS = {("com.microsoft", "DynamicQuantizeLSTM"): ("LSTM", "")}
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:

@@ -19,12 +19,18 @@ Conv layers are left in float: onnxruntime's ``ConvInteger`` has no fused
 float-output kernel and is slower than float on x86, so static ``quantize``
 is the pass for convolutions. This suits MatMul/Gemm-heavy graphs (classifier
 heads, MLPs, attention projections) where calibration data is not at hand.
+
+An ``LSTM`` with constant weights becomes onnxruntime's ``DynamicQuantizeLSTM``
+(:func:`quantize_lstm`): int8 weights per gate row, its input and hidden state
+quantized at each step by the kernel. Static ``quantize`` uses it as well, as
+there is no QDQ form of a recurrent layer that onnxruntime runs in integers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -35,10 +41,79 @@ from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
 from onnxcc.compiler.metrics import weight_sqnr
 
 
+MS_DOMAIN = "com.microsoft"
+
+
+def quantize_lstm(graph: ir.Graph, node: ir.Node, qmax: int) -> dict | str:
+    """Replace ``node`` (an ONNX LSTM) by onnxruntime's ``DynamicQuantizeLSTM``; the layer's report
+    entry, or why it stays float.
+
+    The contrib op takes the weights transposed (``W`` as [directions, input, 4·hidden], ``R`` as
+    [directions, hidden, 4·hidden]) with one int8 scale per direction and gate row; the other inputs
+    (bias, sequence lengths, initial states, peepholes) and the attributes are the LSTM's own. The
+    caller adds the ``com.microsoft`` opset."""
+    if node.attributes.get_int("layout", 0) != 0:
+        return "LSTM with layout=1 (DynamicQuantizeLSTM reads sequence-first input only)"
+    w, r = const_array(node.inputs[1]), const_array(node.inputs[2])
+    if w is None or r is None:
+        return "LSTM weights are not constants"
+    if w.ndim != 3 or r.ndim != 3 or w.dtype != np.float32 or r.dtype != np.float32:
+        return f"LSTM weights are {w.dtype} of rank {w.ndim} (needs float32 [directions, 4*hidden, input])"
+    base = node.name or node.outputs[0].name
+    entry = {"op": "LSTM", "kernel": "DynamicQuantizeLSTM"}
+    quantized = []
+    for key, a in (("W", w), ("R", r)):
+        d, rows, cols = a.shape
+        m = np.abs(a).max(axis=2)
+        scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)  # [directions, 4*hidden]
+        q = np.clip(np.round(a / scale[:, :, None]), -qmax, qmax).astype(np.int8)
+        entry[f"{key}_sqnr_db"] = weight_sqnr(a, q.astype(np.float32) * scale[:, :, None])
+        quantized += [add_initializer(graph, f"{base}_{key}_int8", np.ascontiguousarray(q.transpose(0, 2, 1))),
+                      add_initializer(graph, f"{base}_{key}_scale", scale),
+                      add_initializer(graph, f"{base}_{key}_zero_point", np.zeros(scale.shape, np.int8))]
+    wq, ws, wz, rq, rs, rz = quantized
+    rest = list(node.inputs[3:8]) + [None] * (8 - len(node.inputs))
+    attrs = {k: a for k, a in node.attributes.items() if k != "layout"}
+    new = ir.node("DynamicQuantizeLSTM", [node.inputs[0], wq, rq, *rest[:5], ws, wz, rs, rz], attributes=attrs,
+                  domain=MS_DOMAIN, num_outputs=len(node.outputs), name=f"{base}_int8")
+    graph.insert_before(node, new)
+    for old, out in zip(node.outputs, new.outputs):
+        name, used = old.name, bool(old.uses()) or old.is_graph_output()
+        if old.type is not None:
+            out.type, out.shape = old.type, old.shape
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        if used and name:
+            old.name = f"{name}_float"
+            out.name = name
+    weights = [node.inputs[1], node.inputs[2]]
+    graph.remove(node, safe=True)
+    for v in weights:  # the float weights, unless something else reads them
+        if v.is_initializer() and not v.uses() and not v.is_graph_input() and v.name in graph.initializers:
+            del graph.initializers[v.name]
+    return entry
+
+
+def quantize_lstms(model: ir.Model, qmax: int, skip: "Callable[[ir.Node], str | None]") -> tuple[dict, list[Skipped]]:
+    """Every LSTM of the main graph as ``DynamicQuantizeLSTM`` unless ``skip(node)`` gives a reason;
+    the layers' report entries and the skipped ones."""
+    layers, skipped = {}, []
+    for node in [n for n in model.graph if n.op_type == "LSTM" and n.domain in ("", "ai.onnx")]:
+        label = node_label(node)
+        why = skip(node)
+        entry = quantize_lstm(model.graph, node, qmax) if why is None else why
+        if isinstance(entry, str):
+            skipped.append(Skipped(label, entry))
+        else:
+            layers[label] = entry
+    if layers:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return layers, skipped
+
+
 class DynamicQuantizePass(OnnxccPass):
     name = "quantize-dynamic"
     exact = False
-    summary = "dynamic INT8 for MatMul/Gemm (int8 weights, activations quantized at run time, no calibration)"
+    summary = "dynamic INT8 for MatMul/Gemm/LSTM (int8 weights, activations quantized at run time, no calibration)"
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -122,9 +197,15 @@ class DynamicQuantizePass(OnnxccPass):
             graph.remove(node, safe=True)
             changed.append(node_label(node))
             layers[node_label(node)] = {"op": node.op_type, "weight_sqnr_db": weight_sqnr(w, w_q.astype(np.float32) * w_scale), "weight_scale_max": float(w_scale.max())}
+        def excluded(n: ir.Node) -> str | None:
+            return "excluded by pattern: kept in float" if any(fnmatch.fnmatchcase(n.name or "", p) for p in cfg.exclude) else None
+
+        lstm_layers, lstm_skipped = quantize_lstms(model, qmax, excluded)
+        layers.update(lstm_layers)
+        skipped += lstm_skipped
         common.RemoveUnusedNodesPass()(model)
-        stats = {"layers": layers, "quantized_layers": len(changed), "weight_bits": 7 if cfg.reduce_range else 8}
-        if changed:
+        stats = {"layers": layers, "quantized_layers": len(changed) + len(lstm_layers), "weight_bits": 7 if cfg.reduce_range else 8}
+        if changed or lstm_layers:
             from onnxcc.passes.quantization.fusion import fusion_report
 
             fusion = fusion_report(model)
@@ -133,4 +214,5 @@ class DynamicQuantizePass(OnnxccPass):
                 skipped.append(Skipped("fusion check", fusion["unchecked"]))
             elif stats["fusion"]["fused"] < len(changed):
                 skipped.append(Skipped("model", f"onnxruntime fused {stats['fusion']['fused']} of {len(changed)} dynamic MatMuls"))
+        changed += list(lstm_layers)
         return PassReport(model, bool(changed), changed=changed, skipped=skipped, stats=stats)

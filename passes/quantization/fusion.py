@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnxcc.compiler.errors import BadInputError
 from onnxcc.compiler.sessions import optimized_graph
 
-FLOAT_HEAVY = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+FLOAT_HEAVY = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "LSTM"}
 
 
 def fusion_report(model: ir.Model) -> dict:
@@ -33,7 +33,7 @@ def fusion_report(model: ir.Model) -> dict:
                 "unchecked": f"fusion not checked: {e}"}
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}" for n in proto.graph.node)
     float_heavy = [n.name or n.output[0] for n in proto.graph.node if n.op_type in FLOAT_HEAVY]
-    integer = sum(c for op, c in ops.items() if "QLinear" in op or op.endswith("QGemm") or "Integer" in op)
+    integer = sum(c for op, c in ops.items() if "QLinear" in op or op.endswith(("QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")) or "Integer" in op)
     return {
         "ops": dict(sorted(ops.items())),
         "integer_kernels": integer,

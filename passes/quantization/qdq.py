@@ -48,6 +48,7 @@ After::
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Literal, Mapping
 
 import numpy as np
@@ -62,6 +63,7 @@ from onnxcc.passes.quantization import gptq as G
 from onnxcc.passes.quantization import placement as P
 from onnxcc.passes.quantization import policies
 from onnxcc.passes.quantization import ranges as R
+from onnxcc.passes.quantization.dynamic import quantize_lstms
 from onnxcc.passes.quantization.fusion import fusion_report
 from onnxcc.passes.quantization.lower import LowerInt8Pass, flat_limits, lower
 
@@ -92,6 +94,7 @@ class QuantizePass(OnnxccPass):
         layer_errors: bool = dataclasses.field(default=True, metadata={"help": "report each quantized layer's error contribution (dB of SQNR lost across it, first calibration batch)"})
         decompose_hard_activations: bool = dataclasses.field(default=True, metadata={"help": "HardSigmoid/HardSwish as Add/Clip/Mul so they run in uint8"})
         weight_rounding: Literal["nearest", "gptq"] = dataclasses.field(default="gptq", metadata={"help": "int8 weight codes: nearest, or GPTQ (codes chosen for the layer's output on calibration data; same format and kernels)"})
+        lstm: bool = dataclasses.field(default=True, metadata={"help": "LSTMs with constant weights as onnxruntime's DynamicQuantizeLSTM (int8 weights; input and hidden state quantized at run time): ONNX has no QDQ form of a recurrent layer"})
         float_excitation: bool = dataclasses.field(default=False, metadata={"help": "keep squeeze-excite branches (GlobalAveragePool → … → the Mul that scales the feature map) in float: they hold one value per channel, so integer kernels save nothing there, and their error scales every pixel"})
 
         def __post_init__(self):
@@ -112,7 +115,7 @@ class QuantizePass(OnnxccPass):
 
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
-        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger") for n in model.graph):
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger", "DynamicQuantizeLSTM") for n in model.graph):
             raise ir.passes.PreconditionError("the model is already quantized")
 
     def call(self, model: ir.Model) -> PassReport:
@@ -156,7 +159,9 @@ class QuantizePass(OnnxccPass):
         limits = flat_limits(graph)  # value → interval outside which its activation is flat
         plan = P.plan(graph, cfg, skipped, kept)
         if not plan.nodes:
-            return PassReport(model, False, skipped=skipped, stats={"quantized_layers": 0, "kept_float": dict(kept or {})})
+            lstms = self._lstms(model, kept, skipped)
+            return PassReport(model, bool(lstms), changed=list(lstms), skipped=skipped,
+                              stats={"quantized_layers": len(lstms), "layers": lstms, "kept_float": dict(kept or {})})
 
         # Every statistic this pass needs is declared first and gathered in one run over the data:
         # ranges of the calibrated tensors, input means (bias correction), Gram matrices (GPTQ).
@@ -208,6 +213,7 @@ class QuantizePass(OnnxccPass):
                 for i, v in enumerate(node.inputs):
                     if v is not None and not P.is_activation(v) and P.small_float_const(v):
                         E.quantize_constant_operand(graph, node, i, cfg.activations)
+        layers.update(lstms := self._lstms(model, kept, skipped))
         compacted = E.compact_constants(graph)
         common.TopologicalSortPass()(model)  # nodes were appended: sort first so dead chains go in one sweep
         common.RemoveUnusedNodesPass()(model)
@@ -218,7 +224,7 @@ class QuantizePass(OnnxccPass):
             "constants_compacted": compacted,
             "method": cfg.method,
             "activations": cfg.activations,
-            "quantized_layers": len(plan.nodes),
+            "quantized_layers": len(plan.nodes) + len(lstms),
             "quantized_tensors": len(params),
             "ranges_reused": reused,  # from earlier passes / tries, the tensors' computation unchanged
             "ranges_clamped": clamped,  # pre-activation ranges cut to where HardSigmoid/HardSwish is not flat
@@ -235,5 +241,20 @@ class QuantizePass(OnnxccPass):
             for name in fusion["float_heavy"]:
                 if name not in already:
                     skipped.append(Skipped(name, "onnxruntime left this layer in float (not fused into an integer kernel)"))
-        changed = [node_label(n) for n in plan.nodes]
+        changed = [node_label(n) for n in plan.nodes] + list(lstms)
         return PassReport(model, True, changed=changed, skipped=skipped, stats=stats)
+
+    def _lstms(self, model: ir.Model, kept: Mapping[str, str] | None, skipped: list[Skipped]) -> dict:
+        """The LSTMs as ``DynamicQuantizeLSTM`` (unless excluded, kept float by a policy, or off)."""
+        cfg = self.config
+        if not cfg.lstm:
+            return {}
+
+        def why_float(node: ir.Node) -> str | None:
+            if any(fnmatch.fnmatchcase(node.name or "", p) for p in cfg.exclude):
+                return "excluded by pattern: kept in float"
+            return (kept or {}).get(node_label(node))
+
+        layers, lstm_skipped = quantize_lstms(model, 63 if cfg.reduce_range else 127, why_float)
+        skipped += lstm_skipped
+        return layers

@@ -128,3 +128,54 @@ def test_default_weights_give_the_same_result_on_every_x86_cpu():
         outs.append(ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0])
     np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5 * float(np.abs(y_ref).max()))
     assert compare_outputs({"y": y_ref}, {"y": outs[0]}).outputs[0].sqnr_db > 30
+
+
+LSTM_NET = """
+<ir_version: 8, opset_import: ["" : 17]>
+rnn (float[7, 3, 32] x) => (float[7, 2, 3, 48] y, float[3, 7, 96] z) {
+    y, yh = LSTM <direction = "bidirectional", hidden_size = 48> (x, W, R, B)
+    t = Transpose <perm = [2, 0, 1, 3]> (y)
+    s = Constant <value_ints = [0, 0, 96]> ()
+    r = Reshape(t, s)
+    z = Relu(r)
+}
+"""
+
+
+def _lstm_net(layout: int = 0) -> ir.Model:
+    rng = np.random.default_rng(1)
+    model = named_model_from_text(
+        LSTM_NET,
+        W=rng.normal(0, 0.15, (2, 192, 32)).astype(np.float32),
+        R=rng.normal(0, 0.1, (2, 192, 48)).astype(np.float32),
+        B=rng.normal(0, 0.1, (2, 384)).astype(np.float32),
+    )
+    if layout:
+        next(n for n in model.graph if n.op_type == "LSTM").attributes["layout"] = ir.AttrInt64("layout", 1)
+    return model
+
+
+def test_lstm_becomes_dynamic_quantize_lstm_and_agrees():
+    """An LSTM with constant weights runs as onnxruntime's DynamicQuantizeLSTM (int8 weights per gate
+    row, transposed as the contrib op reads them); both outputs keep their names and agree with fp32."""
+    model = _lstm_net()
+    ref = clone_model(model)
+    res = Pipeline([("quantize-dynamic", {})], verify=False).run(model)
+    rep = res.steps[0].report
+    ops = [(n.domain, n.op_type) for n in model.graph]
+    assert ("com.microsoft", "DynamicQuantizeLSTM") in ops and ("", "LSTM") not in ops
+    assert rep.stats["layers"][rep.changed[0]]["W_sqnr_db"] > 35
+    assert [v.name for v in model.graph.outputs] == ["y", "z"]
+    assert "W" not in model.graph.initializers and "R" not in model.graph.initializers  # no float copy left
+    feeds = [{"x": np.random.default_rng(2).normal(0, 1, (7, 3, 32)).astype(np.float32)}]
+    cmp = compare_outputs(run_model(ref, feeds), run_model(model, feeds))
+    assert cmp.min_sqnr > 25, cmp
+    from onnxcc.compiler.analysis import analyze
+    assert analyze(model).macs == analyze(ref).macs == 7 * 3 * 2 * 4 * 48 * (32 + 48)  # counted as the LSTM's
+
+
+def test_lstm_with_batch_first_layout_stays_float_with_its_reason():
+    model = _lstm_net(layout=1)
+    res = Pipeline([("quantize-dynamic", {})], verify=False).run(model)
+    assert any(n.op_type == "LSTM" for n in model.graph)
+    assert any("layout=1" in s.reason for s in res.steps[0].report.skipped)
