@@ -157,6 +157,7 @@ class FoldPass(OnnxccPass):
             changed |= merge_slice_chains(model) > 0
             changed |= unit_transposes_to_reshapes(model) > 0
             changed |= drop_identity_arithmetic(model) > 0
+            changed |= drop_zero_states(model) > 0
             changed |= merge_reshape_chains(model) > 0
             changed |= resize_sizes_to_scales(model) > 0
             if cfg.fold_batchnorm:
@@ -559,6 +560,71 @@ def drop_identity_arithmetic(model: ir.Model) -> int:
             dims = list(x.shape)[len(x.shape) - c.ndim:]
             if any(cd != 1 and not (isinstance(xd, int) and xd == cd) for cd, xd in zip(c.shape, dims)):
                 continue  # the constant would broadcast x to a larger shape
+            replace_node_output(model.graph, node, x)
+            count += 1
+            break
+    return count
+
+
+#: ops whose output is finite for any input: times zero they give zero
+_BOUNDED = {"Sigmoid", "Tanh", "HardSigmoid", "Softmax", "Softsign"}
+
+
+def _all_zero(v: ir.Value | None, depth: int = 0) -> bool:
+    """``v`` is all zeros whatever the inputs: ``ConstantOfShape`` of 0 (an RNN's zero initial
+    state with a dynamic batch), a Gemm/MatMul of such a tensor without bias, or a bounded
+    activation times one (finite · 0 = 0)."""
+    if v is None or depth > 8:
+        return False
+    c = const_array(v)
+    if c is not None:
+        return c.size > 0 and np.issubdtype(c.dtype, np.floating) and not np.any(c)
+    node = v.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "ConstantOfShape":
+        value = node.attributes.get("value")
+        arr = value.as_tensor().numpy() if value is not None else np.zeros(1, np.float32)
+        return np.issubdtype(arr.dtype, np.floating) and not np.any(arr)
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and (len(node.inputs) < 3 or node.inputs[2] is None)):
+        return any(_all_zero(x, depth + 1) for x in node.inputs[:2])
+    if node.op_type == "Mul" and len(node.inputs) == 2:
+        for k in (0, 1):
+            other = node.inputs[1 - k]
+            finite = other is not None and (other.producer() is not None and other.producer().op_type in _BOUNDED
+                                            or (const_array(other) is not None and np.all(np.isfinite(const_array(other)))))
+            if finite and _all_zero(node.inputs[k], depth + 1):
+                return True
+    return False
+
+
+def _equal_dims(a, b) -> bool:
+    """Two dims known equal: the same size, or the same named symbolic dim (see :func:`_same_dim`)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a.value == b.value
+
+
+def drop_zero_states(model: ir.Model) -> int:
+    """``x + Z`` → ``x`` where ``Z`` is zero at run time though not a constant (see
+    :func:`_all_zero`) and does not broadcast ``x`` to a larger shape (each dim of ``Z`` is 1 or
+    the same as ``x``'s, a symbolic dim by name after shape inference with data propagation).
+    A torch LSTM unrolled by the exporter starts from ``h0 = c0 = zeros(batch, hidden)``: with a
+    dynamic batch the zeros are not constant, so ``h0 @ W_hh`` and ``f · c0`` were computed and
+    added at every first step; they go, and the state's shape chain with them."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        for k in (0, 1):
+            z, x = node.inputs[k], node.inputs[1 - k]
+            if x is None or z is None or const_array(z) is not None or x.shape is None or z.shape is None:
+                continue
+            if x.dtype != node.outputs[0].dtype or len(z.shape) > len(x.shape):
+                continue
+            dims = list(x.shape)[len(x.shape) - len(z.shape):]
+            if not all(zd == 1 or _equal_dims(zd, xd) for zd, xd in zip(z.shape, dims)) or not _all_zero(z):
+                continue
             replace_node_output(model.graph, node, x)
             count += 1
             break

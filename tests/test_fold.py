@@ -737,3 +737,67 @@ def test_a_zero_constant_that_broadcasts_its_operand_stays():
     }""", zeros=np.zeros((3, 4), np.float32))
     folded, _ = fold_and_check(model)
     assert ops(folded)["Add"] == 1
+
+
+#: zeros(batch, 6) from x's dynamic batch, as torch exports an RNN's initial state
+ZERO_STATE = """
+    s = Shape (x)
+    i0 = Constant <value = int64 {0}> ()
+    b = Gather <axis = 0> (s, i0)
+    ax = Constant <value_ints = [0]> ()
+    bu = Unsqueeze (b, ax)
+    hid = Constant <value_ints = [6]> ()
+    zs = Concat <axis = 0> (bu, hid)
+    z = ConstantOfShape <value = float[1] {0}> (zs)
+"""
+
+UNROLLED_LSTM_STEP = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[batch, 8] x) => (float[batch, 6] h, float[batch, 6] c) {
+    {zeros}
+    gx = Gemm <transB = 1> (x, wih, bias)
+    gh = Gemm <transB = 1> (z, whh)
+    gates = Add (gx, gh)
+    i, f, o, u = Split <axis = 1, num_outputs = 4> (gates)
+    si = Sigmoid (i)
+    sf = Sigmoid (f)
+    so = Sigmoid (o)
+    tu = Tanh (u)
+    fc = Mul (sf, z)
+    iu = Mul (si, tu)
+    c = Add (fc, iu)
+    tc = Tanh (c)
+    h = Mul (so, tc)
+}"""
+
+
+def _unrolled_lstm(text: str = UNROLLED_LSTM_STEP) -> ir.Model:
+    rng = np.random.default_rng(8)
+    return model_from_text(text.replace("{zeros}", ZERO_STATE), wih=rng.normal(size=(24, 8)).astype(np.float32), whh=rng.normal(size=(24, 6)).astype(np.float32),
+                           bias=rng.normal(size=24).astype(np.float32))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_zero_initial_state_of_an_unrolled_lstm_goes_with_a_dynamic_batch(batch):
+    """torch's exporter unrolls an LSTM from h0 = c0 = zeros(batch, hidden) built from the input's
+    dynamic batch (Shape → Gather → Unsqueeze → Concat → ConstantOfShape): not a constant, so
+    constant folding kept ``h0 @ W_hh`` and ``f · c0`` (the captcha CRNN: 689 nodes against
+    onnxsim's 676 at a fixed batch). Adding a tensor that is zero at run time goes; the batch stays
+    dynamic and the step is exact at any batch."""
+    model = _unrolled_lstm()
+    folded, _ = fold_and_check(model, batch=batch)
+    assert ops(folded) == Counter({"Gemm": 1, "Split": 1, "Sigmoid": 2, "Tanh": 2, "Mul": 2})
+    assert not isinstance(folded.graph.inputs[0].shape[0], int)
+
+
+def test_a_zero_tensor_that_broadcasts_the_other_operand_stays():
+    """``x[1, 6] + zeros[batch, 6]`` has the zeros' batch: dropping the Add would change the
+    output's shape, so it stays."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[batch, 8] x, float[1, 6] y) => (float[batch, 6] out) {
+        {zeros}
+        out = Add (y, z)
+    }"""
+    folded, _ = fold_and_check(ir.from_onnx_text(text.replace("{zeros}", ZERO_STATE)), batch=3)
+    assert ops(folded)["Add"] == 1
