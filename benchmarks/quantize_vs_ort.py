@@ -121,7 +121,7 @@ def _child(argv: list[str]) -> None:
         if "equalize" in extra:
             specs.append("equalize")
         specs.append(("quantize", {"method": method, "bias_correction": "bias-correction" in extra, "check_fusion": False,
-                                   "speed_guard": "speed-guard" in extra}))
+                                   "speed_guard": "speed-guard" in extra, "reduce_range": "no-reduce-range" not in extra}))
         Pipeline(specs, verify=False).run(model, CalibrationSet.load(calib, model))
         save_model(model, dst)
     seconds = time.perf_counter() - t0
@@ -163,8 +163,8 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_m
         from onnxcc.models import corpus
 
         for entry in corpus.ENTRIES:
-            if entry.name == "ddddocr_crnn_int8":
-                continue  # already int8: quantize refuses it
+            if entry.name == "ddddocr_crnn_int8" or (isinstance(corpus_models, str) and entry.name not in corpus_models.split(",")):
+                continue  # already int8: quantize refuses it; or not among the models asked for
             try:
                 path = corpus.fetch(entry.name)
             except corpus.CorpusUnavailable as e:
@@ -236,7 +236,8 @@ def run(args) -> tuple[str, list[dict]]:
                 np.save(calib, rng.standard_normal((args.calib,) + shape).astype(np.float32))
                 held_out = rng.standard_normal((32,) + shape).astype(np.float32)
             variants = {"ort": ("ort", []), "onnxcc": ("onnxcc", []), "onnxcc+eq+bc": ("onnxcc", ["equalize", "bias-correction"]),
-                        "int8-x86": ("onnxcc", ["equalize", "bias-correction", "speed-guard"])}  # the recipe: + speed guard
+                        "int8-x86": ("onnxcc", ["equalize", "bias-correction", "speed-guard"]),  # the recipe: + speed guard
+                        "onnxcc-8bit": ("onnxcc", ["no-reduce-range"])}  # 8-bit weights, as onnxruntime's quantizer writes them
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
             out_paths, cost = {}, {}
             for key, (tool, extra) in variants.items():
@@ -327,8 +328,9 @@ def main(argv=None) -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     ap.add_argument("--torch", action="store_true", help="also the torch zoo networks (legacy export)")
     ap.add_argument("--trained", action="store_true", help="also the digits-trained CNNs (accuracy on 500 held-out images)")
-    ap.add_argument("--variants", default="ort,onnxcc,onnxcc+eq+bc,int8-x86", help="which quantizers to run")
-    ap.add_argument("--corpus", action="store_true", help="also the real-model corpus (models/corpus.py; accuracy on 64 rendered held-out samples)")
+    ap.add_argument("--variants", default="ort,onnxcc,onnxcc+eq+bc,int8-x86", help="which quantizers to run (also onnxcc-8bit: 8-bit weights)")
+    ap.add_argument("--corpus", nargs="?", const=True, default=False,
+                    help="also the real-model corpus (models/corpus.py; accuracy on 64 rendered held-out samples); NAMES: only these (comma-separated)")
     ap.add_argument("--tf2onnx", action="store_true", help="also Keras models through tf2onnx (the sample; the Keras applications once models/make_tf2onnx.py cached them)")
     ap.add_argument("--torchvision", default="", help="also these torchvision architectures (tests/torchvision_zoo.py: ssdlite320, mobilenet_v3_large, ...; random weights)")
     ap.add_argument("--threads", type=int, default=2)

@@ -114,6 +114,30 @@ def layer_macs(node: ir.Node, batch: int = 1) -> int | None:
     return 0
 
 
+#: ops whose integer kernels carry INT8's speed-up on x86 (a Conv counts when it is not grouped)
+DENSE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def dense_intensity(model: ir.Model) -> float | None:
+    """MACs of the dense layers (ungrouped convs, matrix products) per float activation element
+    the graph computes, at batch 1 and the shape hint's other dims; None when too little is known.
+
+    INT8 on a CPU gains on dense MACs and pays per element (quantize / dequantize, integer
+    elementwise and depthwise kernels): the ratio says which side weighs more."""
+    m = clone_model(model)
+    if not apply_shape_hint(m):
+        infer_shapes(m)
+    dense = elements = 0
+    for node in m.graph:
+        if node.op_type in DENSE_OPS and node.domain in ("", "ai.onnx") and node.attributes.get_int("group", 1) == 1:
+            dense += layer_macs(node) or 0
+        for out in node.outputs:
+            shape = concrete_shape(out, 1) if out.dtype == ir.DataType.FLOAT else None
+            if shape is not None:
+                elements += int(np.prod(shape))
+    return dense / elements if dense and elements else None
+
+
 def _const_meta(v: ir.Value) -> tuple[int, np.dtype] | None:
     """(element count, numpy dtype) of a constant operand, read from its metadata when it is an initializer."""
     t = v.const_value

@@ -44,6 +44,13 @@ class Policy:
 
 
 INT8 = Policy(layer_ratio=1.15, layer_slack_us=3.0, model_ratio=1.0, batches=(1, 8), rounds=3, block=8)
+
+#: Below this many dense MACs per activation element (:func:`onnxcc.compiler.analysis.dense_intensity`)
+#: INT8 is predicted slower than fp32 on x86 without measuring. Measured with onnxruntime 1.32, 2
+#: threads: faster from 16.3 up (EfficientNet-style 0.83x, MobileNetV3-style 0.92x, PP-OCRv4 det
+#: 0.53x at 19.4), slower at 6.2 and below (PaddleOCR's direction classifier 1.07-1.6x, the tiny
+#: builders).
+INT8_MIN_INTENSITY = 10.0
 FACTORIZED = Policy(layer_ratio=0.95, layer_slack_us=0.0, model_ratio=0.95, batches=(1,), rounds=5, block=10)
 # ``prune --target-latency`` times one model per step: the same protocol, no comparison thresholds
 LATENCY_TARGET = Policy(layer_ratio=1.0, layer_slack_us=0.0, model_ratio=1.0, batches=(1,), rounds=3, block=10)

@@ -140,7 +140,8 @@ def test_prune_counts_macs_at_the_given_shape_and_keeps_axes(corpus_path, name):
     # reveals (the CRNN's classifier Gemm behind a shape chain) counted, not left out
     assert before >= 0.99 * _macs_at(model, shapes) and before > 1e6
     assert after == _macs_at(res.model, shapes)
-    assert 0.15 < after / before < 0.6
+    # ddddocr's bidirectional LSTM (134M of its 911M MACs, counted since LSTMs are) is not pruned
+    assert 0.15 < after / before < (0.65 if name == "ddddocr_crnn" else 0.6)
     assert _dynamic_dims(res.model) == _dynamic_dims(model)
     run_model(res.model, [{model.graph.inputs[0].name: np.zeros(OTHER_SHAPE[name], np.float32)}])
 
@@ -175,6 +176,10 @@ def test_classifier_with_unnamed_dynamic_dims_quantizes_from_calibration_alone(c
         assert r.code == 0, r.err
         report = json.loads((tmp_path / "r.json").read_text())
         assert report["before"]["macs"] > 1e7  # counted at the calibration data's 48x192
+        if cmd == ["quantize"]:  # unguarded: the prediction is said, the output not changed by it
+            assert "INT8 is likely slower than fp32" in r.out
+            step = next(p for p in report["passes"] if p["pass"] == "quantize")
+            assert 5 < step["stats"]["dense_macs_per_element"] < 7
         held = cd.make(name, 64, seed=1)
         q = load_model(out)
         got = run_model(q, [{"x": held.inputs["x"][i:i + 8]} for i in range(0, 64, 8)])

@@ -16,6 +16,7 @@ left float), so the placement and emission rules are never duplicated here.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -28,6 +29,8 @@ from onnxcc.compiler.ir_utils import replace_contents
 from onnxcc.compiler.metrics import sqnr_db
 from onnxcc.compiler.passbase import PassContext, PassReport, Skipped
 from onnxcc.passes.quantization.placement import WEIGHTED
+
+log = logging.getLogger(__name__)
 
 #: The float model quantized again with these layers (name → why) kept float.
 Requantize = Callable[[Mapping[str, str]], "tuple[ir.Model, PassReport]"]
@@ -81,6 +84,22 @@ def record_layer_errors(model: ir.Model, fp32: ir.Model, report: PassReport, cal
         if "fusion" in report.stats and by_name[name].op_type in WEIGHTED:
             entry["fused"] = not any(name == h or h.startswith(name + "_token") for h in heavy)
     report.stats["error_ranking"] = sorted(losses, key=lambda k: -losses[k])[:10]
+
+
+def predict_speed(report: PassReport, intensity: float | None) -> None:
+    """Without the speed guard, warn (first in ``skipped``, and in the log) when the model's
+    dense MACs per activation element predict INT8 slower than fp32 (:data:`speed.INT8_MIN_INTENSITY`);
+    the output is not changed by a prediction."""
+    if intensity is None:
+        return
+    report.stats["dense_macs_per_element"] = round(intensity, 2)
+    if intensity < speed.INT8_MIN_INTENSITY:
+        why = (f"INT8 is likely slower than fp32 on x86: {intensity:.1f} dense MACs per activation element (INT8 has "
+               f"paid off from about 16 in onnxcc's measurements and lost below 7); --speed-guard (the int8-x86 recipe) "
+               f"measures it and keeps such a model float")
+        report.skipped.insert(0, Skipped("model", why))
+        report.stats["predicted_slower"] = True
+        log.warning("%s", why)
 
 
 def layer_speed_guard(model: ir.Model, fp32: ir.Model, report: PassReport, requantize: Requantize) -> PassReport:

@@ -55,6 +55,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from onnxcc.compiler.analysis import dense_intensity
 from onnxcc.compiler.calibration import ChannelStats, Statistics
 from onnxcc.compiler.ir_utils import clone_model, infer_shapes, node_label
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
@@ -121,6 +122,7 @@ class QuantizePass(OnnxccPass):
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
         fp32 = clone_model(model) if (cfg.speed_guard or cfg.max_drop is not None or cfg.layer_errors) else None
+        intensity = None if cfg.speed_guard else dense_intensity(fp32 if fp32 is not None else model)
         names_before = E.value_names(model.graph)  # what the lowering adds gets short names too
         lowered = self.context.run_exact(LowerInt8Pass(LowerInt8Pass.Config(hard_activations=cfg.decompose_hard_activations), self.context), model)
         report = self._quantize(model, names_before)
@@ -137,6 +139,8 @@ class QuantizePass(OnnxccPass):
             report = policies.model_speed_guard(model, fp32, report, all_int8)
         if report.modified and cfg.layer_errors:
             policies.record_layer_errors(model, fp32, report, self.context.calibration)
+        if report.modified and not cfg.speed_guard:
+            policies.predict_speed(report, intensity)
         return report
 
     def _requantize(self, fp32: ir.Model, kept: Mapping[str, str]) -> tuple[ir.Model, PassReport]:

@@ -742,3 +742,21 @@ def test_lossy_error_is_measured_as_deployed_and_7_bit_weights_are_the_default(t
     codes = [const_array(v) for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.dtype == ir.DataType.INT8]
     assert codes and max(int(np.abs(c).max()) for c in codes) == (63 if reduce_range else 127)
     assert step.config["reduce_range"] is reduce_range
+
+
+@pytest.mark.parametrize("family, slower", [("mobilenet_v2", True), ("resnet", False)])
+def test_unguarded_quantize_says_when_int8_is_likely_slower(folded, family, slower):
+    """Without the speed guard nothing is timed: a model whose dense (ungrouped conv / matrix)
+    MACs per activation element are below speed.INT8_MIN_INTENSITY gets a model-level warning,
+    first among the skipped entries; the quantized graph is the same either way."""
+    from onnxcc.compiler.analysis import dense_intensity
+    from onnxcc.compiler.speed import INT8_MIN_INTENSITY
+
+    model = folded(family)
+    intensity = dense_intensity(model)
+    res = Pipeline([("quantize", {"check_fusion": False, "layer_errors": False})], verify=False).run(model, calib_for(model))
+    rep = res.steps[0].report
+    assert rep.stats["dense_macs_per_element"] == pytest.approx(intensity, abs=0.01)
+    assert (intensity < INT8_MIN_INTENSITY) is slower
+    warned = bool(rep.skipped) and rep.skipped[0].layer == "model" and "likely slower than fp32" in rep.skipped[0].reason
+    assert warned is slower and any(n.op_type == "QLinearConv" or n.op_type == "DequantizeLinear" for n in model.graph)
