@@ -63,7 +63,6 @@ def quantize_lstm(graph: ir.Graph, node: ir.Node, qmax: int) -> dict | str:
     entry = {"op": "LSTM", "kernel": "DynamicQuantizeLSTM"}
     quantized = []
     for key, a in (("W", w), ("R", r)):
-        d, rows, cols = a.shape
         m = np.abs(a).max(axis=2)
         scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)  # [directions, 4*hidden]
         q = np.clip(np.round(a / scale[:, :, None]), -qmax, qmax).astype(np.int8)
@@ -197,6 +196,7 @@ class DynamicQuantizePass(OnnxccPass):
             graph.remove(node, safe=True)
             changed.append(node_label(node))
             layers[node_label(node)] = {"op": node.op_type, "weight_sqnr_db": weight_sqnr(w, w_q.astype(np.float32) * w_scale), "weight_scale_max": float(w_scale.max())}
+
         def excluded(n: ir.Node) -> str | None:
             return "excluded by pattern: kept in float" if any(fnmatch.fnmatchcase(n.name or "", p) for p in cfg.exclude) else None
 
