@@ -256,7 +256,7 @@ def layer_rows(report: Mapping[str, Any], after: ir.Model | None) -> list[dict[s
         prec = precision.get(name, "float32")
         rows.append({
             "layer": name, "op": q.get("op") or ops.get(name), "precision": prec, "fused": q.get("fused"),
-            "input_scale": q.get("input_scale"), "weight_sqnr_db": q.get("weight_sqnr_db"), "error_db": q.get("error_db"),
+            "input_scale": q.get("input_scale"), "weight_sqnr_db": q.get("weight_sqnr_db"), "error_db": q.get("error_db"), "noise_added_db": q.get("noise_added_db"),
             "latency_before_us": lb.get(name), "latency_after_us": la.get(name),
             "why_float": why.get(name) if prec == "float32" else None,
         })
@@ -317,7 +317,7 @@ def render(report: Mapping[str, Any], before: ir.Model | None = None, after: ir.
     layers = layer_rows(report, after)
     if layers:
         cols = [("layer", "layer"), ("op", "op"), ("precision", "precision"), ("fused", "fused (integer kernel)"),
-                ("input_scale", "input scale"), ("weight_sqnr_db", "weight SQNR (dB)"), ("error_db", "error added (dB)"),
+                ("input_scale", "input scale"), ("weight_sqnr_db", "weight SQNR (dB)"), ("error_db", "SQNR lost (dB)"), ("noise_added_db", "noise added (dB)"),
                 ("latency_before_us", "latency before (µs)"), ("latency_after_us", "latency after (µs)"), ("why_float", "why float")]
         rows = []
         for r in layers:
