@@ -572,8 +572,8 @@ _BOUNDED = {"Sigmoid", "Tanh", "HardSigmoid", "Softmax", "Softsign"}
 
 def _all_zero(v: ir.Value | None, depth: int = 0) -> bool:
     """``v`` is all zeros whatever the inputs: ``ConstantOfShape`` of 0 (an RNN's zero initial
-    state with a dynamic batch), a Gemm/MatMul of such a tensor without bias, or a bounded
-    activation times one (finite · 0 = 0)."""
+    state with a dynamic batch), a Gemm/MatMul of such a tensor by a finite constant without bias,
+    or a bounded activation or finite constant times one (finite · 0 = 0)."""
     if v is None or depth > 8:
         return False
     c = const_array(v)
@@ -586,16 +586,24 @@ def _all_zero(v: ir.Value | None, depth: int = 0) -> bool:
         value = node.attributes.get("value")
         arr = value.as_tensor().numpy() if value is not None else np.zeros(1, np.float32)
         return np.issubdtype(arr.dtype, np.floating) and not np.any(arr)
-    if node.op_type == "MatMul" or (node.op_type == "Gemm" and (len(node.inputs) < 3 or node.inputs[2] is None)):
-        return any(_all_zero(x, depth + 1) for x in node.inputs[:2])
-    if node.op_type == "Mul" and len(node.inputs) == 2:
-        for k in (0, 1):
-            other = node.inputs[1 - k]
-            finite = other is not None and (other.producer() is not None and other.producer().op_type in _BOUNDED
-                                            or (const_array(other) is not None and np.all(np.isfinite(const_array(other)))))
-            if finite and _all_zero(node.inputs[k], depth + 1):
+    product = node.op_type == "MatMul" or (node.op_type == "Gemm" and (len(node.inputs) < 3 or node.inputs[2] is None))
+    if (product or node.op_type == "Mul") and len(node.inputs) == 2:
+        for k in (0, 1):  # zero times a finite operand (inf · 0 would be NaN)
+            if _finite(node.inputs[1 - k], allow_bounded=node.op_type == "Mul") and _all_zero(node.inputs[k], depth + 1):
                 return True
     return False
+
+
+def _finite(v: ir.Value | None, allow_bounded: bool) -> bool:
+    """``v`` holds only finite values: a constant that does, or (``allow_bounded``, elementwise
+    use) the output of a bounded activation."""
+    if v is None:
+        return False
+    c = const_array(v)
+    if c is not None:
+        return bool(np.all(np.isfinite(c))) if np.issubdtype(c.dtype, np.floating) else True
+    producer = v.producer()
+    return allow_bounded and producer is not None and producer.op_type in _BOUNDED
 
 
 def _equal_dims(a, b) -> bool:

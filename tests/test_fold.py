@@ -801,3 +801,20 @@ def test_a_zero_tensor_that_broadcasts_the_other_operand_stays():
     }"""
     folded, _ = fold_and_check(ir.from_onnx_text(text.replace("{zeros}", ZERO_STATE)), batch=3)
     assert ops(folded)["Add"] == 1
+
+
+def test_zeros_times_an_input_that_may_hold_inf_stay():
+    """``zeros @ w`` is zero only for a finite ``w`` (inf · 0 is NaN): with ``w`` a graph input the
+    Add stays."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[batch, 8] x, float[6, 6] w) => (float[batch, 6] out) {
+        {zeros}
+        p = MatMul (z, w)
+        v = Slice (x, st, en, axs)
+        out = Add (v, p)
+    }"""
+    model = model_from_text(text.replace("{zeros}", ZERO_STATE), st=np.array([0], np.int64), en=np.array([6], np.int64),
+                            axs=np.array([1], np.int64))
+    folded, _ = fold_and_check(model, batch=2)
+    assert ops(folded)["Add"] == 1 and ops(folded)["MatMul"] == 1
