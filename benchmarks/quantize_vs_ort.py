@@ -208,6 +208,9 @@ def run(args) -> tuple[str, list[dict]]:
         for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained, args.corpus, args.tf2onnx,
                                  [n for n in args.torchvision.split(",") if n]):
             fp32 = load_model(src)
+            if len(input_specs(fp32)) != 1:  # e.g. Keras 3's EfficientNet: tf2onnx made its Normalization constants inputs
+                print(f"# {label} skipped: {len(input_specs(fp32))} graph inputs ({', '.join(s.name for s in input_specs(fp32))}); this benchmark feeds one", flush=True)
+                continue
             spec = input_specs(fp32)[0]
             rng = np.random.default_rng(0)
             calib = tmp / "calib.npy"
