@@ -159,6 +159,7 @@ class FoldPass(OnnxccPass):
             changed |= drop_identity_arithmetic(model) > 0
             changed |= drop_zero_states(model) > 0
             changed |= merge_reshape_chains(model) > 0
+            changed |= drop_noop_reshapes(model) > 0
             changed |= resize_sizes_to_scales(model) > 0
             if cfg.fold_batchnorm:
                 n = fold_batchnorms(model)
@@ -639,8 +640,32 @@ def drop_zero_states(model: ir.Model) -> int:
     return count
 
 
+#: ops that only reshape (same elements, same order): a Reshape after one reads its input instead
+_RESHAPING = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def drop_noop_reshapes(model: ir.Model) -> int:
+    """``Reshape(x, s)`` → ``x`` when the constant ``s`` gives x's own shape: each entry x's static
+    dim, a 0 copying it, or the one -1 (what the element count leaves is that dim). A dynamic dim
+    must be a 0 or the -1. tf2onnx writes squeeze-excite as ``Squeeze`` then ``Reshape([-1, C, 1, 1])``
+    back (merged into one Reshape of the pool's output by :func:`merge_reshape_chains`, then dropped here)."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
+            continue
+        x, target = node.inputs[0], const_array(node.inputs[1])
+        if target is None or x.shape is None or target.ndim != 1 or len(target) != len(x.shape) or (target == -1).sum() > 1:
+            continue
+        zero_copies = node.attributes.get_int("allowzero", 0) == 0
+        if all((t == 0 and zero_copies) or t == -1 or (isinstance(d, int) and d == t) for t, d in zip(target.tolist(), x.shape)):
+            replace_node_output(model.graph, node, x)
+            count += 1
+    return count
+
+
 def merge_reshape_chains(model: ir.Model) -> int:
-    """``Reshape(Reshape(x, s1), s2)`` → ``Reshape(x, s2)`` when ``s2`` is a constant whose 0 entries
+    """``Reshape(R(x, ...), s2)`` → ``Reshape(x, s2)`` for R a Reshape, Squeeze, Unsqueeze or Flatten;
+    after a Reshape, when ``s2`` is a constant whose 0 entries
     (copies of a dim of the intermediate tensor) stand where ``s1`` copied ``x``'s dim too; a -1 is
     computed from the element count, which both share. The first Reshape, and the shape chain that computed a dynamic ``s1``, go
     once nothing else reads them (the torch 1.9 CRNN reshapes its LSTM output twice)."""
@@ -649,12 +674,14 @@ def merge_reshape_chains(model: ir.Model) -> int:
         if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
             continue
         inner = node.inputs[0].producer()
-        if inner is None or inner.op_type != "Reshape" or inner.domain not in ("", "ai.onnx") or inner.outputs[0].is_graph_output():
+        if inner is None or inner.op_type not in _RESHAPING or inner.domain not in ("", "ai.onnx") or inner.outputs[0].is_graph_output():
             continue
         target = const_array(node.inputs[1])
-        if target is None:
+        if target is None or inner.inputs[0] is None:
             continue
-        if node.attributes.get_int("allowzero", 0) == 0 and (target == 0).any():
+        if inner.op_type != "Reshape" and (target == 0).any() and node.attributes.get_int("allowzero", 0) == 0:
+            continue  # a 0 copies the Squeeze/Unsqueeze/Flatten output's dim, which need not be x's
+        if inner.op_type == "Reshape" and node.attributes.get_int("allowzero", 0) == 0 and (target == 0).any():
             # a 0 copies the intermediate's dim: the same as x's where the first Reshape copied it too
             first = const_array(inner.inputs[1]) if len(inner.inputs) > 1 else None
             copied = first is not None and inner.attributes.get_int("allowzero", 0) == 0 and first.ndim == 1

@@ -818,3 +818,34 @@ def test_zeros_times_an_input_that_may_hold_inf_stay():
                             axs=np.array([1], np.int64))
     folded, _ = fold_and_check(model, batch=2)
     assert ops(folded)["Add"] == 1 and ops(folded)["MatMul"] == 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tf2onnx_squeeze_excite_squeeze_and_reshape_back_go(batch):
+    """tf2onnx writes a Keras squeeze-excite as GlobalAveragePool → Squeeze → Reshape([-1, C, 1, 1])
+    → Conv, and Reshape([-1, C', 1, 1]) again after the activation: with a dynamic batch each
+    Reshape gives back the tensor's own shape (Keras EfficientNet-B0: 290 nodes against onnxsim's
+    242). The Squeeze is bypassed, the no-op Reshapes go; a Reshape that changes the shape stays."""
+    rng = np.random.default_rng(9)
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 8, 4, 4] x) => (float[N, 8, 4, 4] y, float[N, 128] flat) {
+        p = GlobalAveragePool (x)
+        sq = Squeeze (p, axes)
+        r = Reshape (sq, s8)
+        c = Conv (r, w1, b1)
+        sg = Sigmoid (c)
+        m = Mul (c, sg)
+        r2 = Reshape (m, s2)
+        e = Conv (r2, w2, b2)
+        g = Sigmoid (e)
+        y = Mul (x, g)
+        flat = Reshape (y, sflat)
+    }"""
+    model = model_from_text(text, axes=np.array([2, 3], np.int64), s8=np.array([-1, 8, 1, 1], np.int64),
+                            s2=np.array([-1, 2, 1, 1], np.int64), sflat=np.array([-1, 128], np.int64),
+                            w1=rng.normal(size=(2, 8, 1, 1)).astype(np.float32), b1=rng.normal(size=2).astype(np.float32),
+                            w2=rng.normal(size=(8, 2, 1, 1)).astype(np.float32), b2=rng.normal(size=8).astype(np.float32))
+    folded, _ = fold_and_check(model, batch=batch)
+    assert ops(folded)["Squeeze"] == 0 and ops(folded)["Reshape"] == 1  # only the flattening one
+    assert not isinstance(folded.graph.inputs[0].shape[0], int)
