@@ -25,7 +25,16 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcc.compiler.files import file_size
-from onnxcc.compiler.ir_utils import apply_shape_hint, clone_model, concrete_shape, const_array, infer_shapes, node_label
+from onnxcc.compiler.ir_utils import (
+    apply_shape_hint,
+    clone_model,
+    concrete_inputs,
+    concrete_shape,
+    const_array,
+    infer_shapes,
+    node_label,
+    shape_hint,
+)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -123,18 +132,19 @@ def dense_intensity(model: ir.Model) -> float | None:
     the graph computes, at batch 1 and the shape hint's other dims; None when too little is known.
 
     INT8 on a CPU gains on dense MACs and pays per element (quantize / dequantize, integer
-    elementwise and depthwise kernels): the ratio says which side weighs more."""
-    m = clone_model(model)
-    if not apply_shape_hint(m):
-        infer_shapes(m)
+    elementwise and depthwise kernels): the ratio says which side weighs more. The model's shapes
+    are re-inferred in place (at the hint's dims while it counts); its graph is not changed."""
     dense = elements = 0
-    for node in m.graph:
-        if node.op_type in DENSE_OPS and node.domain in ("", "ai.onnx") and node.attributes.get_int("group", 1) == 1:
-            dense += layer_macs(node) or 0
-        for out in node.outputs:
-            shape = concrete_shape(out, 1) if out.dtype == ir.DataType.FLOAT else None
-            if shape is not None:
-                elements += int(np.prod(shape))
+    with concrete_inputs(model):
+        if not shape_hint(model):
+            infer_shapes(model)
+        for node in model.graph:
+            if node.op_type in DENSE_OPS and node.domain in ("", "ai.onnx") and node.attributes.get_int("group", 1) == 1:
+                dense += layer_macs(node) or 0
+            for out in node.outputs:
+                shape = concrete_shape(out, 1) if out.dtype == ir.DataType.FLOAT else None
+                if shape is not None:
+                    elements += int(np.prod(shape))
     return dense / elements if dense and elements else None
 
 

@@ -149,18 +149,8 @@ class FoldPass(OnnxccPass):
             sunk = sink_transposes(model, default_opset(model) or 13)
             transposes_removed += sunk
             changed |= sunk > 0
-            changed |= reduce_mean_to_global_pool(model) > 0
-            changed |= fold_conv_affine(model) > 0
-            changed |= matmul_add_to_gemm(model) > 0
-            changed |= fuse_hard_activations(model) > 0
-            changed |= constant_of_shape_to_initializer(model) > 0
-            changed |= merge_slice_chains(model) > 0
-            changed |= unit_transposes_to_reshapes(model) > 0
-            changed |= drop_identity_arithmetic(model) > 0
-            changed |= drop_zero_states(model) > 0
-            changed |= merge_reshape_chains(model) > 0
-            changed |= drop_noop_reshapes(model) > 0
-            changed |= resize_sizes_to_scales(model) > 0
+            for rule in REWRITES:  # each rule runs every round, in this order
+                changed |= rule(model) > 0
             if cfg.fold_batchnorm:
                 n = fold_batchnorms(model)
                 folded_bn += n
@@ -556,11 +546,8 @@ def drop_identity_arithmetic(model: ir.Model) -> int:
             c, x = const_array(node.inputs[k]), node.inputs[1 - k]
             if c is None or x is None or const_array(x) is not None or x.shape is None or x.dtype != node.outputs[0].dtype:
                 continue
-            if c.size == 0 or not np.all(c == neutral[node.op_type]) or c.ndim > len(x.shape):
-                continue
-            dims = list(x.shape)[len(x.shape) - c.ndim:]
-            if any(cd != 1 and not (isinstance(xd, int) and xd == cd) for cd, xd in zip(c.shape, dims)):
-                continue  # the constant would broadcast x to a larger shape
+            if c.size == 0 or not np.all(c == neutral[node.op_type]) or not _within(c.shape, x.shape):
+                continue  # not neutral, or the constant would broadcast x to a larger shape
             replace_node_output(model.graph, node, x)
             count += 1
             break
@@ -614,6 +601,14 @@ def _equal_dims(a, b) -> bool:
     return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a.value == b.value
 
 
+def _within(shape, x_shape) -> bool:
+    """An operand of ``shape`` broadcast against ``x_shape`` leaves ``x_shape``: no more dims, and
+    each of its trailing dims 1 or known equal to x's."""
+    if len(shape) > len(x_shape):
+        return False
+    return all(d == 1 or _equal_dims(d, xd) for d, xd in zip(shape, list(x_shape)[len(x_shape) - len(shape):]))
+
+
 def drop_zero_states(model: ir.Model) -> int:
     """``x + Z`` → ``x`` where ``Z`` is zero at run time though not a constant (see
     :func:`_all_zero`) and does not broadcast ``x`` to a larger shape (each dim of ``Z`` is 1 or
@@ -629,10 +624,7 @@ def drop_zero_states(model: ir.Model) -> int:
             z, x = node.inputs[k], node.inputs[1 - k]
             if x is None or z is None or const_array(z) is not None or x.shape is None or z.shape is None:
                 continue
-            if x.dtype != node.outputs[0].dtype or len(z.shape) > len(x.shape):
-                continue
-            dims = list(x.shape)[len(x.shape) - len(z.shape):]
-            if not all(zd == 1 or _equal_dims(zd, xd) for zd, xd in zip(z.shape, dims)) or not _all_zero(z):
+            if x.dtype != node.outputs[0].dtype or not _within(z.shape, x.shape) or not _all_zero(z):
                 continue
             replace_node_output(model.graph, node, x)
             count += 1
@@ -747,6 +739,7 @@ def _int_arithmetic(value: ir.Value | None, depth: int = 0) -> int | None:
         return None
     return int(_INT_OPS[node.op_type](a, b))
 
+
 def fold_int_arithmetic(model: ir.Model) -> int:
     """Add/Sub/Mul/Div of small integer constants (shape arithmetic whose inputs a shape fold just
     made constant) → one initializer; Div truncates toward zero, as ONNX's integer Div does."""
@@ -770,6 +763,7 @@ def fold_int_arithmetic(model: ir.Model) -> int:
         model.graph.remove(node, safe=True)
         count += 1
     return count
+
 
 def resize_sizes_to_scales(model: ir.Model) -> int:
     """``Resize(x, sizes=Concat(Shape(x)[0:2], [H, W]))`` → ``Resize(x, scales=[1, 1, H/h, W/w])``
@@ -1117,3 +1111,20 @@ def _drop_attributes_newer_than_opset(model: ir.Model) -> None:
             if node.attributes["allowzero"].as_int() != 0 and (shape is None or (shape == 0).any()):
                 raise ir.passes.PostconditionError("Reshape(allowzero=1) cannot be expressed before opset 14")
             del node.attributes["allowzero"]
+
+
+#: the graph rewrites FoldPass runs every round after constant folding and transpose sinking
+REWRITES = (
+    reduce_mean_to_global_pool,
+    fold_conv_affine,
+    matmul_add_to_gemm,
+    fuse_hard_activations,
+    constant_of_shape_to_initializer,
+    merge_slice_chains,
+    unit_transposes_to_reshapes,
+    drop_identity_arithmetic,
+    drop_zero_states,
+    merge_reshape_chains,
+    drop_noop_reshapes,
+    resize_sizes_to_scales,
+)
