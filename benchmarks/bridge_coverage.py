@@ -40,7 +40,7 @@ def _graphs(tmp: Path):
     yield "tf2onnx Keras MobileNetV3 (sample)", ROOT / "models" / "tf2onnx_mnv3_tiny.onnx", None
     m = load_model(ROOT / "models" / "sample_resnet.onnx")
     x = np.load(ROOT / "models" / "sample_calib.npy")
-    Pipeline(["fold", ("quantize", {})], verify=False).run(m, CalibrationSet({m.graph.inputs[0].name: x}))
+    Pipeline(["fold", ("quantize", {"force_int8": True})], verify=False).run(m, CalibrationSet({m.graph.inputs[0].name: x}))
     save_model(m, tmp / "qdq.onnx")
     yield "onnxcc QDQ (quantize pass)", tmp / "qdq.onnx", {m.graph.inputs[0].name: x[:2]}
     for e in corpus.ENTRIES:

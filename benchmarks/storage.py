@@ -59,7 +59,7 @@ def run(args):
         Pipeline([("codebook", {"bits": 4, "min_size": 256})], verify=False).run(cb)
         variants.append(("+ codebook 4b", cb))
         qb = clone_model(sp)
-        Pipeline([("quantize", {"bias_correction": True}), ("codebook", {"bits": 4, "min_size": 256})], verify=False).run(qb, calib)
+        Pipeline([("quantize", {"bias_correction": True, "force_int8": True}), ("codebook", {"bits": 4, "min_size": 256})], verify=False).run(qb, calib)
         variants.append(("+ INT8 + codebook 4b", qb))
         for dtype in ("int8", "ternary", "binary"):
             w = clone_model(base)

@@ -722,7 +722,7 @@ def compress(ctx, src, out, calib, prune_ratio, sparsity, bits, int8, labels, bu
         specs.append(("prune", {"ratio": prune_ratio, "reconstruct": True, "round_to": 1}))
     specs.append(("sparsify", {"sparsity": sparsity, "reconstruct": True, "steps": 2}))
     if int8:
-        specs.append(("quantize", {"method": "minmax", "bias_correction": True}))
+        specs.append(("quantize", {"method": "minmax", "bias_correction": True, "force_int8": True}))  # asked for: no speed prediction
     specs.append(("codebook", {"bits": bits}))
     run_pipeline(ctx, src, out, specs, calib=calib, labels=labels, budget=_budget(budget),
                  report=report, in_place=in_place, data=data, input_shapes=input_shapes, metric=metric)

@@ -131,7 +131,7 @@ class Space:
     def _quantize(self, trial: Any) -> tuple[str, dict[str, Any]]:
         """INT8, with each of the heaviest layers choosing INT8 or float (a factorized layer's
         pieces, ``NAME_f1``..., follow their layer)."""
-        opts: dict[str, Any] = {"bias_correction": True}
+        opts: dict[str, Any] = {"bias_correction": True, "force_int8": True}  # the trial measures: no prediction
         kept = [name for name in self.layers if not trial.suggest_categorical(f"int8:{name}", (True, False))]
         if kept:
             opts["exclude"] = tuple(p for name in kept for p in (glob.escape(name), glob.escape(name) + "_f[0-9]*"))

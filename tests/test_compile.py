@@ -178,7 +178,7 @@ def test_mixed_precision_tries_reuse_the_ranges_of_unchanged_tensors(folded):
     calib = _calib(model, 64)
     from onnxcc.compiler.calibration import CalibrationSet
 
-    res = Pipeline([("quantize", {"max_drop": 10.0, "check_fusion": False})], verify_samples=64).run(model, CalibrationSet(calib))
+    res = Pipeline([("quantize", {"force_int8": True, "max_drop": 10.0, "check_fusion": False})], verify_samples=64).run(model, CalibrationSet(calib))
     rep = res.steps[0].report
     assert rep.stats["mixed_precision"]["tries"] > 1
     assert rep.stats["ranges_reused"] > 0 and rep.stats["ranges_reused"] >= rep.stats["quantized_tensors"] // 2

@@ -170,16 +170,17 @@ def test_classifier_with_unnamed_dynamic_dims_quantizes_from_calibration_alone(c
     name = "ppocr_cls"
     src = corpus_path(name)
     cd.save_npz(cd.make(name, 32, seed=0), tmp_path / "cal.npz")
-    for cmd in (["quantize"], ["compile", "--recipe", "int8-x86"]):
+    for cmd in (["quantize"], ["quantize", "--force-int8"], ["compile", "--recipe", "int8-x86"]):
         out = tmp_path / f"{cmd[0]}.onnx"
         r = cli(*cmd, str(src), "-o", str(out), "--calib", str(tmp_path / "cal.npz"), "--report", str(tmp_path / "r.json"))
         assert r.code == 0, r.err
         report = json.loads((tmp_path / "r.json").read_text())
         assert report["before"]["macs"] > 1e7  # counted at the calibration data's 48x192
-        if cmd == ["quantize"]:  # unguarded: the prediction is said, the output not changed by it
-            assert "INT8 is likely slower than fp32" in r.out
+        if cmd[0] == "quantize":  # unguarded: INT8 is predicted slower (measured 1.07-1.4x), so it stays float unless forced
             step = next(p for p in report["passes"] if p["pass"] == "quantize")
             assert 5 < step["stats"]["dense_macs_per_element"] < 7
+            integer = any(n.op_type == "DequantizeLinear" for n in load_model(out).graph)
+            assert integer is ("--force-int8" in cmd) and ("INT8 is predicted slower than fp32" in r.out) is (not integer)
         held = cd.make(name, 64, seed=1)
         q = load_model(out)
         got = run_model(q, [{"x": held.inputs["x"][i:i + 8]} for i in range(0, 64, 8)])

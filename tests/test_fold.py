@@ -548,7 +548,7 @@ def test_tf2onnx_keras_export_loses_its_layout_transposes_and_quantizes_to_integ
     for conv in (n for n in folded.graph if n.op_type == "Conv"):  # no per-channel Mul/Add left behind a conv
         assert all(u.node.op_type not in ("Mul", "Add") or const_array_or_none(u.node) is None for u in conv.outputs[0].uses())
     calib = CalibrationSet({"input": np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype(np.float32)})
-    res = Pipeline([("quantize", {})], verify_samples=8).run(folded, calib)
+    res = Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify_samples=8).run(folded, calib)
     fus = fusion_report(folded)
     assert fus["ops"].get("com.microsoft:QLinearConv", 0) == 15, fus["ops"]
     assert not fus["float_heavy"]
@@ -616,7 +616,7 @@ def test_decomposed_hard_activations_fold_into_their_ops(opset, scale_op):
     assert {"h", "h2", "gate"} <= produced  # each fused activation's output keeps the exporter's tensor name
     calib = CalibrationSet({"x": np.random.default_rng(0).normal(0, 2, (16, 4, 6, 6)).astype(np.float32)})
     q = clone_model(folded)
-    Pipeline([("quantize", {})], verify_samples=8).run(q, calib)
+    Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify_samples=8).run(q, calib)
     fus = fusion_report(q)
     assert not fus["float_heavy"], fus
     # every product runs as QLinearMul but the last, whose output is the graph's float output

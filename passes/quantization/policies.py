@@ -103,20 +103,18 @@ def record_layer_errors(model: ir.Model, fp32: ir.Model, report: PassReport, cal
     report.stats["error_ranking"] = sorted(added, key=lambda k: -added[k])[:10]
 
 
-def predict_speed(report: PassReport, intensity: float | None) -> None:
-    """Without the speed guard, warn (first in ``skipped``, and in the log) when the model's
-    dense MACs per activation element predict INT8 slower than fp32 (:data:`speed.INT8_MIN_INTENSITY`);
-    the output is not changed by a prediction."""
-    if intensity is None:
-        return
-    report.stats["dense_macs_per_element"] = round(intensity, 2)
-    if intensity < speed.INT8_MIN_INTENSITY:
-        why = (f"INT8 is likely slower than fp32 on x86: {intensity:.1f} dense MACs per activation element (INT8 has "
-               f"paid off from about 16 in onnxcc's measurements and lost below 7); --speed-guard (the int8-x86 recipe) "
-               f"measures it and keeps such a model float")
-        report.skipped.insert(0, Skipped("model", why))
-        report.stats["predicted_slower"] = True
-        log.warning("%s", why)
+def predicted_slower(model: ir.Model, intensity: float) -> PassReport | None:
+    """Without the speed guard nothing is timed: a model with fewer dense MACs per activation element
+    than :data:`speed.INT8_MIN_INTENSITY` is predicted slower in INT8 on x86 and stays float (a
+    report that changes nothing, saying why); None when INT8 is predicted to pay off."""
+    if intensity >= speed.INT8_MIN_INTENSITY:
+        return None
+    why = (f"INT8 is predicted slower than fp32 on x86: {intensity:.1f} dense MACs per activation element (INT8 has "
+           f"paid off from about 11 in onnxcc's measurements and lost below 7): the model is kept in float; "
+           f"--speed-guard (the int8-x86 recipe) measures it instead, --force-int8 quantizes anyway")
+    log.warning("%s", why)
+    return PassReport(model, False, skipped=[Skipped("model", why)],
+                      stats={"dense_macs_per_element": round(intensity, 2), "predicted_slower": True})
 
 
 def layer_speed_guard(model: ir.Model, fp32: ir.Model, report: PassReport, requantize: Requantize) -> PassReport:

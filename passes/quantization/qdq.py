@@ -92,6 +92,7 @@ class QuantizePass(OnnxccPass):
         max_drop: float | None = dataclasses.field(default=None, metadata={"help": "mixed precision: keep the layers adding the most error in float until the top-1 agreement (accuracy with labels) drop on calibration samples is at most this many points"})
         eval_samples: int = dataclasses.field(default=64, metadata={"help": "mixed precision: calibration samples the drop is measured on"})
         speed_guard: bool = dataclasses.field(default=False, metadata={"help": "profile INT8 against fp32 (batch 1, 2 threads): layers whose integer kernel is slower stay float, and the whole model stays float if INT8 is still slower at batch 1 or 8; the result then depends on timing"})
+        force_int8: bool = dataclasses.field(default=False, metadata={"help": "quantize even a model that INT8 is predicted to slow down on x86 (fewer than 10 dense MACs per activation element, e.g. PaddleOCR's direction classifier at 6.2: 1.07-1.4x fp32); without it such a model stays float and the report says why. For a smaller file or a non-x86 target"})
         layer_errors: bool = dataclasses.field(default=True, metadata={"help": "report each quantized layer's error contribution (dB of SQNR lost across it, first calibration batch)"})
         decompose_hard_activations: bool = dataclasses.field(default=True, metadata={"help": "HardSigmoid/HardSwish as Add/Clip/Mul so they run in uint8"})
         weight_rounding: Literal["nearest", "gptq"] = dataclasses.field(default="gptq", metadata={"help": "int8 weight codes: nearest, or GPTQ (codes chosen for the layer's output on calibration data; same format and kernels)"})
@@ -121,8 +122,10 @@ class QuantizePass(OnnxccPass):
 
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
+        intensity = None if cfg.speed_guard else dense_intensity(model)
+        if intensity is not None and not cfg.force_int8 and (kept := policies.predicted_slower(model, intensity)) is not None:
+            return kept
         fp32 = clone_model(model) if (cfg.speed_guard or cfg.max_drop is not None or cfg.layer_errors) else None
-        intensity = None if cfg.speed_guard else dense_intensity(fp32 if fp32 is not None else model)
         names_before = E.value_names(model.graph)  # what the lowering adds gets short names too
         lowered = self.context.run_exact(LowerInt8Pass(LowerInt8Pass.Config(hard_activations=cfg.decompose_hard_activations), self.context), model)
         report = self._quantize(model, names_before)
@@ -139,8 +142,8 @@ class QuantizePass(OnnxccPass):
             report = policies.model_speed_guard(model, fp32, report, all_int8)
         if report.modified and cfg.layer_errors:
             policies.record_layer_errors(model, fp32, report, self.context.calibration)
-        if report.modified and not cfg.speed_guard:
-            policies.predict_speed(report, intensity)
+        if intensity is not None:
+            report.stats["dense_macs_per_element"] = round(intensity, 2)
         return report
 
     def _requantize(self, fp32: ir.Model, kept: Mapping[str, str]) -> tuple[ir.Model, PassReport]:

@@ -55,7 +55,7 @@ def test_quantize_runs_the_lowering_as_its_own_verified_exact_step(monkeypatch):
     """quantize lowers first, and that lowering is checked at the exact tolerance: a broken lowering
     is an exact pass's failure, not quantization noise hidden in the lossy budget."""
     model = _opset11()
-    res = Pipeline([("quantize", {"check_fusion": False})], verify_samples=8).run(model, calib_for(model, 16))
+    res = Pipeline([("quantize", {"force_int8": True, "check_fusion": False})], verify_samples=8).run(model, calib_for(model, 16))
     assert res.steps[0].report.stats["lowered"]["opset_upgraded"] == 1
     orig = lower.batchnorm_to_depthwise
 
@@ -70,7 +70,7 @@ def test_quantize_runs_the_lowering_as_its_own_verified_exact_step(monkeypatch):
     monkeypatch.setattr(lower, "batchnorm_to_depthwise", broken)
     model = _opset11()
     with pytest.raises(VerificationError, match="'lower-int8' is exact but changed"):
-        Pipeline([("quantize", {"check_fusion": False})], verify_samples=8).run(model, calib_for(model, 16))
+        Pipeline([("quantize", {"force_int8": True, "check_fusion": False})], verify_samples=8).run(model, calib_for(model, 16))
 
 
 RELU6_SWISH = """

@@ -37,7 +37,7 @@ def test_quantize_every_family_fuses_and_agrees(folded, family):
     model = folded(family)
     ref = clone_model(model)
     calib = calib_for(model)
-    res = Pipeline([("quantize", {})], verify_samples=16).run(model, calib)
+    res = Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify_samples=16).run(model, calib)
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     stats = res.steps[0].report.stats
     fusion = stats["fusion"]
@@ -56,7 +56,7 @@ def test_no_leftover_qdq_on_resnet_and_mobilenets(folded):
     # mobilenet_v3: HardSwish/HardSigmoid become QLinearAdd + absorbed Clip + rescaled DQ + QLinearMul
     for family in ("resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet", "densenet"):
         model = folded(family)
-        res = Pipeline([("quantize", {})], verify=False).run(model, calib_for(model))
+        res = Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify=False).run(model, calib_for(model))
         f = res.steps[0].report.stats["fusion"]
         assert f["dequantize_linear"] == 0 and f["quantize_linear"] == 1  # only the graph input is quantized in float
 
@@ -71,9 +71,9 @@ def test_constants_compacted_without_changing_what_onnxruntime_runs(folded, monk
     feeds = [{"input": calib.arrays["input"][:8]}]
     plain = clone_model(model)
     monkeypatch.setattr(Q, "compact_constants", lambda graph: 0)
-    Pipeline([("quantize", {})], verify=False).run(plain, calib)
+    Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify=False).run(plain, calib)
     monkeypatch.undo()
-    res = Pipeline([("quantize", {})], verify=False).run(model, calib)
+    res = Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify=False).run(model, calib)
     stats = res.steps[0].report.stats
     assert stats["fusion"]["float_heavy"] == [] and stats["fusion"]["dequantize_linear"] == 0
     saved = stats["constants_compacted"]
@@ -143,7 +143,7 @@ def test_calibration_memory_is_flat_in_the_number_of_samples(folded):
 
 def test_relu_and_clip_are_absorbed_into_the_output_quantizer(folded):
     model = folded("mobilenet_v2")
-    Pipeline([("quantize", {"check_fusion": False})], verify=False).run(model, calib_for(model))
+    Pipeline([("quantize", {"force_int8": True, "check_fusion": False})], verify=False).run(model, calib_for(model))
     for node in model.graph:
         if node.op_type in ("Relu", "Clip"):
             user = node.outputs[0].uses()[0].node
@@ -242,8 +242,8 @@ def _skewed_depthwise_net(seed: int = 0) -> ir.Model:
 def test_equalize_and_bias_correction_help_per_tensor_depthwise():
     sq = {}
     for label, specs in {
-        "plain": [("quantize", {"per_channel": False, "check_fusion": False})],
-        "eq+bc": ["equalize", ("quantize", {"per_channel": False, "bias_correction": True, "check_fusion": False})],
+        "plain": [("quantize", {"force_int8": True, "per_channel": False, "check_fusion": False})],
+        "eq+bc": ["equalize", ("quantize", {"force_int8": True, "per_channel": False, "bias_correction": True, "check_fusion": False})],
     }.items():
         model = _skewed_depthwise_net()
         res = Pipeline(specs, verify_samples=32).run(model, calib_for(model, 64))
@@ -253,7 +253,7 @@ def test_equalize_and_bias_correction_help_per_tensor_depthwise():
 
 def test_bias_correction_reports_its_shift(folded):
     model = folded("mobilenet_v3")
-    res = Pipeline([("quantize", {"bias_correction": True, "check_fusion": False})], verify=False).run(model, calib_for(model))
+    res = Pipeline([("quantize", {"force_int8": True, "bias_correction": True, "check_fusion": False})], verify=False).run(model, calib_for(model))
     layers = res.steps[0].report.stats["layers"]
     assert any(v.get("bias_correction_max", 0) > 0 for v in layers.values())
 
@@ -407,7 +407,7 @@ def test_layer_speed_guard_keeps_the_slower_layers_float(folded, monkeypatch):
 
 def test_report_gives_every_quantized_layer_its_error_contribution(folded):
     model = folded("mobilenet_v2")
-    res = Pipeline([("quantize", {})], verify=False).run(model, calib_for(model))
+    res = Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify=False).run(model, calib_for(model))
     rep = res.steps[0].report
     layers = rep.stats["layers"]
     assert set(rep.changed) <= set(layers)
@@ -427,7 +427,7 @@ def test_report_gives_every_quantized_layer_its_error_contribution(folded):
 def test_mixed_precision_keeps_the_worst_layers_float_until_the_budget_holds(folded):
     model = folded("mobilenet_v2")  # random weights: INT8 flips ~30% of its top-1 predictions
     calib = calib_for(model, 64)
-    res = Pipeline([("quantize", {"max_drop": 10.0, "check_fusion": False})], verify_samples=64).run(model, calib)
+    res = Pipeline([("quantize", {"force_int8": True, "max_drop": 10.0, "check_fusion": False})], verify_samples=64).run(model, calib)
     step = res.steps[0]
     mp = step.report.stats["mixed_precision"]
     assert mp["drop_all_int8"] > 10.0 >= mp["drop"]
@@ -508,7 +508,7 @@ def test_float_excitation_keeps_squeeze_excite_branches_in_float(folded):
     assert not any(n.op_type == "GlobalAveragePool" for n in branch)  # the pool and the scaling Mul stay integer
     head = folded("resnet")
     assert excitation_branches(head.graph) == set()  # GlobalAveragePool → Flatten → Gemm is a head, not an excitation
-    res = Pipeline([("quantize", {"float_excitation": True})], verify_samples=16).run(model, calib_for(model))
+    res = Pipeline([("quantize", {"force_int8": True, "float_excitation": True})], verify_samples=16).run(model, calib_for(model))
     st = res.steps[0].report.stats
     se_convs = {n.name for n in branch if n.op_type == "Conv"}
     assert len(st["fusion"]["float_heavy"]) == len(se_convs)  # exactly the excitation convs run in float (onnxruntime renames them)
@@ -520,7 +520,7 @@ def test_quantize_cli_float_excitation(cli, tmp_path):
     src, calib, rep = tmp_path / "mbv3.onnx", tmp_path / "calib.npy", tmp_path / "q.json"
     save_model(build("mobilenet_v3", "tiny", seed=0), src)
     np.save(calib, np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
-    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--calib", calib, "--float-excitation", "--report", rep)
+    r = cli("quantize", src, "--force-int8", "-o", tmp_path / "q.onnx", "--calib", calib, "--float-excitation", "--report", rep)
     assert r.code == 0, r.err
     q = json.loads(rep.read_text())["passes"][-1]
     kept = [s for s in q["skipped"] if "squeeze-excite" in s["reason"]]
@@ -610,8 +610,8 @@ def test_gptq_rounding_in_the_pass(folded, monkeypatch):
     model = folded("mobilenet_v2")
     calib = calib_for(model, 32)
     near = clone_model(model)
-    Pipeline([("quantize", {"weight_rounding": "nearest", "check_fusion": False})], verify=False).run(near, calib)
-    res = Pipeline([("quantize", {"weight_rounding": "gptq"})], verify=False).run(model, calib)
+    Pipeline([("quantize", {"force_int8": True, "weight_rounding": "nearest", "check_fusion": False})], verify=False).run(near, calib)
+    res = Pipeline([("quantize", {"force_int8": True, "weight_rounding": "gptq"})], verify=False).run(model, calib)
     st = res.steps[0].report.stats
     ratios = [v["gptq_output_error_ratio"] for v in st["layers"].values() if "gptq_output_error_ratio" in v]
     assert len(ratios) >= 10 and max(ratios) <= 1.0 and np.median(ratios) < 0.9
@@ -629,9 +629,9 @@ def test_gptq_rounding_in_the_pass(folded, monkeypatch):
     monkeypatch.setattr(G.InputGram, "update", lambda self, x: (calls.append(1), orig(self, x)))
     ctx = PassContext(calibration=calib)
     fresh = folded("mobilenet_v2")
-    QuantizePass(QuantizePass.Config(check_fusion=False, layer_errors=False), ctx)(clone_model(fresh))
+    QuantizePass(QuantizePass.Config(force_int8=True, check_fusion=False, layer_errors=False), ctx)(clone_model(fresh))
     first = len(calls)
-    QuantizePass(QuantizePass.Config(check_fusion=False, layer_errors=False), ctx)(clone_model(fresh))
+    QuantizePass(QuantizePass.Config(force_int8=True, check_fusion=False, layer_errors=False), ctx)(clone_model(fresh))
     assert first > 0 and len(calls) == first
 
 
@@ -749,18 +749,24 @@ def test_lossy_error_is_measured_as_deployed_and_7_bit_weights_are_the_default(t
 
 
 @pytest.mark.parametrize("family, slower", [("mobilenet_v2", True), ("resnet", False)])
-def test_unguarded_quantize_says_when_int8_is_likely_slower(folded, family, slower):
+def test_unguarded_quantize_keeps_a_model_float_when_int8_is_predicted_slower(folded, family, slower):
     """Without the speed guard nothing is timed: a model whose dense (ungrouped conv / matrix)
-    MACs per activation element are below speed.INT8_MIN_INTENSITY gets a model-level warning,
-    first among the skipped entries; the quantized graph is the same either way."""
+    MACs per activation element are below speed.INT8_MIN_INTENSITY is predicted slower in INT8 and
+    stays float, the report's first skipped entry saying why; force_int8 quantizes it anyway."""
     from onnxcc.compiler.analysis import dense_intensity
     from onnxcc.compiler.speed import INT8_MIN_INTENSITY
 
     model = folded(family)
+    before = [n.op_type for n in model.graph]
     intensity = dense_intensity(model)
     res = Pipeline([("quantize", {"check_fusion": False, "layer_errors": False})], verify=False).run(model, calib_for(model))
     rep = res.steps[0].report
     assert rep.stats["dense_macs_per_element"] == pytest.approx(intensity, abs=0.01)
     assert (intensity < INT8_MIN_INTENSITY) is slower
-    warned = bool(rep.skipped) and rep.skipped[0].layer == "model" and "likely slower than fp32" in rep.skipped[0].reason
-    assert warned is slower and any(n.op_type == "QLinearConv" or n.op_type == "DequantizeLinear" for n in model.graph)
+    kept = bool(rep.skipped) and rep.skipped[0].layer == "model" and "predicted slower than fp32" in rep.skipped[0].reason
+    integer = any(n.op_type == "DequantizeLinear" for n in model.graph)
+    assert kept is slower and integer is not slower and rep.modified is not slower
+    if slower:
+        assert [n.op_type for n in model.graph] == before
+        res = Pipeline([("quantize", {"force_int8": True, "check_fusion": False, "layer_errors": False})], verify=False).run(model, calib_for(model))
+        assert res.steps[0].report.modified and any(n.op_type == "DequantizeLinear" for n in model.graph)

@@ -31,7 +31,7 @@ def test_quantize_exported_networks(tmp_path, name, dynamo):
     module, hw = Z.make(name)
     model = load_model(Z.export(module, hw, tmp_path / f"{name}.onnx", dynamo=dynamo, optimize=False))
     calib = CalibrationSet({"input": np.random.default_rng(0).standard_normal((32, 3, hw, hw)).astype(np.float32)})
-    res = Pipeline(["fold", ("quantize", {})], verify_samples=16).run(model, calib)
+    res = Pipeline(["fold", ("quantize", {"force_int8": True})], verify_samples=16).run(model, calib)  # placement, whatever the speed
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     step = res.steps[1]
     fusion = step.report.stats["fusion"]

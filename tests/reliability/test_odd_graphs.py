@@ -160,7 +160,7 @@ def test_odd_graph_is_handled_or_refused(graph, pass_name):
     assert ref  # the input proto was serialisable before: the test model itself is sound
 
 
-@pytest.mark.parametrize("spec", [("quantize", {}), ("weight-only", {"min_size": 16}), ("factorize", {"method": "svd", "rank": 0.5})])
+@pytest.mark.parametrize("spec", [("quantize", {"force_int8": True}), ("weight-only", {"min_size": 16}), ("factorize", {"method": "svd", "rank": 0.5})])
 def test_unnamed_layers_get_names_so_added_nodes_do_not_collide(spec):
     """Two unnamed convs (legal ONNX): the pipeline names them first, so the Q/DQ nodes a pass names
     after its layer are unique and onnxruntime loads and fuses the result."""
