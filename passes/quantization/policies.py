@@ -67,12 +67,12 @@ def layer_sqnrs(fp32: ir.Model, model: ir.Model, names: Sequence[str], calib: Ca
 
 
 def local_losses(fp32: ir.Model, model: ir.Model, names: Sequence[str], calib: CalibrationSet, samples: int = 16) -> dict[str, float]:
-    """dB of SQNR each node loses between its input and its output (quantized vs float, first batch).
+    """The noise each node adds relative to its output (:func:`noise_added_db`: quantized vs float,
+    first batch; higher is worse): what mixed precision ranks by, as the report's ``error_ranking``.
 
-    The error a layer *adds* to what reached it: SQNR(input) − SQNR(output),
-    both measured against the float model on the first calibration batch.
-    """
-    return {k: i - o for k, (i, o) in layer_sqnrs(fp32, model, names, calib, samples).items()}
+    The SQNR a node loses (input minus output) would put a layer fed the exact graph input first
+    (about 160 dB against the 200 dB cap) however little noise it adds."""
+    return {k: noise_added_db(i, o) for k, (i, o) in layer_sqnrs(fp32, model, names, calib, samples).items()}
 
 
 def noise_added_db(sqnr_in: float, sqnr_out: float) -> float:
@@ -170,8 +170,8 @@ def mixed_precision(model: ir.Model, fp32: ir.Model, report: PassReport, *, max_
                     context: PassContext, requantize: Requantize) -> PassReport:
     """Keep the weighted layers that add the most error in float until the metric drop fits ``max_drop``.
 
-    Layers are ranked once by the SQNR they lose between their input and their output
-    (quantized vs float, first calibration batch); the number kept in float doubles until the
+    Layers are ranked once by the noise they add relative to their output (:func:`local_losses`,
+    quantized vs float, first calibration batch); the number kept in float doubles until the
     drop fits, then a bisection finds the smallest such number. Each try re-quantizes the
     float model with those layers excluded.
     """
@@ -198,7 +198,7 @@ def mixed_precision(model: ir.Model, fp32: ir.Model, report: PassReport, *, max_
     order = sorted(weighted, key=lambda k_: -local[k_]) + sorted(set(local) - set(weighted), key=lambda k_: -local[k_])
 
     def attempt(k: int) -> tuple[ir.Model, PassReport, float]:
-        trial, rep = requantize({n_: f"kept in float for the accuracy budget (adds {local[n_]:.1f} dB of error)" for n_ in order[:k]})
+        trial, rep = requantize({n_: f"kept in float for the accuracy budget (adds noise at {local[n_]:.1f} dB of its output)" for n_ in order[:k]})
         return trial, rep, drop(trial)
 
     best = None
@@ -226,7 +226,7 @@ def mixed_precision(model: ir.Model, fp32: ir.Model, report: PassReport, *, max_
     k, trial, rep, d = best
     replace_contents(model, trial)
     rep.model = model
-    info.update(drop=round(d, 3), float_layers=order[:k], local_sqnr_loss_db={n_: round(local[n_], 2) for n_ in order[:k]})
+    info.update(drop=round(d, 3), float_layers=order[:k], noise_added_db={n_: round(local[n_], 2) for n_ in order[:k]})
     rep.stats["mixed_precision"] = info
     if d > max_drop:
         rep.skipped.append(Skipped("budget", f"drop {d:.2f} points exceeds {max_drop} even with every layer in float"))
