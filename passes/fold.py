@@ -686,6 +686,100 @@ def merge_reshape_chains(model: ir.Model) -> int:
     return count
 
 
+def _dim_scalar(value: ir.Value | None) -> tuple[ir.Value, int] | None:
+    """``(src, i)`` when the scalar ``value`` is dim ``i`` of ``src``: ``Squeeze(Shape(src, start=i,
+    end=i+1))`` (the dynamo exporter's ``sym_size``), ``Squeeze``/``Gather`` of a one-dim ``Shape`` slice."""
+    node = _skip_identity(value.producer() if value is not None else None)
+    if node is None or node.op_type not in ("Squeeze", "Gather") or not node.inputs or node.inputs[0] is None:
+        return None
+    if node.op_type == "Gather":
+        idx = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if idx is None or idx.ndim != 0:
+            return None
+        elements = _shape_elements(node.inputs[0])
+        picked = elements[int(idx)] if elements is not None and -len(elements) <= int(idx) < len(elements) else None
+        return picked if isinstance(picked, tuple) else None
+    shape_node = node.inputs[0].producer()
+    if shape_node is not None and shape_node.op_type == "Shape" and shape_node.inputs[0] is not None:
+        src = shape_node.inputs[0]
+        if src.shape is None:
+            return None
+        rank = len(src.shape)
+        start = shape_node.attributes.get_int("start", 0)
+        end = shape_node.attributes.get_int("end", rank)
+        start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+        return (src, start) if end - start == 1 else None
+    elements = _shape_elements(node.inputs[0])
+    return elements[0] if elements is not None and len(elements) == 1 and isinstance(elements[0], tuple) else None
+
+
+def drop_identity_gathers(model: ir.Model) -> int:
+    """``Gather(Reshape(x, [-1]), idx)`` → ``x`` where ``idx`` lists x's elements in order:
+    ``Unsqueeze(Range(0, N, 1) · S) + C`` with ``N`` dim 0 of x (the batch, static or named),
+    ``S`` the product of x's other dims, all static, and ``C`` the constant ``arange(S)`` shaped
+    like one sample of x. The dynamo exporter writes torch's ``as_strided`` (ConvNeXt's flatten after
+    its pool) this way; with the batch dynamic the indices are not constant, so constant folding
+    left a Shape, Range, Mul, Unsqueeze, Add and Gather computing a copy."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2 or node.attributes.get_int("axis", 0) != 0:
+            continue
+        flat, idx = node.inputs
+        flatten = flat.producer() if flat is not None else None
+        if flatten is None or flatten.op_type != "Reshape" or flatten.inputs[0] is None or idx is None:
+            continue
+        target = const_array(flatten.inputs[1]) if len(flatten.inputs) > 1 else None
+        x = flatten.inputs[0]
+        if target is None or target.tolist() != [-1] or x.shape is None or len(x.shape) < 1 or node.outputs[0].is_graph_output():
+            continue
+        rest = list(x.shape)[1:]
+        if not all(isinstance(d, int) for d in rest):
+            continue
+        per = int(np.prod(rest)) if rest else 1
+        if not _enumerates(idx, x, per, rest):
+            continue
+        replace_node_output(model.graph, node, x)
+        count += 1
+    return count
+
+
+def _enumerates(idx: ir.Value, x: ir.Value, per: int, rest: list[int]) -> bool:
+    """``idx`` is ``arange(numel(x))`` shaped like ``x`` (see :func:`drop_identity_gathers`)."""
+    arr = const_array(idx)
+    if arr is not None:
+        return isinstance(x.shape[0], int) and arr.shape == tuple(x.shape) and np.array_equal(arr.ravel(), np.arange(arr.size))
+    add = idx.producer()
+    if add is None or add.op_type != "Add" or len(add.inputs) != 2:
+        return False
+    for k in (0, 1):
+        c, u = const_array(add.inputs[k]), add.inputs[1 - k]
+        if c is None or c.shape != (1, *rest) or not np.array_equal(c.ravel(), np.arange(per)) or u is None:
+            continue
+        unsq = u.producer()
+        axes = const_array(unsq.inputs[1]) if unsq is not None and unsq.op_type == "Unsqueeze" and len(unsq.inputs) > 1 else None
+        if axes is None or sorted(int(a) % (len(rest) + 1) for a in np.ravel(axes)) != list(range(1, len(rest) + 1)):
+            continue
+        mul = unsq.inputs[0].producer() if unsq.inputs[0] is not None else None
+        if mul is None or mul.op_type != "Mul" or len(mul.inputs) != 2:
+            continue
+        for j in (0, 1):
+            stride, rng = const_array(mul.inputs[j]), mul.inputs[1 - j]
+            if stride is None or stride.size != 1 or int(stride.reshape(-1)[0]) != per or rng is None:
+                continue
+            r = rng.producer()
+            if r is None or r.op_type != "Range" or len(r.inputs) != 3:
+                continue
+            start, delta = const_array(r.inputs[0]), const_array(r.inputs[2])
+            if start is None or delta is None or start.size != 1 or delta.size != 1 or int(start) != 0 or int(delta) != 1:
+                continue
+            limit, dim = const_array(r.inputs[1]), _dim_scalar(r.inputs[1])
+            if limit is not None and limit.size == 1 and isinstance(x.shape[0], int) and int(limit) == x.shape[0]:
+                return True
+            if dim is not None and _same_dim(x, 0, dim[0], dim[1]):
+                return True
+    return False
+
+
 def fold_static_shape_gathers(model: ir.Model) -> int:
     """``Gather(Shape(x), i)`` → constant where dim ``i`` of ``x`` is static.
 
@@ -1124,6 +1218,7 @@ REWRITES = (
     unit_transposes_to_reshapes,
     drop_identity_arithmetic,
     drop_zero_states,
+    drop_identity_gathers,
     merge_reshape_chains,
     drop_noop_reshapes,
     resize_sizes_to_scales,

@@ -849,3 +849,43 @@ def test_tf2onnx_squeeze_excite_squeeze_and_reshape_back_go(batch):
     folded, _ = fold_and_check(model, batch=batch)
     assert ops(folded)["Squeeze"] == 0 and ops(folded)["Reshape"] == 1  # only the flattening one
     assert not isinstance(folded.graph.inputs[0].shape[0], int)
+
+
+#: torch's as_strided after a pool, as the dynamo exporter writes it (ConvNeXt-Tiny's flatten):
+#: Gather(Reshape(x, [-1]), Unsqueeze(Range(0, batch) * 12) + arange(12) shaped like one sample)
+AS_STRIDED = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[batch, 3, 2, 2] x{second}) => (float[batch, 3, 2, 2] y) {{
+    r = Relu (x)
+    s = Shape <start = 0, end = 1> ({limit_of})
+    n = Squeeze (s)
+    ids = Range (zero, n, one)
+    m = Mul (ids, per)
+    u = Unsqueeze (m, axes)
+    idx = Add (u, grid)
+    flat = Reshape (r, minus_one)
+    c = Gather <axis = 0> (flat, idx)
+    y = Sigmoid (c)
+}}"""
+
+
+@pytest.mark.parametrize("grid, limit_of, kept", [("arange", "x", False), ("permuted", "x", True), ("arange", "other", True)],
+                         ids=["identity", "permuted-indices", "another-tensors-batch"])
+def test_dynamo_as_strided_copy_goes_with_the_batch_dynamic(grid, limit_of, kept):
+    """``Gather`` of the flattened tensor at indices that list its elements in order is a copy: it
+    goes with its Range/Mul/Unsqueeze/Add/Shape chain (ConvNeXt-Tiny dynamo: 189 → 181 nodes,
+    onnxsim 186 at a fixed batch), the batch stays dynamic. Indices in another order, or a range
+    over a dim not known to be x's batch, are kept."""
+    values = np.arange(12, dtype=np.int64).reshape(1, 3, 2, 2)
+    if grid == "permuted":
+        values = values[:, ::-1].copy()
+    text = AS_STRIDED.format(second=", float[other_batch, 1] other" if limit_of == "other" else "", limit_of=limit_of)
+    model = model_from_text(text, zero=np.array(0, np.int64), one=np.array(1, np.int64), per=np.array(12, np.int64),
+                            axes=np.array([1, 2, 3], np.int64), grid=values, minus_one=np.array([-1], np.int64))
+    if limit_of == "other":
+        folded = clone_model(model)
+        Pipeline(["fold"], verify=False).run(folded)
+    else:
+        folded, _ = fold_and_check(model, batch=3)
+    assert (ops(folded)["Gather"] == 1) is kept and (ops(folded)["Range"] == 1) is kept
+    assert not isinstance(folded.graph.inputs[0].shape[0], int) and not isinstance(folded.graph.outputs[0].shape[0], int)
