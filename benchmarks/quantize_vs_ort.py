@@ -37,6 +37,11 @@ from pathlib import Path
 import numpy as np
 
 
+#: detectors whose one output stacks box coordinates (pixels) and class scores (0-1) on axis 1:
+#: the row where the scores start. The whole output's SQNR is the boxes'; the scores are reported apart.
+SCORE_ROWS = {"nudenet_yolov8n": 4}
+
+
 def _reset_peak() -> None:
     """Reset VmHWM: ru_maxrss survives exec on Linux and would report the parent's peak."""
     try:
@@ -202,6 +207,7 @@ def run(args) -> tuple[str, list[dict]]:
     from onnxcc.compiler.bench import bench_models
     from onnxcc.compiler.calibration import input_specs
     from onnxcc.compiler.ir_utils import load_model
+    from onnxcc.compiler.metrics import sqnr_db
     from onnxcc.compiler.verify import compare_outputs, run_model
     from onnxcc.passes.quantization.fusion import fusion_report
 
@@ -297,6 +303,11 @@ def run(args) -> tuple[str, list[dict]]:
                     "calib_seconds": cost[key]["seconds"], "calib_peak_mb": cost[key]["peak_mb"],
                     "float_heavy": len(fus["float_heavy"]), "leftover_qdq": fus["quantize_linear"] + fus["dequantize_linear"],
                 }
+                if corpus_name in SCORE_ROWS:  # a detector's class scores, apart from its box coordinates
+                    first = SCORE_ROWS[corpus_name]
+                    k = next(iter(ref))
+                    rec["scores_sqnr_db"] = sqnr_db(ref[k][:, first:], out_q[k][:, first:])
+                    print(f"# {label} {key}: class scores SQNR {rec['scores_sqnr_db']:.2f} dB (all outputs {comp.min_sqnr:.2f})", flush=True)
                 if args.bytes:  # each part as a fraction of the fp32 file
                     rec["bytes"] = {k: v / size32 for k, v in file_bytes(p).items()}
                     print(f"# {label} {key} file / fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in rec["bytes"].items()), flush=True)

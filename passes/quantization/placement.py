@@ -90,7 +90,8 @@ def plan(graph: ir.Graph, cfg, skipped: list[Skipped], kept: Mapping[str, str] |
             continue
         if positive_scalar_mul(node) is not None:
             continue  # a rescale: folded into the dequantization scale below, if its input is quantized
-        why = why_not(node)
+        why = why_not(node) or (f"{op} writes a graph output, which stays float: no integer kernel, and quantizing its inputs "
+                                 "would only round them" if op in ACTIVATION_ONLY and any(o in outputs for o in node.outputs) else None)
         if why:
             skipped.append(Skipped(node_label(node), why))
             continue

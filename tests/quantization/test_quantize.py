@@ -14,6 +14,7 @@ from onnxcc.compiler import weights as weight_view
 from onnxcc.compiler.calibration import CalibrationSet, input_specs, random_inputs
 from onnxcc.compiler.ir_utils import clone_model, const_array, save_model
 from onnxcc.compiler.pipeline import Pipeline
+from onnxcc.compiler.metrics import sqnr_db
 from onnxcc.compiler.verify import EXACT_RTOL, compare_outputs, run_model
 from onnxcc.models.builders import FAMILIES, build
 from onnxcc.passes.quantization import ranges as R
@@ -770,3 +771,31 @@ def test_unguarded_quantize_keeps_a_model_float_when_int8_is_predicted_slower(fo
         assert [n.op_type for n in model.graph] == before
         res = Pipeline([("quantize", {"force_int8": True, "check_fusion": False, "layer_errors": False})], verify=False).run(model, calib_for(model))
         assert res.steps[0].report.modified and any(n.op_type == "DequantizeLinear" for n in model.graph)
+
+
+def test_a_concat_that_writes_a_graph_output_stays_float_and_keeps_small_scores():
+    """A detector head ends ``Concat(boxes, Sigmoid(class logits))`` as its output (YOLOv8): no
+    integer kernel can write a float graph output, so quantizing the Concat's inputs only rounds the
+    class probabilities to steps of 1/255, and scores of a few thousandths to 0. The Concat stays
+    float (said in the report); the convs before it are still integer."""
+    from tests.conftest import named_model_from_text
+
+    rng = np.random.default_rng(0)
+    model = named_model_from_text("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 8, 8] x) => (float[N, 6, 8, 8] y) {
+        b = Conv <pads = [1, 1, 1, 1]> (x, wb, bb)
+        c = Conv <pads = [1, 1, 1, 1]> (x, wc, bc)
+        p = Sigmoid (c)
+        y = Concat <axis = 1> (b, p)
+    }""", wb=rng.normal(0, 1, (4, 4, 3, 3)).astype(np.float32), bb=np.full(4, 300.0, np.float32),
+        wc=rng.normal(0, 0.3, (2, 4, 3, 3)).astype(np.float32), bc=np.full(2, -7.0, np.float32))
+    ref = clone_model(model)
+    res = Pipeline([("quantize", {"force_int8": True})], verify=False).run(model, calib_for(model))
+    rep = res.steps[0].report
+    assert any("writes a graph output" in s.reason for s in rep.skipped)
+    assert rep.stats["fusion"]["float_heavy"] == []  # both convs integer
+    assert "p" not in {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"}  # the probabilities are not rounded
+    feeds = [{"x": rng.standard_normal((8, 4, 8, 8)).astype(np.float32)}]
+    r, g = run_model(ref, feeds)["y"][:, 4:], run_model(model, feeds, optimize=True)["y"][:, 4:]
+    assert sqnr_db(r, g) > 20.0  # scores around 1e-3: rounded to steps of 1/255 they gave about 0 dB
