@@ -1,6 +1,6 @@
 """Fine-tuning on the ONNX graph (``onnxcc distill``) against Torch-Pruning with plain fine-tuning.
 
-    python -m benchmarks.distill [--models resnet,mobilenet_v2,mobilenet_v3,vgg,mnist_resnet] [--seeds N] [--json out.json]
+    python -m benchmarks.distill [--models resnet,mobilenet_v2,mobilenet_v3,vgg,mnist_resnet] [--seeds N] [--rows half,int8] [--json out.json]
 
 Networks: the digits-trained ResNet, MobileNetV2, MobileNetV3 and VGG styles (tests/trained.py,
 scikit-learn's 8×8 digits: 1,197 training images, 500 held out) and a ResNet trained on the
@@ -44,6 +44,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
+#: row groups: half the MACs (vs Torch-Pruning), a quarter, INT8 PTQ/QAT, ternary/binary weights,
+#: codebook + sparsity (MobileNetV2), the ResNet-18-size training speed
+ROWS = ("half", "quarter", "int8", "weights", "codebook", "speed")
 
 
 def _mnist():
@@ -108,7 +111,7 @@ def _loop(net, opt, sched, xt, yt, g, epochs, batch):
             sched.step()
 
 
-def run(names, out_rows, seeds=1):
+def run(names, out_rows, seeds=1, rows=ROWS):
     import torch
     import torch_pruning as tp
 
@@ -168,7 +171,7 @@ def run(names, out_rows, seeds=1):
         Pipeline([("prune", {"ratio": ratio50})], verify=False).run(plain)
         row(name, f"prune r={ratio50} no training", macs_of(plain), acc(plain, x_te, y_te), base)
         recon = {"reconstruct": True, "calib_samples": 256}
-        for epochs in (1, 3):
+        for epochs in ((1, 3) if "half" in rows else ()):
             m, cost = distilled(teacher, x_tr, y_tr, [("prune", {"ratio": ratio50})], epochs, labels_path=labels_path, patience=0, val_fraction=0.0)
             row(name, f"onnxcc prune r={ratio50} + distill {epochs} ep", macs_of(m), acc(m, x_te, y_te), base, cost)
             # the two compared rows: a one-image difference (1 in 500) is within seed-to-seed spread,
@@ -193,17 +196,17 @@ def run(names, out_rows, seeds=1):
         # 25% MACs: the sensitivity allocation for the target (uneven ratios), least squares, then
         # a longer distillation at a higher learning rate (a quarter of the network has more to relearn)
         quarter = [("prune", {"target_macs": 0.25, **recon})]
-        for epochs, lr in ((3, None), (15, 3e-3)):
+        for epochs, lr in (((3, None), (15, 3e-3)) if "quarter" in rows else ()):
             m, cost = distilled(teacher, x_tr, y_tr, quarter, epochs, labels_path=labels_path, patience=0, val_fraction=0.0,
                                 **({"lr": lr} if lr else {}))
             row(name, f"onnxcc prune --target-macs 0.25 + least squares + distill {epochs} ep" + (f" (lr {lr:g})" if lr else ""),
                 macs_of(m), acc(m, x_te, y_te), base, cost)
         # INT8: PTQ, then QAT on the QDQ graph
-        calib = CalibrationSet({"input": x_tr[:256]})
-        ptq = clone_model(teacher)
-        Pipeline([("quantize", {"force_int8": True})], verify=False).run(ptq, calib)
-        row(name, "int8 PTQ", None, acc(ptq, x_te, y_te), base)
-        for epochs in (1, 3):
+        if "int8" in rows:
+            ptq = clone_model(teacher)
+            Pipeline([("quantize", {"force_int8": True})], verify=False).run(ptq, CalibrationSet({"input": x_tr[:256]}))
+            row(name, "int8 PTQ", None, acc(ptq, x_te, y_te), base)
+        for epochs in ((1, 3) if "int8" in rows else ()):
             runs = []
             for seed in range(seeds):
                 m, cost = distilled(teacher, x_tr, y_tr, [("quantize", {"force_int8": True})], epochs, seed=seed, labels_path=labels_path)
@@ -211,19 +214,21 @@ def run(names, out_rows, seeds=1):
             kept = sum(r[2]["kept_input"] for r in runs)
             row(name, f"int8 QAT (distill {epochs} ep)", None, float(np.mean([r[0] for r in runs])), base, runs[0][2],
                 _per_seed(runs) + (f" (kept the PTQ model in {kept} of {seeds}: held-out split not improved)" if kept else ""))
-        for kind in ("ternary", "binary"):
+        for kind in (("ternary", "binary") if "weights" in rows else ()):
             wo = clone_model(teacher)
             Pipeline([("weight-only", {"dtype": kind})], verify=False).run(wo)
             row(name, f"{kind} weights, no training", None, acc(wo, x_te, y_te), base)
             m, cost = distilled(teacher, x_tr, y_tr, [("weight-only", {"dtype": kind})], 5, labels_path=labels_path, patience=0, val_fraction=0.0)
             row(name, f"{kind} weights + distill 5 ep", None, acc(m, x_te, y_te), base, cost)
-        if name == "mobilenet_v2":
+        if name == "mobilenet_v2" and "codebook" in rows:
             cb = [("sparsify", {"sparsity": 0.6}), ("codebook", {"bits": 4})]
             wo = clone_model(teacher)
             Pipeline(cb, verify=False).run(wo)
             row(name, "codebook 4 bit + 60% sparse, no training", None, acc(wo, x_te, y_te), base)
             m, cost = distilled(teacher, x_tr, y_tr, cb, 5, labels_path=labels_path, patience=0, val_fraction=0.0)
             row(name, "codebook 4 bit + 60% sparse + distill 5 ep", None, acc(m, x_te, y_te), base, cost)
+    if "speed" not in rows:
+        return format_table(out_rows, ["model", "variant", "MACs", "held-out top-1", "vs fp32 (pts)", "training cost"]), records
     # training speed of a ResNet-18-size graph at 224x224
     from onnxcc.models.builders import build
     from onnxcc.passes.training.trainer import TrainOptions, distill
@@ -251,9 +256,10 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="resnet,mobilenet_v2,mobilenet_v3,vgg,mnist_resnet")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds for the compared rows (half-MACs onnxcc vs "
                     "Torch-Pruning, QAT): each is the mean over seeds 0..N-1")
+    ap.add_argument("--rows", default=",".join(ROWS), help="row groups: " + ", ".join(ROWS))
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args(argv)
-    table, records = run([n for n in args.models.split(",") if n], [], seeds=args.seeds)
+    table, records = run([n for n in args.models.split(",") if n], [], seeds=args.seeds, rows=tuple(args.rows.split(",")))
     print(table)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(records, indent=2))
