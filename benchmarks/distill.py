@@ -206,14 +206,14 @@ def run(names, out_rows, seeds=1, rows=ROWS):
             ptq = clone_model(teacher)
             Pipeline([("quantize", {"force_int8": True})], verify=False).run(ptq, CalibrationSet({"input": x_tr[:256]}))
             row(name, "int8 PTQ", None, acc(ptq, x_te, y_te), base)
-        for epochs in ((1, 3) if "int8" in rows else ()):
-            runs = []
-            for seed in range(seeds):
-                m, cost = distilled(teacher, x_tr, y_tr, [("quantize", {"force_int8": True})], epochs, seed=seed, labels_path=labels_path)
-                runs.append((acc(m, x_te, y_te), None, cost))
-            kept = sum(r[2]["kept_input"] for r in runs)
-            row(name, f"int8 QAT (distill {epochs} ep)", None, float(np.mean([r[0] for r in runs])), base, runs[0][2],
-                _per_seed(runs) + (f" (kept the PTQ model in {kept} of {seeds}: held-out split not improved)" if kept else ""))
+            for epochs in (1, 3):
+                runs = []
+                for seed in range(seeds):
+                    m, cost = distilled(teacher, x_tr, y_tr, [("quantize", {"force_int8": True})], epochs, seed=seed, labels_path=labels_path)
+                    runs.append((acc(m, x_te, y_te), None, cost))
+                kept = sum(r[2]["kept_input"] for r in runs)
+                row(name, f"int8 QAT (distill {epochs} ep)", None, float(np.mean([r[0] for r in runs])), base, runs[0][2],
+                    _per_seed(runs) + (f" (kept the PTQ model in {kept} of {seeds}: held-out split not improved)" if kept else ""))
         for kind in (("ternary", "binary") if "weights" in rows else ()):
             wo = clone_model(teacher)
             Pipeline([("weight-only", {"dtype": kind})], verify=False).run(wo)

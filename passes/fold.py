@@ -705,9 +705,7 @@ def _dim_scalar(value: ir.Value | None) -> tuple[ir.Value, int] | None:
         if src.shape is None:
             return None
         rank = len(src.shape)
-        start = shape_node.attributes.get_int("start", 0)
-        end = shape_node.attributes.get_int("end", rank)
-        start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+        start, end = _clamp_dims(shape_node.attributes.get_int("start", 0), shape_node.attributes.get_int("end", rank), rank)
         return (src, start) if end - start == 1 else None
     elements = _shape_elements(node.inputs[0])
     return elements[0] if elements is not None and len(elements) == 1 and isinstance(elements[0], tuple) else None
@@ -910,9 +908,14 @@ def _shape_slice(node: ir.Node) -> list | None:
     params = _slice_params(node)
     if src is None or src.shape is None or params is None or params[2] != [0] or params[3] != [1]:
         return None
-    rank = len(src.shape)
-    start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (params[0][0], params[1][0]))
+    start, end = _clamp_dims(params[0][0], params[1][0], len(src.shape))
     return [(src, i) for i in range(start, end)]
+
+
+def _clamp_dims(start: int, end: int, rank: int) -> tuple[int, int]:
+    """Slice bounds over a shape of ``rank`` dims (``Slice`` or ``Shape(start, end)``): negatives count
+    from the end, then both are clamped to ``[0, rank]``."""
+    return tuple(min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
 
 
 def _shape_elements(value: ir.Value) -> list | None:

@@ -10,6 +10,7 @@ What onnxruntime's CPU provider turns into integer kernels:
 * MaxPool, Reshape, Transpose, ... (``SAME_SCALE``) reuse their input's scale, and a
   Mul by a positive scalar α reads its input's codes with scale ``s·α``;
 * with ``float_excitation``, squeeze-excite branches stay float.
+* an activation-only op that writes a graph output stays float (:func:`writes_graph_output`).
 
 :func:`plan` returns the nodes to quantize, the weighted ones, the tensors that
 need a calibrated range and the tensors that take another's scale; every node it
@@ -90,8 +91,7 @@ def plan(graph: ir.Graph, cfg, skipped: list[Skipped], kept: Mapping[str, str] |
             continue
         if positive_scalar_mul(node) is not None:
             continue  # a rescale: folded into the dequantization scale below, if its input is quantized
-        why = why_not(node) or (f"{op} writes a graph output, which stays float: no integer kernel, and quantizing its inputs "
-                                 "would only round them" if op in ACTIVATION_ONLY and any(o in outputs for o in node.outputs) else None)
+        why = why_not(node)
         if why:
             skipped.append(Skipped(node_label(node), why))
             continue
@@ -201,10 +201,19 @@ def why_not(node: ir.Node) -> str | None:
         acts = [v for v in ins if is_activation(v)]
         consts = [v for v in ins if not is_activation(v)]
         if acts and all(small_float_const(v) for v in consts):
-            return None
+            return writes_graph_output(node)
         return "has a non-float or large constant operand (kept in float)"
     if not all(is_activation(v) for v in ins):
         return "has a constant or non-float operand (kept in float)"
+    return writes_graph_output(node)
+
+
+def writes_graph_output(node: ir.Node) -> str | None:
+    """Why an activation-only op that writes a graph output stays float: no integer kernel can write a
+    float graph output, so quantizing its inputs would only round them (YOLOv8's last Concat rounded
+    its class probabilities to steps of 1/255)."""
+    if any(o.is_graph_output() for o in node.outputs):
+        return f"{node.op_type} writes a graph output, which stays float: no integer kernel, and quantizing its inputs would only round them"
     return None
 
 
