@@ -487,15 +487,17 @@ def concrete_inputs(model: ir.Model) -> Iterator[None]:
         yield
         return
     graph = model.graph
-    saved_in = [(v, v.shape) for v in graph.inputs]
+    saved_in = {v.name: v.shape for v in graph.inputs}
     saved_out = [(v.name, v.shape) for v in graph.outputs]
     apply_shape_hint(model)
     try:
         yield
     finally:
-        for v, shape in saved_in:
-            if v in model.graph.inputs:
-                v.shape = shape
+        # by name: a pass may have replaced the input's value (quantize rebuilds the graph through
+        # its proto), and the concrete sizes must not stay on the written model
+        for v in model.graph.inputs:
+            if v.name in saved_in:
+                v.shape = saved_in[v.name]
         declared = dict(saved_out)
         for v in model.graph.outputs:
             if v.name in declared:
