@@ -124,6 +124,10 @@ def quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarra
     return info
 
 
+#: node meta key marking the ``Mul(s_x, s_w)`` that :func:`compact_constants` makes
+BIAS_SCALE = "onnxcc.bias_scale"
+
+
 def compact_constants(graph: ir.Graph) -> int:
     """Store a bias's int32 scale as ``Mul(s_x, s_w)`` of the two scales already stored; returns bytes saved.
 
@@ -147,6 +151,7 @@ def compact_constants(graph: ir.Graph) -> int:
             continue
         old = b_dq.inputs[1]
         mul = ir.node("Mul", [x_dq.inputs[1], w_dq.inputs[1]], name=f"{b_dq.name}_scale")
+        mul.meta[BIAS_SCALE] = True  # in memory only: compact_qdq names it short
         mul.outputs[0].name = f"{b_dq.name}_scale_out"
         mul.outputs[0].dtype = ir.DataType.FLOAT
         graph.insert_before(b_dq, mul)
@@ -155,6 +160,57 @@ def compact_constants(graph: ir.Graph) -> int:
             saved += old.const_value.nbytes
             graph.initializers.pop(old.name)
     return saved
+
+
+def compact_qdq(graph: ir.Graph, nodes_before: set[ir.Node], names_before: set[str]) -> dict[str, int]:
+    """Bytes the integer kernels never read, taken out of the file; onnxruntime fuses the same kernels.
+
+    * equal scalars this pass stored (scales, zero points, quantized constant operands) are one
+      initializer;
+    * one DequantizeLinear per quantized tensor: a tensor read by k layers had k identical DQs
+      (onnxruntime's ``EnsureUniqueDQForNodeUnit`` makes one per consumer again when it loads
+      the model, before its QDQ fusion);
+    * the DQ nodes (and bias-scale Muls) this pass made are named after their output, ``q17``,
+      not ``<conv>_weight_dq`` or ``<tensor>_DQ0`` (PaddleOCR's detector: 20 characters a node,
+      about 400 nodes); a QuantizeLinear keeps ``<tensor>_Q``, which says what it quantizes.
+
+    Returns what it removed, per kind.
+    """
+    before_values = {v for name, v in graph.initializers.items() if name in names_before}
+    equal: dict[tuple, ir.Value] = {}
+    scalars = 0
+    for name, v in list(graph.initializers.items()):  # equal scalars: one initializer (the constant 3 of every hard-swish)
+        c = const_array(v)
+        if c is None or c.ndim != 0 or v.is_graph_input() or v.is_graph_output() or v in before_values:
+            continue
+        keep = equal.setdefault((c.dtype.str, c.tobytes()), v)
+        if keep is not v:
+            v.replace_all_uses_with(keep)
+            graph.initializers.pop(name)
+            scalars += 1
+    first: dict[tuple, ir.Node] = {}
+    shared = 0
+    for node in list(graph):
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or node in nodes_before:
+            continue
+        key = (tuple(id(v) for v in node.inputs), tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items())))
+        keep = first.setdefault(key, node)
+        if keep is not node and not node.outputs[0].is_graph_output():
+            node.outputs[0].replace_all_uses_with(keep.outputs[0])
+            graph.remove(node, safe=True)
+            shared += 1
+    taken = {n.name for n in graph if n.name}
+    renamed = 0
+    for node in graph:
+        if node in nodes_before or not (node.op_type == "DequantizeLinear" or node.meta.get(BIAS_SCALE)):
+            continue  # a QuantizeLinear keeps the name of the tensor it quantizes
+        short = node.outputs[0].name
+        if short and len(short) < len(node.name or "") and short not in taken:
+            taken.discard(node.name)
+            node.name = short
+            taken.add(short)
+            renamed += 1
+    return {"shared_scalars": scalars, "shared_dequantize": shared, "short_node_names": renamed}
 
 
 def value_names(graph: ir.Graph) -> set[str]:

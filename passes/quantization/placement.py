@@ -10,7 +10,9 @@ What onnxruntime's CPU provider turns into integer kernels:
 * MaxPool, Reshape, Transpose, ... (``SAME_SCALE``) reuse their input's scale, and a
   Mul by a positive scalar α reads its input's codes with scale ``s·α``;
 * with ``float_excitation``, squeeze-excite branches stay float.
-* an activation-only op that writes a graph output stays float (:func:`writes_graph_output`).
+* an activation-only op that writes a graph output stays float (:func:`writes_graph_output`);
+* an activation-only op whose output no integer kernel reads stays float (:func:`integer_readers`);
+* a weighted layer that reads a Softmax's probabilities stays float (:func:`reads_probabilities`).
 
 :func:`plan` returns the nodes to quantize, the weighted ones, the tensors that
 need a calibrated range and the tensors that take another's scale; every node it
@@ -70,6 +72,7 @@ def plan(graph: ir.Graph, cfg, skipped: list[Skipped], kept: Mapping[str, str] |
     nodes, weighted = [], []
     marked: dict[ir.Value, None] = {}
     excitation = excitation_branches(graph) if cfg.float_excitation else set()
+    reads = integer_readers(graph, lambda n: not excluded(n) and n not in excitation)
 
     def mark(v: ir.Value) -> None:
         if v not in outputs:
@@ -92,6 +95,8 @@ def plan(graph: ir.Graph, cfg, skipped: list[Skipped], kept: Mapping[str, str] |
         if positive_scalar_mul(node) is not None:
             continue  # a rescale: folded into the dequantization scale below, if its input is quantized
         why = why_not(node)
+        if why is None and op in ACTIVATION_ONLY and not reads[node]:
+            why = f"{op} feeds only float ops, so it stays float: no integer kernel reads its output, and quantizing it would only round it"
         if why:
             skipped.append(Skipped(node_label(node), why))
             continue
@@ -194,7 +199,7 @@ def why_not(node: ir.Node) -> str | None:
             return "MatMul weight is not 2-D"
         if op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
             return "Gemm bias is not constant"
-        return None
+        return reads_probabilities(node)
     ins = [v for v in node.inputs if v is not None]
     if op in ("Add", "Mul"):
         # one operand may be a small float constant: it is stored as a uint8 initializer + DQ
@@ -215,6 +220,48 @@ def writes_graph_output(node: ir.Node) -> str | None:
     if any(o.is_graph_output() for o in node.outputs):
         return f"{node.op_type} writes a graph output, which stays float: no integer kernel, and quantizing its inputs would only round them"
     return None
+
+
+def reads_probabilities(node: ir.Node) -> str | None:
+    """Why a weighted layer fed by a Softmax (through same-scale ops) stays float: uint8 codes of
+    1/255 zero every probability under 1/510, which biases the weighted sum over the bins that the
+    layer computes (YOLOv8's DFL conv: the expected box side over 16 bins, then scaled to pixels).
+    The layer is tiny and its input would be quantized for it alone; on YOLOv8n keeping it float
+    took the box output from 24.39 to 24.49 dB."""
+    v = node.inputs[0]
+    while v is not None and v.producer() is not None and v.producer().op_type in SAME_SCALE and len(v.uses()) == 1:
+        v = v.producer().inputs[0]
+    p = v.producer() if v is not None else None
+    if p is not None and p.op_type == "Softmax" and p.domain in ("", "ai.onnx"):
+        return f"reads the probabilities of Softmax '{p.name}': uint8 steps of 1/255 would zero the small ones and bias its weighted sum over them (kept in float)"
+    return None
+
+
+def integer_readers(graph: ir.Graph, allowed) -> dict[ir.Node, bool]:
+    """Node → whether it would read its input as uint8 codes, from the outputs back.
+
+    A weighted layer that can be quantized does. An activation-only op does only if some integer
+    kernel reads its output in turn (through same-scale ops, absorbed activations and positive
+    rescales, which pass codes on): otherwise its output would be quantized just to be dequantized
+    for a float op, a rounding and a kernel for nothing. YOLOv8's box decode (anchor Add/Sub,
+    stride Mul, Concat) stays float that way: 24.49 → 24.55 dB on its output. ``allowed(node)``:
+    not excluded by the user or a policy.
+    """
+    reads: dict[ir.Node, bool] = {}
+    for node in reversed(list(graph)):
+        feeds = any(reads.get(use.node, False) for o in node.outputs for use in o.uses())
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            reads[node] = False
+        elif op in SAME_SCALE or (op in ABSORBED and absorbable(node)) or positive_scalar_mul(node) is not None:
+            reads[node] = feeds and allowed(node)
+        elif op in WEIGHTED:
+            reads[node] = allowed(node) and why_not(node) is None
+        elif op in ACTIVATION_ONLY:
+            reads[node] = feeds and allowed(node) and why_not(node) is None
+        else:
+            reads[node] = False
+    return reads
 
 
 def positive_scalar_mul(node: ir.Node) -> float | None:

@@ -162,6 +162,7 @@ class QuantizePass(OnnxccPass):
         common.TopologicalSortPass()(model)
         infer_shapes(model)
         graph = model.graph
+        nodes_before = set(graph)  # the Q/DQ nodes this pass adds are the others
         skipped: list[Skipped] = []
         limits = flat_limits(graph)  # value → interval outside which its activation is flat
         plan = P.plan(graph, cfg, skipped, kept)
@@ -226,9 +227,11 @@ class QuantizePass(OnnxccPass):
         common.RemoveUnusedNodesPass()(model)
         ranges = {v.name: [float(rng[v.name][0]), float(rng[v.name][1])] for v in plan.calibrated}  # under the names calibration saw
         E.shorten_new_names(graph, names_before)
+        compact = E.compact_qdq(graph, nodes_before, names_before)
 
         stats = {
             "constants_compacted": compacted,
+            "qdq_compacted": compact,
             "method": cfg.method,
             "activations": cfg.activations,
             "quantized_layers": len(plan.nodes) + len(lstms),

@@ -161,20 +161,45 @@ def weight_bits(cfg) -> int:
 
 
 def per_channel_weight(w: np.ndarray, axis: int, bits: int = 8, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 (or narrower) weights: (quantized int8 array, float32 scales)."""
+    """Symmetric int8 (or narrower) weights: (quantized int8 array, float32 scales).
+
+    The scale is max|w| / qmax, unless the weights lie on an integer grid that fits the codes
+    (see :func:`grid_scale`): then they are stored exactly.
+    """
     qmax = 2 ** (bits - 1) - 1
+    red = tuple(i for i in range(w.ndim) if i != axis) if per_channel else tuple(range(w.ndim))
+    m = np.abs(w).max(axis=red) if red else np.abs(w)
+    scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)
+    grid = grid_scale(np.abs(w.astype(np.float64)), red, qmax)
+    scale = np.where(np.isnan(grid), scale, grid).astype(np.float32)
+    shape = [1] * w.ndim
     if per_channel:
-        red = tuple(i for i in range(w.ndim) if i != axis)
-        m = np.abs(w).max(axis=red) if red else np.abs(w)
-        scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)
-        shape = [1] * w.ndim
         shape[axis] = -1
-        q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     else:
-        m = float(np.abs(w).max())
-        scale = np.array(m / qmax if m > 0 else 1.0, dtype=np.float32)
-        q = np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8)
+        scale = scale.reshape(())
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+def grid_scale(a: np.ndarray, red: tuple[int, ...], qmax: int) -> np.ndarray:
+    """Per slice of ``|w|`` (reduced over ``red``): a scale that stores every weight exactly, or NaN.
+
+    Weights that are integer multiples of their smallest non-zero magnitude, with at most ``qmax``
+    steps, are a grid: YOLOv8's DFL conv holds 0, 1, ..., 15, which max/qmax rounds (15/63 per code
+    at 7 bits) and which 1/4 per code stores exactly. The scale is the step divided by the largest
+    whole factor that still fits ``qmax``, so the codes use the range as max/qmax would.
+    """
+    if not red:
+        return np.full(a.shape, np.nan)
+    step = np.where(a > 0, a, np.inf).min(axis=red, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(a > 0, a / step, 0.0)
+    steps = np.round(ratio)
+    exact = (np.abs(ratio - steps) <= 1e-6 * np.maximum(steps, 1)).all(axis=red, keepdims=True)
+    top = steps.max(axis=red, keepdims=True)
+    ok = exact & np.isfinite(step) & (top >= 1) & (top <= qmax)
+    factor = np.floor(qmax / np.where(ok, top, 1.0))
+    return np.squeeze(np.where(ok, step / factor, np.nan), axis=red)
 
 
 def summarize(ranges: Mapping[str, tuple[float, float]]) -> dict[str, list[float]]:

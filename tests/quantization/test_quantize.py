@@ -63,7 +63,8 @@ def test_no_leftover_qdq_on_resnet_and_mobilenets(folded):
 
 
 def test_constants_compacted_without_changing_what_onnxruntime_runs(folded, monkeypatch, tmp_path):
-    """Bias scales as Mul(s_x, s_w) and zero-valued bias / Conv-weight zero points left out: still
+    """Bias scales as Mul(s_x, s_w), zero-valued bias / Conv-weight zero points left out, equal
+    scalars stored once, one DequantizeLinear per quantized tensor, short DQ node names: still
     every layer fused, bit for bit the same optimized outputs, and a smaller file."""
     import onnxcc.passes.quantization.emission as Q
 
@@ -72,6 +73,7 @@ def test_constants_compacted_without_changing_what_onnxruntime_runs(folded, monk
     feeds = [{"input": calib.arrays["input"][:8]}]
     plain = clone_model(model)
     monkeypatch.setattr(Q, "compact_constants", lambda graph: 0)
+    monkeypatch.setattr(Q, "compact_qdq", lambda graph, nodes, names: {})
     Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify=False).run(plain, calib)
     monkeypatch.undo()
     res = Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify=False).run(model, calib)
@@ -87,6 +89,13 @@ def test_constants_compacted_without_changing_what_onnxruntime_runs(folded, monk
     save_model(plain, tmp_path / "plain.onnx")
     save_model(model, tmp_path / "compact.onnx")
     assert (tmp_path / "plain.onnx").stat().st_size - (tmp_path / "compact.onnx").stat().st_size >= saved - 2000  # the Mul nodes cost ~100 B each
+    compact = stats["qdq_compacted"]
+    assert compact["shared_scalars"] > 0 and compact["shared_dequantize"] > 0 and compact["short_node_names"] > 0
+    dqs = [tuple(v.name for v in n.inputs) for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == len(set(dqs))  # one DQ per quantized tensor
+    scalars = [(v.const_value.dtype, v.const_value.numpy().tobytes()) for v in model.graph.initializers.values() if v.const_value.numpy().ndim == 0]
+    assert len(scalars) == len(set(scalars))
+    assert all(len(n.name) <= 6 for n in model.graph if n.op_type == "DequantizeLinear")
     # Tensors the pass made up have short names; every original tensor keeps its name, and each
     # QuantizeLinear node still names the tensor it quantizes.
     fp32_names = {v.name for v in folded("mobilenet_v2").graph.inputs} | {o.name for n in folded("mobilenet_v2").graph for o in n.outputs}
@@ -124,6 +133,21 @@ def test_qparams_and_weight_quantization():
     q, scale = R.per_channel_weight(w, 0)
     assert q.dtype == np.int8 and np.abs(q).max() == 127
     assert np.all(np.abs(q * scale[:, None, None, None] - w) <= scale[:, None, None, None] / 2 + 1e-7)
+
+
+def test_weights_on_an_integer_grid_are_stored_exactly():
+    """YOLOv8's DFL conv holds 0, 1, ..., 15: max/qmax (15/63 per code at 7 bits) rounds them, a
+    step of 1/4 stores them exactly with codes up to 60. Weights off any grid keep max/qmax."""
+    w = np.zeros((2, 16, 1, 1), np.float32)
+    w[0, :, 0, 0] = np.arange(16)
+    w[1, :, 0, 0] = np.random.default_rng(0).standard_normal(16)
+    for bits, top in ((7, 60), (8, 120)):
+        q, scale = R.per_channel_weight(w, 0, bits=bits)
+        assert np.array_equal(q[0].ravel() * scale[0], np.arange(16)) and np.abs(q[0]).max() == top
+        assert scale[1] == np.float32(np.abs(w[1]).max() / (2 ** (bits - 1) - 1))
+    grid = np.array([[-0.5, 0.25, 1.0, 0.0]], np.float32)  # multiples of 0.25, one tensor
+    q, scale = R.per_channel_weight(grid, 0, bits=8, per_channel=False)
+    assert scale.shape == () and np.array_equal(q * scale, grid)
 
 
 def test_calibration_memory_is_flat_in_the_number_of_samples(folded):
@@ -419,6 +443,16 @@ def test_report_gives_every_quantized_layer_its_error_contribution(folded):
     # the ranking is by the noise each layer adds relative to its output
     ranked = rep.stats["error_ranking"]
     assert [layers[k]["noise_added_db"] for k in ranked] == sorted((layers[k]["noise_added_db"] for k in ranked), reverse=True)
+    # the first conv reads the exact graph input: it loses the most SQNR (about 160 dB against the
+    # 200 dB cap) while adding little noise, so it is not among the layers mixed precision keeps
+    # float first (ranked by error_db it was first)
+    first = next(iter(layers))
+    assert max(layers, key=lambda k: layers[k]["error_db"]) == first and layers[first]["error_db"] > 100
+    assert first not in ranked and layers[first]["noise_added_db"] < layers[ranked[0]]["noise_added_db"] - 10
+    from onnxcc.passes.quantization.policies import noise_added_db
+
+    assert noise_added_db(200.0, 40.0) == pytest.approx(-40.0, abs=0.01)
+    assert noise_added_db(25.0, 16.0) == pytest.approx(-16.6, abs=0.1)  # worse, though it loses 9 dB, not 160
     # the first conv reads the exact graph input: its SQNR difference is against the 200 dB cap,
     # but the noise it adds is what ranks it (it used to top the ranking at ~160 dB)
     first = next(n.name for n in model.graph if n.op_type == "Conv")
@@ -799,3 +833,59 @@ def test_a_concat_that_writes_a_graph_output_stays_float_and_keeps_small_scores(
     feeds = [{"x": rng.standard_normal((8, 4, 8, 8)).astype(np.float32)}]
     r, g = run_model(ref, feeds)["y"][:, 4:], run_model(model, feeds, optimize=True)["y"][:, 4:]
     assert sqnr_db(r, g) > 20.0  # scores around 1e-3: rounded to steps of 1/255 they gave about 0 dB
+
+
+def _decode_head(rng):
+    """A detector tail in the style of YOLOv8: a conv's 16-bin logits → Softmax → the DFL conv
+    (weights 0..15: the expected bin) → Add of an anchor offset from a second conv → Mul by the
+    stride → the graph output. Below it, a residual Add feeding a conv (an integer kernel reads it)."""
+    from tests.conftest import named_model_from_text
+
+    return named_model_from_text("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 8, 8] x) => (float[N, 1, 8, 8] y, float[N, 4, 8, 8] z) {
+        l = Conv <pads = [1, 1, 1, 1]> (x, wl, bl)
+        p = Softmax <axis = 1> (l)
+        e = Conv (p, wd)
+        a = Conv <pads = [1, 1, 1, 1]> (x, wa, ba)
+        s = Add (e, a)
+        y = Mul (s, stride)
+        r = Conv <pads = [1, 1, 1, 1]> (x, wr, br)
+        t = Add (r, x)
+        z = Conv <pads = [1, 1, 1, 1]> (t, wz, bz)
+    }""", wl=rng.normal(0, 0.5, (16, 4, 3, 3)).astype(np.float32), bl=rng.normal(0, 1, 16).astype(np.float32),
+        wd=np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1),
+        wa=rng.normal(0, 0.3, (1, 4, 3, 3)).astype(np.float32), ba=np.full(1, 4.0, np.float32),
+        stride=np.array(8.0, np.float32),
+        wr=rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), br=np.zeros(4, np.float32),
+        wz=rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), bz=np.zeros(4, np.float32))
+
+
+def test_a_decode_tail_stays_float_and_the_rest_stays_integer(monkeypatch):
+    """The DFL conv reads Softmax probabilities (uint8 steps of 1/255 would zero the small ones) and
+    the anchor Add feeds only float ops (its output would be quantized just to be dequantized): both
+    stay float, with their reasons. The convs before them, and the residual Add that a conv reads,
+    stay integer. Measured on the head's output against the same quantizer without the two rules."""
+    from onnxcc.passes.quantization import placement as P
+
+    rng = np.random.default_rng(0)
+    model = _decode_head(rng)
+    ref = clone_model(model)
+    feeds = [{"x": rng.standard_normal((16, 4, 8, 8)).astype(np.float32)}]
+
+    def quantized(m):
+        res = Pipeline([("quantize", {"force_int8": True})], verify=False).run(m, calib_for(m, 64))
+        return res.steps[0].report, run_model(m, feeds, optimize=True)
+
+    rep, out = quantized(clone_model(model))
+    why = {s.layer: s.reason for s in rep.skipped}
+    assert "reads the probabilities of Softmax" in why["e"] and "feeds only float ops" in why["s"]
+    ops = rep.stats["fusion"]["ops"]
+    assert ops["com.microsoft:QLinearConv"] == 3 and ops["com.microsoft:QLinearAdd"] == 1  # l, a, r; t (z writes a graph output)
+    monkeypatch.setattr(P, "reads_probabilities", lambda node: None)
+    monkeypatch.setattr(P, "integer_readers", lambda graph, allowed: {n: True for n in graph})
+    rep_all, out_all = quantized(clone_model(model))
+    ops_all = rep_all.stats["fusion"]["ops"]
+    assert ops_all["com.microsoft:QLinearConv"] == 4 and ops_all["com.microsoft:QLinearAdd"] == 2
+    ours, before = sqnr_db(run_model(ref, feeds)["y"], out["y"]), sqnr_db(run_model(ref, feeds)["y"], out_all["y"])
+    assert ours > before + 1.0, (ours, before)
