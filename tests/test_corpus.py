@@ -324,3 +324,38 @@ def test_yolov8n_int8_is_not_below_onnxruntimes_quantizer(corpus_path, tmp_path)
     scores = {k: sqnr_db(ref[:, 4:], y[:, 4:]) for k, y in got.items()}
     assert whole["onnxcc"] >= whole["ort"] and whole["onnxcc"] > 24.0, whole
     assert scores["onnxcc"] > scores["ort"] + 3.0, scores
+
+
+_EVERY_COMMAND = {
+    "fold": [],
+    "prune": ["--ratio", "0.3", "--calib", "{cal}"],
+    "prune-reconstruct": ["--ratio", "0.3", "--reconstruct", "--calib", "{cal}"],
+    "factorize": ["--method", "svd", "--rank", "0.5", "--calib", "{cal}"],
+    "sparsify": ["--sparsity", "0.5"],
+    "codebook": ["--bits", "6"],
+    "compress": ["--calib", "{cal}", "--sparsity", "0.5", "--bits", "6"],
+    "quantize": ["--calib", "{cal}", "--force-int8"],
+    "quantize-weight-only": ["--weight-only", "int8"],
+    "quantize-fp16": ["--fp16"],
+    "compile": ["--recipe", "int8-x86", "--calib", "{cal}"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(_EVERY_COMMAND))
+def test_every_command_keeps_the_dynamic_axes(corpus_path, cli, tmp_path, command):
+    """PaddleOCR's direction classifier declares ``[-1, 3, ?, ?]`` in and ``[-1, 2]`` out. Every
+    command that writes a model, given ``--input-shape`` (and calibration data at 48x192), writes
+    one whose batch, height and width are still dynamic and which runs at another size. quantize
+    wrote 48x192 into the input until this session."""
+    name = "ppocr_cls"
+    src = corpus_path(name)
+    cd.save_npz(cd.make(name, 16, seed=0), tmp_path / "cal.npz")
+    out = tmp_path / "out.onnx"
+    args = [a.format(cal=tmp_path / "cal.npz") for a in _EVERY_COMMAND[command]]
+    r = cli(command.split("-")[0], str(src), "-o", str(out), "--input-shape", "x:1x3x48x192", *args)
+    assert r.code == 0, (command, r.out[-500:], r.err[-500:])
+    written, original = load_model(out), load_model(src)
+    assert _dynamic_dims(written) == _dynamic_dims(original) == [[True, False, True, True]], command
+    assert [[not (isinstance(d, int) and d >= 0) for d in o.shape.dims] for o in written.graph.outputs] == [[True, False]], command
+    x = np.random.default_rng(0).random((3, 3, 48, 320), dtype=np.float32)  # another batch and width
+    assert next(iter(run_model(written, [{"x": x}]).values())).shape == (3, 2)
