@@ -616,12 +616,23 @@ def test_decomposed_hard_activations_fold_into_their_ops(opset, scale_op):
     assert {"h", "h2", "gate"} <= produced  # each fused activation's output keeps the exporter's tensor name
     calib = CalibrationSet({"x": np.random.default_rng(0).normal(0, 2, (16, 4, 6, 6)).astype(np.float32)})
     q = clone_model(folded)
+    # a conv reads the result, as the next block would: ops whose output only float ops read stay float
+    from onnxcc.compiler.ir_utils import add_initializer
+
+    y = q.graph.outputs[0]
+    w2 = add_initializer(q.graph, "w2", np.random.default_rng(1).normal(size=(4, 4, 1, 1)).astype(np.float32))
+    head = ir.node("Conv", [y, w2], name="head")
+    act = ir.node("Sigmoid", [head.outputs[0]], name="act")
+    q.graph.append(head)
+    q.graph.append(act)
+    y.name, act.outputs[0].name = "y_block", "y"
+    q.graph.outputs[0] = act.outputs[0]
     Pipeline([("quantize", {"force_int8": True, "force_int8": True})], verify_samples=8).run(q, calib)
     fus = fusion_report(q)
     assert not fus["float_heavy"], fus
-    # every product runs as QLinearMul but the last, whose output is the graph's float output
-    assert fus["ops"].get("Div", 0) == 0 and fus["ops"].get("Mul", 0) == 1, fus
-    assert fus["ops"].get("com.microsoft:QLinearMul", 0) == 2, fus
+    # every product runs as QLinearMul, the gate's last, and no Div is left
+    assert fus["ops"].get("Div", 0) == 0 and fus["ops"].get("Mul", 0) == 0, fus
+    assert fus["ops"].get("com.microsoft:QLinearMul", 0) == 3, fus
 
 
 def test_a_clip_that_is_not_a_hard_activation_stays():
