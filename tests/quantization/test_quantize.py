@@ -838,7 +838,7 @@ def test_a_concat_that_writes_a_graph_output_stays_float_and_keeps_small_scores(
 def _decode_head(rng):
     """A detector tail in the style of YOLOv8: a conv's 16-bin logits → Softmax → the DFL conv
     (weights 0..15: the expected bin) → Add of an anchor offset from a second conv → Mul by the
-    stride → the graph output. Below it, a residual Add feeding a conv (an integer kernel reads it)."""
+    stride → the graph output. Beside it, a residual Add feeding a conv (an integer kernel reads it)."""
     from tests.conftest import named_model_from_text
 
     return named_model_from_text("""
@@ -861,11 +861,11 @@ def _decode_head(rng):
         wz=rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), bz=np.zeros(4, np.float32))
 
 
-def test_a_decode_tail_stays_float_and_the_rest_stays_integer(monkeypatch):
-    """The DFL conv reads Softmax probabilities (uint8 steps of 1/255 would zero the small ones) and
-    the anchor Add feeds only float ops (its output would be quantized just to be dequantized): both
-    stay float, with their reasons. The convs before them, and the residual Add that a conv reads,
-    stay integer. Measured on the head's output against the same quantizer without the two rules."""
+def test_a_decode_tail_that_only_float_ops_read_stays_float(monkeypatch):
+    """The anchor Add and the stride Mul feed only the float graph output: their outputs would be
+    quantized just to be dequantized, so they stay float, with the reason. The convs, the DFL conv
+    included, and the residual Add that a conv reads stay integer. Measured on the head's output
+    against the same quantizer without the rule."""
     from onnxcc.passes.quantization import placement as P
 
     rng = np.random.default_rng(0)
@@ -879,13 +879,11 @@ def test_a_decode_tail_stays_float_and_the_rest_stays_integer(monkeypatch):
 
     rep, out = quantized(clone_model(model))
     why = {s.layer: s.reason for s in rep.skipped}
-    assert "reads the probabilities of Softmax" in why["e"] and "feeds only float ops" in why["s"]
+    assert "feeds only float ops" in why["s"] and "e" not in why
     ops = rep.stats["fusion"]["ops"]
-    assert ops["com.microsoft:QLinearConv"] == 3 and ops["com.microsoft:QLinearAdd"] == 1  # l, a, r; t (z writes a graph output)
-    monkeypatch.setattr(P, "reads_probabilities", lambda node: None)
+    assert ops["com.microsoft:QLinearConv"] == 4 and ops["com.microsoft:QLinearAdd"] == 1  # l, e, a, r; t (z writes a graph output)
     monkeypatch.setattr(P, "integer_readers", lambda graph, allowed: {n: True for n in graph})
     rep_all, out_all = quantized(clone_model(model))
-    ops_all = rep_all.stats["fusion"]["ops"]
-    assert ops_all["com.microsoft:QLinearConv"] == 4 and ops_all["com.microsoft:QLinearAdd"] == 2
+    assert rep_all.stats["fusion"]["ops"]["com.microsoft:QLinearAdd"] == 2
     ours, before = sqnr_db(run_model(ref, feeds)["y"], out["y"]), sqnr_db(run_model(ref, feeds)["y"], out_all["y"])
-    assert ours > before + 1.0, (ours, before)
+    assert ours > before + 0.2, (ours, before)
