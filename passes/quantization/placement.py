@@ -228,8 +228,8 @@ def integer_readers(graph: ir.Graph, allowed) -> dict[ir.Node, bool]:
     kernel reads its output in turn (through same-scale ops, absorbed activations and positive
     rescales, which pass codes on): otherwise its output would be quantized just to be dequantized
     for a float op, a rounding and a kernel for nothing. YOLOv8's box decode (anchor Add/Sub,
-    stride Mul, Concat) stays float that way: 24.39 → 24.49 dB on its output, at the same latency. ``allowed(node)``:
-    not excluded by the user or a policy.
+    stride Mul, Concat) stays float that way: 24.39 → 24.49 dB on its output, at the same
+    latency. ``allowed(node)``: not excluded by the user or a policy.
     """
     reads: dict[ir.Node, bool] = {}
     for node in reversed(list(graph)):

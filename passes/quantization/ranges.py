@@ -170,36 +170,44 @@ def per_channel_weight(w: np.ndarray, axis: int, bits: int = 8, per_channel: boo
     red = tuple(i for i in range(w.ndim) if i != axis) if per_channel else tuple(range(w.ndim))
     m = np.abs(w).max(axis=red) if red else np.abs(w)
     scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)
-    grid = grid_scale(np.abs(w.astype(np.float64)), red, qmax)
-    scale = np.where(np.isnan(grid), scale, grid).astype(np.float32)
+    if red:
+        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
+        grid = grid_scale(rows, qmax).reshape(scale.shape)
+        scale = np.where(np.isnan(grid), scale, grid).astype(np.float32)
     shape = [1] * w.ndim
     if per_channel:
         shape[axis] = -1
-    else:
-        scale = scale.reshape(())
     q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
-def grid_scale(a: np.ndarray, red: tuple[int, ...], qmax: int) -> np.ndarray:
-    """Per slice of ``|w|`` (reduced over ``red``): a scale that stores every weight exactly, or NaN.
+def grid_scale(rows: np.ndarray, qmax: int, probe: int = 64) -> np.ndarray:
+    """Per row of weights: a scale that stores every weight of the row exactly, or NaN.
 
     Weights that are integer multiples of their smallest non-zero magnitude, with at most ``qmax``
     steps, are a grid: YOLOv8's DFL conv holds 0, 1, ..., 15, which max/qmax rounds (15/63 per code
     at 7 bits) and which 1/4 per code stores exactly. The scale is the step divided by the largest
-    whole factor that still fits ``qmax``, so the codes use the range as max/qmax would.
+    whole factor that still fits ``qmax``, so the codes use the range as max/qmax would. Only the
+    rows whose first ``probe`` weights are on their grid are checked whole (trained weights
+    almost never are), so a large model costs one small pass.
     """
-    if not red:
-        return np.full(a.shape, np.nan)
-    step = np.where(a > 0, a, np.inf).min(axis=red, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(a > 0, a / step, 0.0)
-    steps = np.round(ratio)
-    exact = (np.abs(ratio - steps) <= 1e-6 * np.maximum(steps, 1)).all(axis=red, keepdims=True)
-    top = steps.max(axis=red, keepdims=True)
-    ok = exact & np.isfinite(step) & (top >= 1) & (top <= qmax)
-    factor = np.floor(qmax / np.where(ok, top, 1.0))
-    return np.squeeze(np.where(ok, step / factor, np.nan), axis=red)
+    out = np.full(rows.shape[0], np.nan)
+    a = np.abs(rows)
+    step = np.where(a > 0, a, np.inf).min(axis=1).astype(np.float64)
+    live = np.flatnonzero(np.isfinite(step))
+
+    def on_grid(x: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ratio = x.astype(np.float64) / s[:, None]
+        steps = np.round(ratio)
+        return (np.abs(ratio - steps) <= 1e-6 * np.maximum(steps, 1)).all(axis=1), steps.max(axis=1)
+
+    exact, _ = on_grid(a[live, :probe], step[live])
+    live = live[exact]
+    if live.size:
+        exact, top = on_grid(a[live], step[live])
+        ok = exact & (top >= 1) & (top <= qmax)
+        out[live[ok]] = step[live[ok]] / np.floor(qmax / top[ok])
+    return out
 
 
 def summarize(ranges: Mapping[str, tuple[float, float]]) -> dict[str, list[float]]:
