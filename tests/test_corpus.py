@@ -61,8 +61,9 @@ def _shape(name: str) -> dict[str, tuple[int, ...]]:
     return {model_input: corpus.BY_NAME[name].shape}
 
 
-def _dynamic_dims(model: ir.Model) -> list[list[bool]]:
-    return [[not (isinstance(d, int) and d >= 0) for d in v.shape.dims] for v in model.graph.inputs if v.shape is not None]
+def _dynamic_dims(model: ir.Model, values: str = "inputs") -> list[list[bool]]:
+    """Per graph input (or output, ``values="outputs"``): which dims are dynamic (a name, None or -1)."""
+    return [[not (isinstance(d, int) and d >= 0) for d in v.shape.dims] for v in getattr(model.graph, values) if v.shape is not None]
 
 
 def _agree_at(original: ir.Model, written: ir.Model, name: str, shape: tuple[int, ...], rtol: float) -> None:
@@ -186,7 +187,7 @@ def test_classifier_with_unnamed_dynamic_dims_quantizes_from_calibration_alone(c
         # the calibration data's 48x192 is for analysis only: H and W stay dynamic in the written model
         # (quantize wrote them static when it rebuilt the input's value)
         assert _dynamic_dims(q) == _dynamic_dims(load_model(src)) == [[True, False, True, True]], cmd
-        assert [[not (isinstance(d, int) and d >= 0) for d in o.shape.dims] for o in q.graph.outputs] == [[True, False]]
+        assert _dynamic_dims(q, "outputs") == [[True, False]]
         got = run_model(q, [{"x": held.inputs["x"][i:i + 8]} for i in range(0, 64, 8)])
         ref = run_model(load_model(src), [{"x": held.inputs["x"][i:i + 8]} for i in range(0, 64, 8)])
         key = next(iter(ref))
@@ -356,6 +357,6 @@ def test_every_command_keeps_the_dynamic_axes(corpus_path, cli, tmp_path, comman
     assert r.code == 0, (command, r.out[-500:], r.err[-500:])
     written, original = load_model(out), load_model(src)
     assert _dynamic_dims(written) == _dynamic_dims(original) == [[True, False, True, True]], command
-    assert [[not (isinstance(d, int) and d >= 0) for d in o.shape.dims] for o in written.graph.outputs] == [[True, False]], command
+    assert _dynamic_dims(written, "outputs") == [[True, False]], command
     x = np.random.default_rng(0).random((3, 3, 48, 320), dtype=np.float32)  # another batch and width
     assert next(iter(run_model(written, [{"x": x}]).values())).shape == (3, 2)

@@ -176,12 +176,13 @@ def compact_qdq(graph: ir.Graph, nodes_before: set[ir.Node], names_before: set[s
 
     Returns what it removed, per kind.
     """
-    before_values = {v for name, v in graph.initializers.items() if name in names_before}
     equal: dict[tuple, ir.Value] = {}
     scalars = 0
     for name, v in list(graph.initializers.items()):  # equal scalars: one initializer (the constant 3 of every hard-swish)
+        if name in names_before or v.is_graph_input() or v.is_graph_output():
+            continue
         c = const_array(v)
-        if c is None or c.ndim != 0 or v.is_graph_input() or v.is_graph_output() or v in before_values:
+        if c is None or c.ndim != 0:
             continue
         keep = equal.setdefault((c.dtype.str, c.tobytes()), v)
         if keep is not v:
