@@ -127,7 +127,7 @@ def _child(argv: list[str]) -> None:
         if "equalize" in extra:
             specs.append("equalize")
         specs.append(("quantize", {"method": method, "bias_correction": "bias-correction" in extra, "check_fusion": False,
-                                   "speed_guard": "speed-guard" in extra, "reduce_range": "no-reduce-range" not in extra,
+                                   "speed_guard": "speed-guard" in extra, "reduce_range": "no-reduce-range" not in extra, "narrow_constants": "narrow" in extra,
                                    # the quantizers are compared: a model predicted slower in INT8 is quantized too
                                    "force_int8": "speed-guard" not in extra}))
         Pipeline(specs, verify=False).run(model, CalibrationSet.load(calib, model))
@@ -248,8 +248,9 @@ def run(args) -> tuple[str, list[dict]]:
                 np.save(calib, rng.standard_normal((args.calib,) + shape).astype(np.float32))
                 held_out = rng.standard_normal((32,) + shape).astype(np.float32)
             variants = {"ort": ("ort", []), "onnxcc": ("onnxcc", []), "onnxcc+eq+bc": ("onnxcc", ["equalize", "bias-correction"]),
-                        "int8-x86": ("onnxcc", ["equalize", "bias-correction", "speed-guard"]),  # the recipe: + speed guard
-                        "onnxcc-8bit": ("onnxcc", ["no-reduce-range"])}  # 8-bit weights, as onnxruntime's quantizer writes them
+                        "int8-x86": ("onnxcc", ["equalize", "bias-correction", "speed-guard", "narrow"]),  # the recipe: + speed guard
+                        "onnxcc-8bit": ("onnxcc", ["no-reduce-range"]),  # 8-bit weights, as onnxruntime's quantizer writes them
+                        "onnxcc-narrow": ("onnxcc", ["narrow"])}  # float16 scales / int16 biases behind Casts onnxruntime folds
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
             out_paths, cost = {}, {}
             for key, (tool, extra) in variants.items():
@@ -345,7 +346,7 @@ def main(argv=None) -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     ap.add_argument("--torch", action="store_true", help="also the torch zoo networks (legacy export)")
     ap.add_argument("--trained", action="store_true", help="also the digits-trained CNNs (accuracy on 500 held-out images)")
-    ap.add_argument("--variants", default="ort,onnxcc,onnxcc+eq+bc,int8-x86", help="which quantizers to run (also onnxcc-8bit: 8-bit weights)")
+    ap.add_argument("--variants", default="ort,onnxcc,onnxcc+eq+bc,int8-x86", help="which quantizers to run (also onnxcc-8bit: 8-bit weights; onnxcc-narrow: --narrow-constants)")
     ap.add_argument("--corpus", nargs="?", const=True, default=False,
                     help="also the real-model corpus (models/corpus.py; accuracy on 64 rendered held-out samples); NAMES: only these (comma-separated)")
     ap.add_argument("--tf2onnx", action="store_true", help="also Keras models through tf2onnx (the sample; the Keras applications once models/make_tf2onnx.py cached them)")

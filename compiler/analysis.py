@@ -194,7 +194,7 @@ def analyze(model: ir.Model, *, path: str | os.PathLike | None = None, stats: bo
                 wstats = weight_stats(const_array(v))
                 if isinstance(v.const_value, ir.ExternalTensor):
                     v.const_value.release()  # external weights: one at a time in memory
-        if node.op_type == "DequantizeLinear":
+        if node.op_type in ("DequantizeLinear", "Cast"):  # stored codes; a Cast of a half-width constant (quantize's narrow_constants)
             meta = _const_meta(node.inputs[0])
             if meta is not None and id(node.inputs[0]) not in seen_params:
                 seen_params.add(id(node.inputs[0]))
@@ -279,6 +279,16 @@ def summary_table(summary: ModelSummary) -> str:
 FACTOR_SUFFIX = re.compile(r"_f\d+$")
 
 
+def _widened(v: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``v``, also through a Cast of a constant to float."""
+    c = const_array(v)
+    p = v.producer() if c is None and v is not None else None
+    if p is not None and p.op_type == "Cast":
+        c = const_array(p.inputs[0])
+        return None if c is None else c.astype(np.float32)
+    return c
+
+
 def layer_weight(node: ir.Node) -> np.ndarray | None:
     """A layer's float weight, also when stored quantized (DequantizeLinear), as a codebook (Gather) or FP16 (Cast)."""
     if len(node.inputs) < 2 or node.inputs[1] is None:
@@ -299,7 +309,7 @@ def layer_weight(node: ir.Node) -> np.ndarray | None:
         idx = const_array(cast.inputs[0] if cast is not None and cast.op_type == "Cast" else p.inputs[1])
         return None if book is None or idx is None else book[idx.astype(np.int64)]
     if p.op_type == "DequantizeLinear":
-        q, scale = const_array(p.inputs[0]), const_array(p.inputs[1])
+        q, scale = const_array(p.inputs[0]), _widened(p.inputs[1])  # scales stored as float16 behind a Cast (quantize's narrow_constants)
         zp = const_array(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else None
         if q is None or scale is None:
             return None

@@ -212,7 +212,7 @@ def gptq_layer(node: ir.Node, gram, cfg, key, cache: dict, out: dict, skipped: l
         return
     axis = W.out_axis(node)
     bits = R.weight_bits(cfg)
-    q_near, s_w = R.per_channel_weight(w, axis, bits=bits, per_channel=cfg.per_channel)
+    q_near, s_w = R.per_channel_weight(w, axis, bits=bits, per_channel=cfg.per_channel, half_scales=cfg.narrow_constants)
     s_full = np.broadcast_to(W.broadcast_along(s_w, axis, w.ndim), w.shape)
     s_g = W.grouped(node, s_full)[0][:, :, 0]  # per output: constant along the inputs
     codes = gptq_codes(m, s_g, gram.h, qmax=2 ** (bits - 1) - 1)

@@ -160,16 +160,20 @@ def weight_bits(cfg) -> int:
     return 7 if getattr(cfg, "reduce_range", False) and getattr(cfg, "activations", "uint8") == "uint8" else 8
 
 
-def per_channel_weight(w: np.ndarray, axis: int, bits: int = 8, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def per_channel_weight(w: np.ndarray, axis: int, bits: int = 8, per_channel: bool = True, half_scales: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 (or narrower) weights: (quantized int8 array, float32 scales).
 
     The scale is max|w| / qmax, unless the weights lie on an integer grid that fits the codes
-    (see :func:`grid_scale`): then they are stored exactly.
+    (see :func:`grid_scale`): then they are stored exactly. ``half_scales``: max|w| / qmax is
+    rounded up to the next float16 value where that moves it by at most 2^-10 (float16's normal
+    range), so the scales can be stored as float16 (:func:`emission.narrow_constants`).
     """
     qmax = 2 ** (bits - 1) - 1
     red = tuple(i for i in range(w.ndim) if i != axis) if per_channel else tuple(range(w.ndim))
     m = np.abs(w).max(axis=red) if red else np.abs(w)
     scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)
+    if half_scales:
+        scale = half_up(scale)
     if red:
         rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
         grid = grid_scale(rows, qmax).reshape(scale.shape)
@@ -179,6 +183,15 @@ def per_channel_weight(w: np.ndarray, axis: int, bits: int = 8, per_channel: boo
         shape[axis] = -1
     q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+def half_up(scale: np.ndarray) -> np.ndarray:
+    """Each float32 scale rounded up to a float16 value, where it lies in float16's normal range
+    (relative step 2^-10 at most); the others unchanged. Up: the largest weight keeps its code."""
+    h = scale.astype(np.float16)
+    h = np.where(h.astype(np.float32) < scale, np.nextafter(h, np.float16(np.inf)), h)
+    ok = (scale >= np.finfo(np.float16).tiny) & (scale <= np.finfo(np.float16).max / 2) & np.isfinite(h)
+    return np.where(ok, h.astype(np.float32), scale).astype(np.float32)
 
 
 def grid_scale(rows: np.ndarray, qmax: int, probe: int = 64) -> np.ndarray:

@@ -90,17 +90,8 @@ class WeightOnlyPass(OnnxccPass):
                 rebuilt = ir.node("Cast", [src], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}_weight_cast")
                 layers[node_label(node)] = {"dtype": "fp16", "sqnr_db": weight_sqnr(w, h.astype(np.float32))}
             elif cfg.dtype == "int8":
-                red = tuple(i for i in range(w.ndim) if i != axis)
-                m = np.abs(w).max(axis=red)
-                scale = np.where(m > 0, m / 127.0, 1.0).astype(np.float32)
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-                qv = add_initializer(graph, f"{w_val.name}_int8", q)
-                sv = add_initializer(graph, f"{w_val.name}_scale", scale)
-                zv = add_initializer(graph, f"{w_val.name}_zero_point", np.zeros(scale.shape, np.int8))
-                rebuilt = ir.node("DequantizeLinear", [qv, sv, zv], attributes={"axis": axis}, name=f"{node.name}_weight_dq")
-                layers[node_label(node)] = {"dtype": "int8", "sqnr_db": weight_sqnr(w, q.astype(np.float32) * scale.reshape(shape))}
+                rebuilt, sqnr = int8_weight(graph, node, w, axis, zero_point=True)
+                layers[node_label(node)] = {"dtype": "int8", "sqnr_db": sqnr}
             elif cfg.dtype in ("binary", "ternary"):
                 q, scale = _binary_ternary(w, axis, cfg.dtype, cfg.ternary_threshold)
                 shape = [1] * w.ndim
@@ -133,6 +124,24 @@ class WeightOnlyPass(OnnxccPass):
         if cfg.dtype in ("binary", "ternary") and changed:
             stats["warning"] = f"{cfg.dtype} weights without fine-tuning lose most of a network's accuracy; compare the verification metrics"
         return PassReport(model, bool(changed), changed=changed, skipped=skipped, stats=stats)
+
+
+def int8_weight(graph: ir.Graph, node: ir.Node, w: np.ndarray, axis: int, zero_point: bool) -> tuple[ir.Node, float]:
+    """``node``'s weight as symmetric per-channel int8 codes (±127) and a DequantizeLinear, not yet
+    inserted: (the DQ node, weight SQNR in dB). ``zero_point=False`` leaves it to the operator's
+    default 0, one initializer less."""
+    w_val = node.inputs[1]
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    m = np.abs(w).max(axis=red)
+    scale = np.where(m > 0, m / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    inputs = [add_initializer(graph, f"{w_val.name}_int8", q), add_initializer(graph, f"{w_val.name}_scale", scale)]
+    if zero_point:
+        inputs.append(add_initializer(graph, f"{w_val.name}_zero_point", np.zeros(scale.shape, np.int8)))
+    dq = ir.node("DequantizeLinear", inputs, attributes={"axis": axis}, name=f"{node.name}_weight_dq")
+    return dq, weight_sqnr(w, q.astype(np.float32) * scale.reshape(shape))
 
 
 def _binary_ternary(w: np.ndarray, axis: int, kind: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from onnxcc.compiler.metrics import sqnr_db
 from onnxcc.compiler.verify import EXACT_RTOL, compare_outputs, run_model
 from onnxcc.models.builders import FAMILIES, build
 from onnxcc.passes.quantization import ranges as R
-from tests.conftest import digest, model_from_text
+from tests.conftest import digest, model_from_text, named_model_from_text
 
 
 def calib_for(model: ir.Model, n: int = 32, seed: int = 0) -> CalibrationSet:
@@ -64,7 +64,7 @@ def test_no_leftover_qdq_on_resnet_and_mobilenets(folded):
 
 def test_constants_compacted_without_changing_what_onnxruntime_runs(folded, monkeypatch, tmp_path):
     """Bias scales as Mul(s_x, s_w), zero-valued bias / Conv-weight zero points left out, equal
-    scalars stored once, one DequantizeLinear per quantized tensor, short DQ node names: still
+    scalars stored once, one DequantizeLinear per quantized tensor, short Q/DQ node names: still
     every layer fused, bit for bit the same optimized outputs, and a smaller file."""
     import onnxcc.passes.quantization.emission as Q
 
@@ -95,13 +95,13 @@ def test_constants_compacted_without_changing_what_onnxruntime_runs(folded, monk
     assert len(dqs) == len(set(dqs))  # one DQ per quantized tensor
     scalars = [(v.const_value.dtype, v.const_value.numpy().tobytes()) for v in model.graph.initializers.values() if v.const_value.numpy().ndim == 0]
     assert len(scalars) == len(set(scalars))
-    assert all(len(n.name) <= 6 for n in model.graph if n.op_type == "DequantizeLinear")
+    assert all(len(n.name) <= 6 for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     # Tensors the pass made up have short names; every original tensor keeps its name, and each
-    # QuantizeLinear node still names the tensor it quantizes.
+    # QuantizeLinear node's input still names the tensor it quantizes.
     fp32_names = {v.name for v in folded("mobilenet_v2").graph.inputs} | {o.name for n in folded("mobilenet_v2").graph for o in n.outputs}
     made = [o.name for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear") for o in n.outputs]
     assert made and all(len(x) <= 6 for x in made)
-    assert all(n.name.startswith(n.inputs[0].name) for n in model.graph if n.op_type == "QuantizeLinear")
+    assert all(n.inputs[0].name in fp32_names for n in model.graph if n.op_type == "QuantizeLinear")
     assert {o.name for n in model.graph for o in n.outputs if o.name in fp32_names} >= {o.name for n in model.graph if n.op_type == "Conv" for o in n.outputs}
 
 
@@ -883,3 +883,107 @@ def test_a_decode_tail_that_only_float_ops_read_stays_float(monkeypatch):
     assert rep_all.stats["fusion"]["ops"]["com.microsoft:QLinearAdd"] == 2
     ours, before = sqnr_db(run_model(ref, feeds)["y"], out["y"]), sqnr_db(run_model(ref, feeds)["y"], out_all["y"])
     assert ours > before + 0.2, (ours, before)
+
+
+def test_a_dead_channel_under_a_large_bias_keeps_an_int32_bias():
+    # PP-OCRv4's detector: BatchNorm folded over a dead channel leaves weights of 1e-10 under a
+    # bias of 0.3; its int32 bias needed 10^11 codes, and the layer kept a float bias
+    model = build("resnet", "tiny", seed=0)
+    Pipeline(["fold"], verify=False).run(model)
+    conv = next(n for n in model.graph if n.op_type == "Conv" and len(n.inputs) > 2 and n.inputs[2] is not None)
+    w, b = const_array(conv.inputs[1]).copy(), const_array(conv.inputs[2]).copy()
+    w[0] *= 1e-10
+    b[0] = 0.3
+    conv.inputs[1].const_value = ir.tensor(w)
+    conv.inputs[2].const_value = ir.tensor(b)
+    ref = clone_model(model)
+    calib = calib_for(model)
+    res = Pipeline([("quantize", {"force_int8": True})], verify=False).run(model, calib)
+    info = res.steps[0].report.stats["layers"][conv.name]
+    assert info["bias_fit_channels"] == 1 and "bias" not in info
+    bias_dq = conv.inputs[2].producer()
+    assert bias_dq.op_type == "DequantizeLinear" and bias_dq.inputs[0].const_value.dtype == ir.DataType.INT32
+    codes = bias_dq.inputs[0].const_value.numpy()
+    assert np.all(np.abs(codes) <= 2**30)
+    w_dq = conv.inputs[1].producer()
+    assert np.all(w_dq.inputs[0].const_value.numpy()[0] == 0)  # the dead channel's weights are zero codes
+    # the dead channel's bias is stored exactly, and the model still agrees with fp32
+    scale = bias_dq.inputs[1]
+    mul = scale.producer()
+    s_b = const_array(scale) if mul is None else const_array(mul.inputs[0]) * const_array(mul.inputs[1])
+    step = np.broadcast_to(s_b, codes.shape)
+    assert abs(codes[0] * float(step[0]) - 0.3) <= 1e-6 * 0.3  # float32's precision, as DequantizeLinear computes it
+    feeds = [dict(calib_for(ref, 4, seed=1).arrays)]
+    assert compare_outputs(run_model(ref, feeds), run_model(model, feeds)).min_sqnr > 5.0
+
+
+def test_narrow_constants_shrink_the_file_and_onnxruntime_runs_the_same_kernels(folded, monkeypatch, tmp_path):
+    # float16 scales and int16 biases behind Casts: onnxruntime folds the Casts at load, so the
+    # narrowed model runs the same fused kernels and gives bit-identical outputs to the model with
+    # the same (float16-valued) scales stored wide
+    from onnxcc.passes.quantization import emission
+
+    model = folded("mobilenet_v3")
+    calib = calib_for(model)
+    feeds = [dict(calib_for(model, 4, seed=1).arrays)]
+    cfg = {"force_int8": True, "narrow_constants": True}
+    runs = {}
+    for kind in ("wide", "narrow"):
+        m = clone_model(model)
+        with monkeypatch.context() as mp:
+            if kind == "wide":
+                mp.setattr(emission, "narrow_constants", lambda graph, names: {})
+            res = Pipeline([("quantize", cfg)], verify=False).run(m, calib)
+        save_model(m, tmp_path / f"{kind}.onnx")
+        runs[kind] = (m, res.steps[0].report.stats, run_model(m, feeds, optimize=True))
+    (wide, s_wide, y_wide), (narrow, s_narrow, y_narrow) = runs["wide"], runs["narrow"]
+    done = s_narrow["qdq_compacted"]["narrowed"]
+    casts = [n for n in narrow.graph if n.op_type == "Cast"]
+    assert done["scales"] >= 5 and done["biases"] >= 1 and len(casts) == done["scales"] + done["biases"]
+    for c in casts:  # half-width initializers in, the wide type out, read by Q/DQ arithmetic only
+        src = c.inputs[0].const_value.dtype
+        assert (src, c.outputs[0].dtype) in ((ir.DataType.FLOAT16, ir.DataType.FLOAT), (ir.DataType.INT16, ir.DataType.INT32))
+    saved = (tmp_path / "wide.onnx").stat().st_size - (tmp_path / "narrow.onnx").stat().st_size
+    assert saved >= 0.6 * done["element_bytes"] > 0
+    assert s_narrow["fusion"]["integer_kernels"] == s_wide["fusion"]["integer_kernels"] > 0
+    assert s_narrow["fusion"]["float_heavy"] == s_wide["fusion"]["float_heavy"] == []
+    for k in y_wide:
+        assert np.array_equal(y_wide[k], y_narrow[k])
+    # the scales are float16 values rounded up from max|w| / qmax: the largest weight keeps its code
+    w = np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32)
+    q, s = R.per_channel_weight(w, 0, bits=7, half_scales=True)
+    assert np.array_equal(s.astype(np.float16).astype(np.float32), s)
+    assert np.all(s >= np.abs(w).reshape(16, -1).max(1) / 63) and np.all(s <= np.abs(w).reshape(16, -1).max(1) / 63 * (1 + 2**-10))
+    assert np.abs(q).max() == 63
+
+
+def test_a_convtranspose_runs_in_float_on_int8_weights():
+    # onnxruntime's CPU provider has no integer ConvTranspose: the layer computes in float, its
+    # weights are stored as int8 codes behind a DequantizeLinear (PP-OCRv4's DB head: 9.3 kB -> 2.4 kB)
+    rng = np.random.default_rng(0)
+    text = """
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 8, 8, 8] x) => (float[N, 1, 32, 32] y) {
+            a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+            b = Relu (a)
+            c = ConvTranspose <strides = [2, 2], kernel_shape = [2, 2]> (b, WT, BT)
+            d = Relu (c)
+            e = ConvTranspose <strides = [2, 2], kernel_shape = [2, 2]> (d, WS)
+            y = Sigmoid (e)
+        }
+    """
+    w = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
+    model = named_model_from_text(text, W1=w(32, 8, 3, 3), B1=w(32), WT=w(32, 32, 2, 2), BT=w(32), WS=w(32, 1, 2, 2))
+    calib = CalibrationSet({"x": rng.normal(size=(16, 8, 8, 8)).astype(np.float32)})
+    res = Pipeline([("quantize", {"force_int8": True})], verify_samples=8).run(model, calib)
+    stats = res.steps[0].report.stats
+    big, small = (n for n in model.graph if n.op_type == "ConvTranspose")
+    dq = big.inputs[1].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value.dtype == ir.DataType.INT8
+    assert dq.attributes["axis"].value == 1 and dq.inputs[1].const_value.shape == (32,)  # per output channel
+    assert const_array(small.inputs[1]) is not None  # 32 weights: not worth a DequantizeLinear
+    info = stats["layers"][big.name]
+    assert info["weight_only"] == "int8" and info["weight_sqnr_db"] > 40
+    assert big.name in res.steps[0].report.changed
+    assert stats["fusion"]["ops"].get("ConvTranspose") == 2  # float kernels, as before
+    assert res.steps[0].vs_original.min_sqnr > 25
