@@ -56,3 +56,8 @@ def test_fold_torch_export_exact(exports, name, dynamo):
     assert len(step.report.skipped) == expected_bn  # fold only skips BatchNorms, each with its reason
     onnx.checker.check_model(ir.to_proto(model))
     assert not isinstance(model.graph.inputs[0].shape[0], int)  # batch stays dynamic
+    # the dynamo exporter's debug annotations (stack traces, fx node names) are dropped
+    props = [k for n in model.graph for k in n.metadata_props] + [k for v in model.graph.initializers.values() for k in v.metadata_props]
+    assert not any(k.startswith("pkg.torch.") or k == "namespace" for k in props)
+    if dynamo:
+        assert step.report.stats["exporter_metadata_dropped"] > 100 * len(model.graph)
