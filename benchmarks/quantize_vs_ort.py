@@ -146,7 +146,7 @@ def _run_child(*args: str) -> dict:
 
 
 def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_models: bool = False, corpus_models: bool = False,
-           tf2onnx_models: bool = False, torchvision_names: list[str] | None = None):
+           tf2onnx_models: bool = False, torchvision_names: list[str] | None = None, exporters: tuple[str, ...] = ("legacy",)):
     """(label, path of the folded fp32 model) for every model of the run."""
     from onnxcc.compiler.ir_utils import load_model, save_model
     from onnxcc.compiler.pipeline import Pipeline
@@ -191,15 +191,17 @@ def models(size: str, families: list[str], use_torch: bool, tmp: Path, trained_m
             module, hw = Z.make(name)
             raw = Z.export(module, hw, tmp / f"torch_{name}_raw.onnx", dynamo=False, optimize=False)
             yield f"torch/{name}", folded(load_model(raw), f"torch_{name}")
-    if torchvision_names:  # torchvision's own architectures, legacy export, random weights
+    if torchvision_names:  # torchvision's own architectures, legacy and/or dynamo export, random weights
         import torch
 
         from tests import torchvision_zoo as TZ
 
         torch.set_num_threads(2)
         for name in torchvision_names:
-            raw = TZ.export(name, tmp / f"tv_{name}_raw.onnx", dynamo=False)
-            yield f"torchvision/{name}", folded(load_model(raw), f"tv_{name}")
+            for exporter in exporters:
+                raw = TZ.export(name, tmp / f"tv_{name}_{exporter}_raw.onnx", dynamo=exporter == "dynamo")
+                tag = "" if exporter == "legacy" else f"-{exporter}"
+                yield f"torchvision{tag}/{name}", folded(load_model(raw), f"tv_{name}_{exporter}")
 
 
 def run(args) -> tuple[str, list[dict]]:
@@ -215,7 +217,7 @@ def run(args) -> tuple[str, list[dict]]:
     with tempfile.TemporaryDirectory(prefix="onnxcc-qbench-") as tmpd:
         tmp = Path(tmpd)
         for label, src in models(args.size, [f for f in args.families.split(",") if f], args.torch, tmp, args.trained, args.corpus, args.tf2onnx,
-                                 [n for n in args.torchvision.split(",") if n]):
+                                 [n for n in args.torchvision.split(",") if n], tuple(args.exporters.split(","))):
             fp32 = load_model(src)
             if len(input_specs(fp32)) != 1:  # e.g. Keras 3's EfficientNet: tf2onnx made its Normalization constants inputs
                 print(f"# {label} skipped: {len(input_specs(fp32))} graph inputs ({', '.join(s.name for s in input_specs(fp32))}); this benchmark feeds one", flush=True)
@@ -350,6 +352,7 @@ def main(argv=None) -> None:
     ap.add_argument("--corpus", nargs="?", const=True, default=False,
                     help="also the real-model corpus (models/corpus.py; accuracy on 64 rendered held-out samples); NAMES: only these (comma-separated)")
     ap.add_argument("--tf2onnx", action="store_true", help="also Keras models through tf2onnx (the sample; the Keras applications once models/make_tf2onnx.py cached them)")
+    ap.add_argument("--exporters", default="legacy", help="torch exporters for --torchvision: legacy, dynamo or legacy,dynamo")
     ap.add_argument("--torchvision", default="", help="also these torchvision architectures (tests/torchvision_zoo.py: ssdlite320, mobilenet_v3_large, ...; random weights)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
