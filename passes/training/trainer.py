@@ -149,7 +149,8 @@ def _kl(s: torch.Tensor, t: torch.Tensor, axis: int, temp: float) -> torch.Tenso
 
 
 def _nmse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(s, t) / (t.var() + 1e-8)
+    # population variance: one element (a [N] output at batch 1) has variance 0, not NaN
+    return F.mse_loss(s, t) / (t.var(correction=0) + 1e-8)
 
 
 #: an epoch replaces the student as given only when its held-out gain exceeds this many standard errors
