@@ -32,7 +32,9 @@ def fusion_report(model: ir.Model) -> dict:
         return {"ops": {}, "integer_kernels": 0, "float_heavy": [], "quantize_linear": 0, "dequantize_linear": 0,
                 "unchecked": f"fusion not checked: {e}"}
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}" for n in proto.graph.node)
-    float_heavy = [_source_name(model, n) for n in proto.graph.node if n.op_type in FLOAT_HEAVY]
+    nodes = {n.name: n for n in model.graph if n.name}
+    by_output = {o.name: n for n in nodes.values() for o in n.outputs}
+    float_heavy = [_source_name(nodes, by_output, n) for n in proto.graph.node if n.op_type in FLOAT_HEAVY]
     integer = sum(c for op, c in ops.items() if "QLinear" in op or op.endswith(("QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")) or "Integer" in op)
     return {
         "ops": dict(sorted(ops.items())),
@@ -43,13 +45,12 @@ def fusion_report(model: ir.Model) -> dict:
     }
 
 
-def _source_name(model: ir.Model, node) -> str:
-    """The name of ``model``'s heavy node that onnxruntime's optimized ``node`` came from: its
-    NCHWc transformer renames a float conv after its output (``<output>_nchwc``), and a conv fused
-    with the activation after it (FusedConv) may carry the activation's name."""
+def _source_name(nodes: dict[str, ir.Node], by_output: dict[str, ir.Node], node) -> str:
+    """The name of the model's heavy node (``nodes`` by name, ``by_output`` by output name) that
+    onnxruntime's optimized ``node`` came from: its NCHWc transformer renames a float conv after
+    its output (``<output>_nchwc``), and a conv fused with the activation after it (FusedConv) may
+    carry the activation's name."""
     name = node.name or node.output[0]
-    nodes = {n.name: n for n in model.graph if n.name}
-    by_output = {o.name: n for n in model.graph if n.name for o in n.outputs}
     src = nodes.get(name)
     for candidate in (name.removesuffix("_nchwc"), *node.output):
         if src is None:
