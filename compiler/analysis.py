@@ -294,15 +294,12 @@ def layer_weight(node: ir.Node) -> np.ndarray | None:
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return None
     v = node.inputs[1]
-    w = const_array(v)
+    w = _widened(v)  # a constant, or FP16 weights behind a Cast
     if w is not None:
         return w.astype(np.float32) if np.issubdtype(w.dtype, np.floating) else None
     p = v.producer()
     if p is None:
         return None
-    if p.op_type == "Cast":
-        w = const_array(p.inputs[0])
-        return None if w is None else w.astype(np.float32)
     if p.op_type == "Gather":
         book = const_array(p.inputs[0])
         cast = p.inputs[1].producer()

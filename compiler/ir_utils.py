@@ -18,6 +18,7 @@ writes models to disk:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
 import tempfile
@@ -751,3 +752,10 @@ def attr(node: ir.Node, name: str, default=None):
 
 def node_label(node: ir.Node) -> str:
     return node.name or f"{node.op_type}({', '.join(v.name or '?' for v in node.outputs)})"
+
+
+def exclude_match(node: ir.Node, patterns: Sequence[str]) -> str | None:
+    """The first of the user's ``--exclude`` patterns (fnmatch, case-sensitive) that ``node``'s
+    name matches, else None."""
+    name = node.name or ""
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)

@@ -222,7 +222,7 @@ def drop_exporter_metadata(model: ir.Model) -> int:
     values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
     for node in model.graph.all_nodes():
         strip(node.metadata_props)
-        values.extend(o for o in node.outputs)
+        values.extend(node.outputs)
     for v in values:
         strip(v.metadata_props)
     return removed

@@ -52,7 +52,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxcc.compiler.analysis import layer_macs
-from onnxcc.compiler.ir_utils import attr, add_initializer, clone_model, const_array, gemm_as_matmul, infer_shapes, node_label, replace_contents
+from onnxcc.compiler.ir_utils import attr, add_initializer, clone_model, const_array, exclude_match, gemm_as_matmul, infer_shapes, node_label, replace_contents
 from onnxcc.compiler import progress, speed
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped, scaled_overrides
 from onnxcc.passes.factorization import decompose as D
@@ -527,7 +527,7 @@ class FactorizePass(OnnxccPass):
         for node in model.graph:
             if node.op_type not in ("Conv", "Gemm", "MatMul"):
                 continue
-            if any(fnmatch.fnmatchcase(node.name or "", p) for p in cfg.exclude):
+            if exclude_match(node, cfg.exclude):
                 skipped.append(Skipped(node_label(node), "excluded by pattern"))
                 continue
             layer, why = _layer(node, cfg.method)

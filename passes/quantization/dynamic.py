@@ -29,14 +29,13 @@ there is no QDQ form of a recurrent layer that onnxruntime runs in integers.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxcc.compiler.ir_utils import add_initializer, const_array, gemm_as_matmul, node_label
+from onnxcc.compiler.ir_utils import add_initializer, const_array, exclude_match, gemm_as_matmul, node_label
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
 from onnxcc.compiler.metrics import weight_sqnr
 
@@ -141,7 +140,7 @@ class DynamicQuantizePass(OnnxccPass):
                 continue
             if node.op_type not in ("MatMul", "Gemm"):
                 continue
-            if any(fnmatch.fnmatchcase(node.name or "", p) for p in cfg.exclude):
+            if exclude_match(node, cfg.exclude):
                 skipped.append(Skipped(node_label(node), "excluded by pattern: kept in float"))
                 continue
             if node.op_type == "Gemm":
@@ -198,7 +197,7 @@ class DynamicQuantizePass(OnnxccPass):
             layers[node_label(node)] = {"op": node.op_type, "weight_sqnr_db": weight_sqnr(w, w_q.astype(np.float32) * w_scale), "weight_scale_max": float(w_scale.max())}
 
         def excluded(n: ir.Node) -> str | None:
-            return "excluded by pattern: kept in float" if any(fnmatch.fnmatchcase(n.name or "", p) for p in cfg.exclude) else None
+            return "excluded by pattern: kept in float" if exclude_match(n, cfg.exclude) else None
 
         lstm_layers, lstm_skipped = quantize_lstms(model, qmax, excluded)
         layers.update(lstm_layers)

@@ -77,20 +77,16 @@ def fit_int32_bias(w: np.ndarray, axis: int, q: np.ndarray, s_w: np.ndarray, b: 
     """
     if b is None or not np.all(np.isfinite(b)) or (b.size != 1 and (b.ndim != 1 or b.shape[0] != w.shape[axis])):
         return q, s_w, 0
+    if not np.isfinite(s_x) or s_x <= 0:
+        return q, s_w, 0
     need = np.abs(b.astype(np.float64)).max() if s_w.size == 1 else np.abs(np.broadcast_to(b.astype(np.float64).reshape(-1), s_w.shape))
     need = need / (np.float64(s_x) * BIAS_LIMIT)
     low = s_w.astype(np.float64) < need
-    if not np.any(low) or not np.isfinite(s_x) or s_x <= 0:
+    if not np.any(low):
         return q, s_w, 0
     s_new = np.where(low, np.nextafter(need.astype(np.float32), np.float32(np.inf)), s_w).astype(np.float32)
-    qmax = 2 ** (bits - 1) - 1
-    shape = [1] * w.ndim
-    if s_w.size > 1:
-        shape[axis] = -1
-    q_new = np.clip(np.round(w / s_new.reshape(shape)), -qmax, qmax).astype(np.int8)
-    if s_w.size > 1:  # the other channels keep their codes (GPTQ's among them)
-        keep = np.broadcast_to(~low.reshape(shape), q.shape)
-        q_new = np.where(keep, q, q_new)
+    widened = np.broadcast_to(W.broadcast_along(low, axis, w.ndim), q.shape)  # the other channels keep their codes (GPTQ's among them)
+    q_new = np.where(widened, R.weight_codes(w, s_new, axis, 2 ** (bits - 1) - 1), q)
     return q_new, s_new, int(np.count_nonzero(low))
 
 
@@ -102,9 +98,9 @@ def quantize_weights(graph, node, s_x: np.float32, cfg, cache, mean_x: np.ndarra
     q, s_w = R.per_channel_weight(w, axis, bits=R.weight_bits(cfg), per_channel=cfg.per_channel, half_scales=cfg.narrow_constants) if rounded is None else rounded[:2]
     key = (id(w_val), axis)
     widened = 0
-    if key not in cache and op != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        q, s_w, widened = fit_int32_bias(w, axis, q, s_w, const_array(node.inputs[2]), s_x, R.weight_bits(cfg))
     if key not in cache:
+        if op != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            q, s_w, widened = fit_int32_bias(w, axis, q, s_w, const_array(node.inputs[2]), s_x, R.weight_bits(cfg))
         base = w_val.name or f"{node.name}_w"
         qv = add_initializer(graph, f"{base}_int8", q)
         sv = add_initializer(graph, f"{base}_scale", s_w)
@@ -270,9 +266,11 @@ def narrow_constants(graph: ir.Graph, names_before: set[str]) -> dict[str, int]:
     cost about 45 bytes each of that).
     """
     done = {"scales": 0, "biases": 0, "element_bytes": 0}
-    first = next(iter(graph), None)
+    first = next(iter(graph), None)  # the Casts go before it
+    if first is None:
+        return done
     for name, v in list(graph.initializers.items()):
-        if name in names_before or v.is_graph_input() or v.is_graph_output() or first is None:
+        if name in names_before or v.is_graph_input() or v.is_graph_output():
             continue
         c = const_array(v)
         if c is None or c.ndim != 1 or c.size < NARROW_MIN_SIZE:

@@ -21,13 +21,12 @@ leaves in float is reported with the reason.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcc.compiler.ir_utils import const_array, node_label
+from onnxcc.compiler.ir_utils import const_array, exclude_match, node_label
 from onnxcc.compiler.passbase import Skipped
 
 
@@ -66,7 +65,7 @@ def plan(graph: ir.Graph, cfg, skipped: list[Skipped], kept: Mapping[str, str] |
     the speed guard), reported as that reason; ``cfg.exclude`` patterns are the user's own."""
     outputs = set(graph.outputs)
     kept = kept or {}
-    pattern = lambda n: next((p for p in cfg.exclude if fnmatch.fnmatchcase(n.name or "", p)), None)  # noqa: E731
+    pattern = lambda n: exclude_match(n, cfg.exclude)  # noqa: E731
     excluded = lambda n: n.name in kept or pattern(n) is not None  # noqa: E731
     nodes, weighted = [], []
     marked: dict[ir.Value, None] = {}

@@ -48,7 +48,6 @@ After::
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Literal, Mapping
 
 import numpy as np
@@ -58,7 +57,7 @@ import onnx_ir.passes.common as common
 from onnxcc.compiler.analysis import dense_intensity
 from onnxcc.compiler.calibration import ChannelStats, Statistics
 from onnxcc.compiler import weights as W
-from onnxcc.compiler.ir_utils import clone_model, const_array, infer_shapes, node_label
+from onnxcc.compiler.ir_utils import clone_model, const_array, exclude_match, infer_shapes, node_label
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
 from onnxcc.passes.quantization import emission as E
 from onnxcc.passes.quantization import gptq as G
@@ -276,7 +275,7 @@ class QuantizePass(OnnxccPass):
         for node in list(graph):
             if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.name in kept:
                 continue
-            if any(fnmatch.fnmatchcase(node.name or "", p) for p in self.config.exclude):
+            if exclude_match(node, self.config.exclude):
                 continue
             w = const_array(node.inputs[1])
             if w is None or w.dtype != np.float32 or w.size < self.STORAGE_MIN_SIZE:
@@ -298,7 +297,7 @@ class QuantizePass(OnnxccPass):
             return {}
 
         def why_float(node: ir.Node) -> str | None:
-            if any(fnmatch.fnmatchcase(node.name or "", p) for p in cfg.exclude):
+            if exclude_match(node, cfg.exclude):
                 return "excluded by pattern: kept in float"
             return (kept or {}).get(node_label(node))
 

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from onnxcc.compiler import weights as W
 from onnxcc.compiler.calibration import ActivationCollector, Histogram, MinMax, Statistics
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -178,11 +179,12 @@ def per_channel_weight(w: np.ndarray, axis: int, bits: int = 8, per_channel: boo
         rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
         grid = grid_scale(rows, qmax).reshape(scale.shape)
         scale = np.where(np.isnan(grid), scale, grid).astype(np.float32)
-    shape = [1] * w.ndim
-    if per_channel:
-        shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    return q, scale
+    return weight_codes(w, scale, axis, qmax), scale
+
+
+def weight_codes(w: np.ndarray, scale: np.ndarray, axis: int, qmax: int) -> np.ndarray:
+    """Symmetric int8 codes of ``w`` at ``scale`` (per channel along ``axis``, or one scalar)."""
+    return np.clip(np.round(w / W.broadcast_along(scale, axis, w.ndim)), -qmax, qmax).astype(np.int8)
 
 
 def half_up(scale: np.ndarray) -> np.ndarray:

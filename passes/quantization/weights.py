@@ -21,17 +21,17 @@ tiny convs) are left as they are.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Literal
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from onnxcc.compiler.ir_utils import add_initializer, const_array, convert_opset, node_label, replace_contents
+from onnxcc.compiler.ir_utils import add_initializer, const_array, convert_opset, exclude_match, node_label, replace_contents
 from onnxcc.compiler.passbase import OnnxccPass, PassReport, Skipped
 from onnxcc.compiler import weights as W
 from onnxcc.compiler.metrics import weight_sqnr
+from onnxcc.passes.quantization.ranges import weight_codes
 
 WEIGHTED = W.WEIGHTED_OPS
 
@@ -74,7 +74,7 @@ class WeightOnlyPass(OnnxccPass):
             w = const_array(w_val)
             if w is None or w.dtype != np.float32:
                 continue
-            if any(fnmatch.fnmatchcase(node.name or "", p) for p in cfg.exclude):
+            if exclude_match(node, cfg.exclude):
                 skipped.append(Skipped(node_label(node), "excluded by pattern"))
                 continue
             if w.size < cfg.min_size:
@@ -131,17 +131,14 @@ def int8_weight(graph: ir.Graph, node: ir.Node, w: np.ndarray, axis: int, zero_p
     inserted: (the DQ node, weight SQNR in dB). ``zero_point=False`` leaves it to the operator's
     default 0, one initializer less."""
     w_val = node.inputs[1]
-    red = tuple(i for i in range(w.ndim) if i != axis)
-    m = np.abs(w).max(axis=red)
+    m = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis))
     scale = np.where(m > 0, m / 127.0, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = weight_codes(w, scale, axis, 127)
     inputs = [add_initializer(graph, f"{w_val.name}_int8", q), add_initializer(graph, f"{w_val.name}_scale", scale)]
     if zero_point:
         inputs.append(add_initializer(graph, f"{w_val.name}_zero_point", np.zeros(scale.shape, np.int8)))
     dq = ir.node("DequantizeLinear", inputs, attributes={"axis": axis}, name=f"{node.name}_weight_dq")
-    return dq, weight_sqnr(w, q.astype(np.float32) * scale.reshape(shape))
+    return dq, weight_sqnr(w, q.astype(np.float32) * W.broadcast_along(scale, axis, w.ndim))
 
 
 def _binary_ternary(w: np.ndarray, axis: int, kind: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
